@@ -1,0 +1,25 @@
+// Each backend implements the ops with exactly the signatures of the public C++ API
+// (include/custom_bn/ops.h); declaring them through decltype keeps one declaration per op.
+#pragma once
+
+#include <custom_bn/ops.h>
+
+#define CUSTOM_BN_DECLARE_BACKEND_OPS                                               \
+  decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                     \
+  decltype(::custom_bn::batch_norm_backward) batch_norm_backward;                   \
+  decltype(::custom_bn::batch_norm_stats) batch_norm_stats;                         \
+  decltype(::custom_bn::batch_norm_gather_stats_with_counts)                        \
+      batch_norm_gather_stats_with_counts;                                          \
+  decltype(::custom_bn::batch_norm_elemt) batch_norm_elemt;                         \
+  decltype(::custom_bn::batch_norm_backward_reduce) batch_norm_backward_reduce;     \
+  decltype(::custom_bn::batch_norm_backward_elemt) batch_norm_backward_elemt;
+
+namespace custom_bn::cpu {
+CUSTOM_BN_DECLARE_BACKEND_OPS
+}  // namespace custom_bn::cpu
+
+namespace custom_bn::meta {
+CUSTOM_BN_DECLARE_BACKEND_OPS
+}  // namespace custom_bn::meta
+
+#undef CUSTOM_BN_DECLARE_BACKEND_OPS

@@ -1,0 +1,75 @@
+// Argument checks shared by every backend. They read sizes symbolically, so the Meta kernels
+// run them too under dynamic shapes. Every check runs before anything is written.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace custom_bn {
+
+// float64 for float64 input, float32 otherwise: the dtype of statistics and save_* tensors.
+at::ScalarType stat_dtype(at::ScalarType input_dtype);
+
+// input: floating (float32/64, bfloat16, float16), at least 2 dims (N, C, *).
+void check_input(const char* op, const at::Tensor& input);
+
+// weight, bias, running_mean, running_var: C elements each, the input's device, and one
+// common dtype that is the input's, or float32 with bfloat16/float16 input.
+void check_channel_params(const char* op, const at::Tensor& input,
+                          const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var);
+
+// A per-channel statistics tensor (mean, invstd, save_*): `channels` elements of `dtype`.
+void check_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input,
+                const c10::SymInt& channels, at::ScalarType dtype);
+
+// grad_output: the input's shape, dtype and device.
+void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input);
+
+// The bookkeeping of a running-stats update: num_batches_tracked (an int64 scalar on the
+// device of `like`) and a momentum, or num_batches_tracked for momentum = None.
+void check_running_update(const char* op, const at::Tensor& like,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          std::optional<double> momentum, bool updates_running_stats);
+
+// All checks of batch_norm / batch_norm_forward, including "more than 1 value per channel
+// when training" and "running_mean must be defined in evaluation mode".
+void check_batch_norm_forward(const char* op, const at::Tensor& input,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var,
+                              const std::optional<at::Tensor>& num_batches_tracked, bool training,
+                              std::optional<double> momentum);
+
+void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                               const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& running_mean,
+                               const std::optional<at::Tensor>& running_var,
+                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                               bool training);
+
+// batch_norm_elemt and the input side of the backward stage ops: mean and invstd are
+// per-channel statistics of the statistics dtype.
+void check_elemt(const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                 const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                 const at::Tensor& invstd);
+
+void check_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                          const at::Tensor& mean, const at::Tensor& invstd,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+                          const at::Tensor& sum_dy_xmu, const at::Tensor& count);
+
+// mean and m2 of shape (R, C), counts with R elements, running stats with C.
+void check_gather_stats(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
+                        const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var,
+                        const std::optional<at::Tensor>& num_batches_tracked,
+                        std::optional<double> momentum);
+
+inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace custom_bn

@@ -1,0 +1,151 @@
+#include "cpu/channel_math.h"
+
+#include "checks.h"
+#include "math.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+namespace custom_bn::cpu {
+namespace {
+
+// Calls fn(channel) for each channel with typed pointers into contiguous tensors.
+template <typename T>
+T* data(at::Tensor& t) {
+  return t.mutable_data_ptr<T>();
+}
+template <typename T>
+const T* data(const at::Tensor& t) {
+  return t.const_data_ptr<T>();
+}
+
+at::Tensor empty_like_stat(const at::Tensor& stat) { return at::empty({stat.numel()}, stat.options()); }
+
+}  // namespace
+
+at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channels,
+                         const at::TensorOptions& options, double fill) {
+  if (!has(param)) return at::full({channels}, fill, options);
+  return param->reshape({channels}).to(options.dtype()).contiguous();
+}
+
+at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
+  at::Tensor invstd = empty_like_stat(m2);
+  AT_DISPATCH_FLOATING_TYPES(m2.scalar_type(), "invstd_from_m2", [&] {
+    const scalar_t* m2_data = data<scalar_t>(m2);
+    scalar_t* out = data<scalar_t>(invstd);
+    for (int64_t c = 0; c < m2.numel(); ++c) {
+      out[c] = count > 0 ? custom_bn::invstd_from_var(m2_data[c] / static_cast<scalar_t>(count), eps)
+                         : scalar_t(0);
+    }
+  });
+  return invstd;
+}
+
+at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_options,
+                           double eps) {
+  at::Tensor var_stat = var.reshape({var.numel()}).to(stat_options.dtype()).contiguous();
+  at::Tensor invstd = empty_like_stat(var_stat);
+  AT_DISPATCH_FLOATING_TYPES(var_stat.scalar_type(), "invstd_from_var", [&] {
+    const scalar_t* in = data<scalar_t>(var_stat);
+    scalar_t* out = data<scalar_t>(invstd);
+    for (int64_t c = 0; c < var_stat.numel(); ++c) out[c] = custom_bn::invstd_from_var(in[c], eps);
+  });
+  return invstd;
+}
+
+std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& mean,
+                                                      const at::Tensor& invstd,
+                                                      const std::optional<at::Tensor>& weight,
+                                                      const std::optional<at::Tensor>& bias) {
+  const int64_t channels = mean.numel();
+  const at::Tensor w = channel_param(weight, channels, mean.options(), 1.0);
+  const at::Tensor b = channel_param(bias, channels, mean.options(), 0.0);
+  at::Tensor alpha = empty_like_stat(mean), beta = empty_like_stat(mean);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "affine_coefficients", [&] {
+    for (int64_t c = 0; c < channels; ++c) {
+      const auto k = custom_bn::affine_coefficients(data<scalar_t>(mean)[c], data<scalar_t>(invstd)[c],
+                                                    data<scalar_t>(w)[c], data<scalar_t>(b)[c]);
+      data<scalar_t>(alpha)[c] = k.alpha;
+      data<scalar_t>(beta)[c] = k.beta;
+    }
+  });
+  return {alpha, beta};
+}
+
+GradInputCoefficientTensors grad_input_coefficients(
+    bool training, const at::Tensor& mean, const at::Tensor& invstd,
+    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
+    const at::Tensor& sum_dy_xmu, double count) {
+  const int64_t channels = invstd.numel();
+  const at::Tensor w = channel_param(weight, channels, invstd.options(), 1.0);
+  GradInputCoefficientTensors out{empty_like_stat(invstd), empty_like_stat(invstd),
+                                  empty_like_stat(invstd)};
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "grad_input_coefficients", [&] {
+    for (int64_t c = 0; c < channels; ++c) {
+      const auto k = training ? custom_bn::grad_input_coefficients_training(
+                                    data<scalar_t>(mean)[c], data<scalar_t>(invstd)[c],
+                                    data<scalar_t>(w)[c], data<scalar_t>(sum_dy)[c],
+                                    data<scalar_t>(sum_dy_xmu)[c], static_cast<scalar_t>(count))
+                              : custom_bn::grad_input_coefficients_eval(
+                                    data<scalar_t>(invstd)[c], data<scalar_t>(w)[c]);
+      data<scalar_t>(out.a)[c] = k.a;
+      data<scalar_t>(out.b)[c] = k.b;
+      data<scalar_t>(out.c)[c] = k.c;
+    }
+  });
+  return out;
+}
+
+MergedStats merge_stats(const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts) {
+  const int64_t ranks = mean.size(0), channels = mean.size(1);
+  const at::Tensor mean_c = mean.contiguous(), m2_c = m2.contiguous();
+  const at::Tensor counts_d = counts.reshape({ranks}).to(at::kDouble).contiguous();
+  MergedStats merged{at::empty({channels}, mean.options()), at::empty({channels}, mean.options()),
+                     0.0};
+  for (int64_t r = 0; r < ranks; ++r) merged.count += data<double>(counts_d)[r];
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "merge_stats", [&] {
+    for (int64_t c = 0; c < channels; ++c) {
+      WelfordStats<double> total{0, 0, 0};
+      for (int64_t r = 0; r < ranks; ++r) {
+        total = welford_merge(total, WelfordStats<double>{data<double>(counts_d)[r],
+                                                          double(data<scalar_t>(mean_c)[r * channels + c]),
+                                                          double(data<scalar_t>(m2_c)[r * channels + c])});
+      }
+      data<scalar_t>(merged.mean)[c] = static_cast<scalar_t>(total.mean);
+      data<scalar_t>(merged.m2)[c] = static_cast<scalar_t>(total.m2);
+    }
+  });
+  return merged;
+}
+
+void update_running_stats(const at::Tensor& batch_mean, const at::Tensor& batch_m2, double count,
+                          const std::optional<at::Tensor>& running_mean,
+                          const std::optional<at::Tensor>& running_var,
+                          const std::optional<at::Tensor>& num_batches_tracked,
+                          std::optional<double> momentum) {
+  if (!has(running_mean)) return;
+  if (has(num_batches_tracked)) num_batches_tracked->add_(1);
+  if (count == 0) return;
+  const double factor =
+      momentum.has_value() ? *momentum : 1.0 / double(num_batches_tracked->item<int64_t>());
+  const int64_t channels = batch_mean.numel();
+  at::Tensor new_mean = channel_param(running_mean, channels, batch_mean.options(), 0.0);
+  at::Tensor new_var = channel_param(running_var, channels, batch_mean.options(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "update_running_stats", [&] {
+    const scalar_t m = static_cast<scalar_t>(factor);
+    for (int64_t c = 0; c < channels; ++c) {
+      scalar_t& rm = data<scalar_t>(new_mean)[c];
+      scalar_t& rv = data<scalar_t>(new_var)[c];
+      rm = running_update(rm, data<scalar_t>(batch_mean)[c], m);
+      rv = running_update(rv, unbiased_var(data<scalar_t>(batch_m2)[c], static_cast<scalar_t>(count)), m);
+    }
+  });
+  // copy_ writes through any strides and rounds into the running stats' own dtype.
+  running_mean->copy_(new_mean.view(running_mean->sizes()));
+  running_var->copy_(new_var.view(running_var->sizes()));
+}
+
+}  // namespace custom_bn::cpu

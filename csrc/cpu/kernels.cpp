@@ -1,0 +1,356 @@
+// CPU kernels, compiled once per instruction set: CPU_CAPABILITY names this copy's namespace.
+//
+// Reductions add float vectors for at most kFlushEvery steps, then flush them into double
+// totals (blocked summation): fast like float, accurate like double. Statistics take two
+// passes (mean, then sum of squared deviations), never a sum of squares.
+#include "cpu/kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <type_traits>
+#include <vector>
+
+namespace custom_bn::cpu {
+namespace CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+// Elements per parallel work item (channels-first); channels-last items are 4x larger
+// because each keeps a partial sum per channel.
+constexpr int64_t kItemElements = 32768;
+// Vector steps (rows, for channels-last) between flushes of float sums into double totals.
+constexpr int64_t kFlushEvery = 64;
+constexpr int64_t kFlushEveryRow = 16;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+template <typename scalar_t>
+inline Vectorized<opmath_t<scalar_t>> load_vec(const scalar_t* p) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    Vectorized<float> v;
+    at::vec::load_to_float(p, v);
+    return v;
+  } else {
+    return Vectorized<scalar_t>::loadu(p);
+  }
+}
+
+template <typename scalar_t>
+inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<float>::size());
+  } else {
+    v.store(p);
+  }
+}
+
+// Horizontal sum in a fixed lane order.
+template <typename T>
+inline double lane_sum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (T lane : lanes) sum += lane;
+  return sum;
+}
+
+// Per-channel constants for one vector step: broadcast (channels-first) or loaded
+// (channels-last, where lanes are channels).
+template <int P, typename T>
+inline std::array<Vectorized<T>, P> broadcast(const std::array<T, P>& p) {
+  std::array<Vectorized<T>, P> v;
+  for (int q = 0; q < P; ++q) v[q] = Vectorized<T>(p[q]);
+  return v;
+}
+
+template <int P, typename T>
+inline std::array<Vectorized<T>, P> load_params(const std::array<const T*, P>& params,
+                                                int64_t c) {
+  std::array<Vectorized<T>, P> v;
+  for (int q = 0; q < P; ++q) v[q] = Vectorized<T>::loadu(params[q] + c);
+  return v;
+}
+
+template <int P, typename T>
+inline std::array<T, P> scalar_params(const std::array<const T*, P>& params, int64_t c) {
+  std::array<T, P> p;
+  for (int q = 0; q < P; ++q) p[q] = params[q][c];
+  return p;
+}
+
+template <int I, typename scalar_t>
+inline std::array<Vectorized<opmath_t<scalar_t>>, I> load_inputs(
+    const std::array<const scalar_t*, I>& in, int64_t offset) {
+  std::array<Vectorized<opmath_t<scalar_t>>, I> v;
+  for (int j = 0; j < I; ++j) v[j] = load_vec(in[j] + offset);
+  return v;
+}
+
+template <int I, typename scalar_t>
+inline std::array<opmath_t<scalar_t>, I> scalar_inputs(const std::array<const scalar_t*, I>& in,
+                                                       int64_t offset) {
+  std::array<opmath_t<scalar_t>, I> v;
+  for (int j = 0; j < I; ++j) v[j] = static_cast<opmath_t<scalar_t>>(in[j][offset]);
+  return v;
+}
+
+// ---- Reductions: per channel, sum K terms of each element -----------------------------------
+// `terms(inputs, params)` is generic over Vectorized<opmath> and opmath scalars and returns
+// std::array<same type, K>.
+
+// Channels-first. An item is a group of whole runs (n, c) of one channel, or one piece of a
+// long run; item totals are added per channel in item order.
+template <int I, int K, int P, typename scalar_t, typename Terms>
+void reduce_channels_first(const std::array<const scalar_t*, I>& in,
+                           const std::array<const opmath_t<scalar_t>*, P>& params,
+                           const ChannelView& view, const Terms& terms,
+                           const std::array<opmath_t<scalar_t>*, K>& out) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  const int64_t N = view.outer, C = view.channels, S = view.inner;
+  const int64_t segments = ceil_div(S, kItemElements);
+  const int64_t segment_length = ceil_div(S, segments);
+  const int64_t runs_per_item = segments > 1 ? 1 : std::max<int64_t>(1, kItemElements / S);
+  const int64_t items_per_channel = ceil_div(N, runs_per_item) * segments;
+  std::vector<std::array<double, K>> item_totals(C * items_per_channel);
+
+  at::parallel_for(0, C * items_per_channel, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t c = item / items_per_channel;
+      const int64_t group = (item % items_per_channel) / segments;
+      const int64_t s0 = (item % segments) * segment_length;
+      const int64_t length = std::min(segment_length, S - s0);
+      const std::array<opmath, P> p = scalar_params<P>(params, c);
+      const std::array<Vec, P> pv = broadcast<P>(p);
+      std::array<double, K> totals{};
+      const int64_t n_end = std::min(N, (group + 1) * runs_per_item);
+      for (int64_t n = group * runs_per_item; n < n_end; ++n) {
+        const int64_t base = (n * C + c) * S + s0;
+        std::array<Vec, K> partial;
+        partial.fill(Vec(opmath(0)));
+        int64_t i = 0, steps = 0;
+        for (; i + Vec::size() <= length; i += Vec::size()) {
+          const std::array<Vec, K> t = terms(load_inputs<I>(in, base + i), pv);
+          for (int k = 0; k < K; ++k) partial[k] += t[k];
+          if (++steps == kFlushEvery) {
+            for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+            partial.fill(Vec(opmath(0)));
+            steps = 0;
+          }
+        }
+        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+        for (; i < length; ++i) {
+          const std::array<opmath, K> t = terms(scalar_inputs<I>(in, base + i), p);
+          for (int k = 0; k < K; ++k) totals[k] += t[k];
+        }
+      }
+      item_totals[item] = totals;
+    }
+  });
+
+  for (int64_t c = 0; c < C; ++c) {
+    std::array<double, K> sum{};
+    for (int64_t j = 0; j < items_per_channel; ++j) {
+      for (int k = 0; k < K; ++k) sum[k] += item_totals[c * items_per_channel + j][k];
+    }
+    for (int k = 0; k < K; ++k) out[k][c] = static_cast<opmath>(sum[k]);
+  }
+}
+
+// Channels-last. An item is a block of rows; it keeps float sums per channel, flushed into
+// its own double totals, and item totals are added per channel in item order.
+template <int I, int K, int P, typename scalar_t, typename Terms>
+void reduce_channels_last(const std::array<const scalar_t*, I>& in,
+                          const std::array<const opmath_t<scalar_t>*, P>& params,
+                          const ChannelView& view, const Terms& terms,
+                          const std::array<opmath_t<scalar_t>*, K>& out) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  const int64_t M = view.outer, C = view.channels;
+  const int64_t rows_per_item = std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / C);
+  const int64_t items = ceil_div(M, rows_per_item);
+  const int64_t vec_end = C - C % Vec::size();
+  std::vector<double> item_totals(items * K * C, 0.0);
+
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath> partial(K * C);
+    for (int64_t item = begin; item < end; ++item) {
+      double* totals = item_totals.data() + item * K * C;
+      std::fill(partial.begin(), partial.end(), opmath(0));
+      const int64_t row_end = std::min(M, (item + 1) * rows_per_item);
+      int64_t rows_since_flush = 0;
+      for (int64_t row = item * rows_per_item; row < row_end; ++row) {
+        const int64_t base = row * C;
+        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+          const std::array<Vec, K> t = terms(load_inputs<I>(in, base + c), load_params<P>(params, c));
+          for (int k = 0; k < K; ++k) {
+            (Vec::loadu(&partial[k * C + c]) + t[k]).store(&partial[k * C + c]);
+          }
+        }
+        for (int64_t c = vec_end; c < C; ++c) {
+          const std::array<opmath, K> t = terms(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c));
+          for (int k = 0; k < K; ++k) partial[k * C + c] += t[k];
+        }
+        if (++rows_since_flush == kFlushEveryRow || row + 1 == row_end) {
+          for (int64_t j = 0; j < K * C; ++j) totals[j] += partial[j];
+          std::fill(partial.begin(), partial.end(), opmath(0));
+          rows_since_flush = 0;
+        }
+      }
+    }
+  });
+
+  for (int64_t c = 0; c < C; ++c) {
+    for (int k = 0; k < K; ++k) {
+      double sum = 0;
+      for (int64_t item = 0; item < items; ++item) sum += item_totals[(item * K + k) * C + c];
+      out[k][c] = static_cast<opmath>(sum);
+    }
+  }
+}
+
+template <int I, int K, int P, typename scalar_t, typename Terms>
+void reduce_channels(const std::array<const scalar_t*, I>& in,
+                     const std::array<const opmath_t<scalar_t>*, P>& params,
+                     const ChannelView& view, const Terms& terms,
+                     const std::array<opmath_t<scalar_t>*, K>& out) {
+  if (view.layout == Layout::kChannelsLast) {
+    reduce_channels_last<I, K, P>(in, params, view, terms, out);
+  } else {
+    reduce_channels_first<I, K, P>(in, params, view, terms, out);
+  }
+}
+
+// ---- Elementwise: out = fn(inputs, per-channel params) --------------------------------------
+
+template <int I, int P, typename scalar_t, typename Fn>
+void map_channels(const std::array<const scalar_t*, I>& in,
+                  const std::array<const opmath_t<scalar_t>*, P>& params,
+                  const ChannelView& view, const Fn& fn, scalar_t* out) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  if (view.layout == Layout::kChannelsLast) {
+    const int64_t C = view.channels;
+    const int64_t vec_end = C - C % Vec::size();
+    const int64_t grain = std::max<int64_t>(1, kItemElements / C);
+    at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t base = row * C;
+        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+          store_vec(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)));
+        }
+        for (int64_t c = vec_end; c < C; ++c) {
+          out[base + c] = static_cast<scalar_t>(
+              fn(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c)));
+        }
+      }
+    });
+    return;
+  }
+  const int64_t C = view.channels, S = view.inner;
+  const int64_t segments = ceil_div(S, kItemElements);
+  const int64_t segment_length = ceil_div(S, segments);
+  const int64_t grain = std::max<int64_t>(1, kItemElements / segment_length);
+  at::parallel_for(0, view.outer * C * segments, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t run = unit / segments;  // n * C + c
+      const int64_t c = run % C;
+      const int64_t s0 = (unit % segments) * segment_length;
+      const int64_t length = std::min(segment_length, S - s0);
+      const int64_t base = run * S + s0;
+      const std::array<opmath, P> p = scalar_params<P>(params, c);
+      const std::array<Vec, P> pv = broadcast<P>(p);
+      int64_t i = 0;
+      for (; i + Vec::size() <= length; i += Vec::size()) {
+        store_vec(out + base + i, fn(load_inputs<I>(in, base + i), pv));
+      }
+      for (; i < length; ++i) {
+        out[base + i] = static_cast<scalar_t>(fn(scalar_inputs<I>(in, base + i), p));
+      }
+    }
+  });
+}
+
+// ---- The kernels -----------------------------------------------------------------------------
+
+template <typename scalar_t>
+const opmath_t<scalar_t>* stat_ptr(const at::Tensor& t) {
+  return t.const_data_ptr<opmath_t<scalar_t>>();
+}
+
+void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
+                   at::Tensor& m2) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats", [&] {
+    using opmath = opmath_t<scalar_t>;
+    const std::array<const scalar_t*, 1> x{input.const_data_ptr<scalar_t>()};
+    opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
+    reduce_channels<1, 1, 0>(x, {}, view,
+        [](const auto& v, const auto&) { return std::array{v[0]}; },
+        std::array<opmath*, 1>{mean_ptr});
+    const opmath count = static_cast<opmath>(view.outer * view.inner);
+    for (int64_t c = 0; c < view.channels; ++c) mean_ptr[c] /= count;
+    reduce_channels<1, 1, 1>(x, {mean_ptr}, view,
+        [](const auto& v, const auto& p) {
+          const auto deviation = v[0] - p[0];
+          return std::array{deviation * deviation};
+        },
+        std::array<opmath*, 1>{m2.mutable_data_ptr<opmath>()});
+  });
+}
+
+void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Tensor& alpha,
+                  const at::Tensor& beta, at::Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_affine", [&] {
+    map_channels<1, 2>(std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
+        {stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(beta)}, view,
+        [](const auto& v, const auto& p) { return p[0] * v[0] + p[1]; },
+        output.mutable_data_ptr<scalar_t>());
+  });
+}
+
+void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const ChannelView& view,
+                 const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad", [&] {
+    using opmath = opmath_t<scalar_t>;
+    reduce_channels<2, 2, 1>(
+        std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
+                                       input.const_data_ptr<scalar_t>()},
+        {stat_ptr<scalar_t>(mean)}, view,
+        [](const auto& v, const auto& p) { return std::array{v[0], v[0] * (v[1] - p[0])}; },
+        std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
+                               sum_dy_xmu.mutable_data_ptr<opmath>()});
+  });
+}
+
+void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
+                      const ChannelView& view, const at::Tensor& a, const at::Tensor& b,
+                      const at::Tensor& c, at::Tensor& grad_input) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input", [&] {
+    map_channels<2, 3>(
+        std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
+                                       input.const_data_ptr<scalar_t>()},
+        {stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b), stat_ptr<scalar_t>(c)}, view,
+        [](const auto& v, const auto& p) { return p[0] * v[0] + p[1] * v[1] + p[2]; },
+        grad_input.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{collect_stats, apply_affine, reduce_grad, apply_grad_input};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace custom_bn::cpu

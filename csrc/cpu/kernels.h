@@ -1,0 +1,55 @@
+// The CPU kernels behind the ops. csrc/cpu/kernels.cpp is compiled once per instruction set
+// (baseline and AVX2+FMA); kernels() picks the best the running CPU supports.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace custom_bn::cpu {
+
+// How a dense tensor is walked:
+//   kChannelsFirst: (outer = N, C, inner = S) row-major, S = product of spatial sizes;
+//   kChannelsLast:  (outer = N * S, C) row-major, inner = 1.
+enum class Layout { kChannelsFirst, kChannelsLast };
+
+struct ChannelView {
+  Layout layout;
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+// Every tensor a kernel reads or writes, but the per-channel ones, is laid out as `view` says;
+// per-channel tensors (mean, alpha, ...) are contiguous, in the statistics dtype.
+// Work is split by size alone, never by thread count: results are bitwise identical for any
+// number of threads.
+struct KernelTable {
+  // mean = sum(x) / n, m2 = sum((x - mean)^2): two passes, blocked float sums into doubles.
+  void (*collect_stats)(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
+                        at::Tensor& m2);
+  // output = alpha * input + beta.
+  void (*apply_affine)(const at::Tensor& input, const ChannelView& view, const at::Tensor& alpha,
+                       const at::Tensor& beta, at::Tensor& output);
+  // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
+  void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input,
+                      const ChannelView& view, const at::Tensor& mean, at::Tensor& sum_dy,
+                      at::Tensor& sum_dy_xmu);
+  // grad_input = a * dy + b * x + c.
+  void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
+                           const ChannelView& view, const at::Tensor& a, const at::Tensor& b,
+                           const at::Tensor& c, at::Tensor& grad_input);
+};
+
+const KernelTable& kernels();
+
+namespace DEFAULT {
+const KernelTable& kernel_table();
+}
+#if defined(CUSTOM_BN_HAVE_AVX2)
+namespace AVX2 {
+const KernelTable& kernel_table();
+}
+#endif
+
+}  // namespace custom_bn::cpu

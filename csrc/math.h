@@ -1,0 +1,87 @@
+// The math of batch normalization, written once and shared by the CPU and CUDA kernels.
+//
+//   forward:   y = alpha * x + beta,         alpha = invstd * weight,  beta = bias - mean * alpha
+//   backward:  grad_x = a * dy + b * x + c   (per-channel a, b, c; see grad_input_coefficients)
+//   running:   running = (1 - m) * running + m * batch   (running_var takes the unbiased variance)
+//   merge:     parallel Welford (Chan et al.) of (count, mean, M2) triples
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace custom_bn {
+
+// Statistics of a set of values: how many, their mean, and the sum of squared deviations (M2).
+template <typename T>
+struct WelfordStats {
+  T count;
+  T mean;
+  T m2;
+};
+
+// Merges the statistics of two disjoint sets. Either may be empty (count 0).
+template <typename T>
+C10_HOST_DEVICE inline WelfordStats<T> welford_merge(const WelfordStats<T>& a,
+                                                     const WelfordStats<T>& b) {
+  const T count = a.count + b.count;
+  const T b_share = count > T(0) ? b.count / count : T(0);
+  const T delta = b.mean - a.mean;
+  return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T invstd_from_var(T biased_var, double eps) {
+  return T(1) / ::sqrt(biased_var + static_cast<T>(eps));
+}
+
+// The variance the running estimate tracks: M2 / (n - 1).
+template <typename T>
+C10_HOST_DEVICE inline T unbiased_var(T m2, T count) {
+  return m2 / (count - T(1));
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
+  return (T(1) - momentum) * running + momentum * batch;
+}
+
+// Per-channel coefficients of the normalize-and-scale pass: y = alpha * x + beta.
+template <typename T>
+struct AffineCoefficients {
+  T alpha;
+  T beta;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AffineCoefficients<T> affine_coefficients(T mean, T invstd, T weight,
+                                                                 T bias) {
+  const T alpha = invstd * weight;
+  return {alpha, bias - mean * alpha};
+}
+
+// Per-channel coefficients of the input gradient: grad_x = a * dy + b * x + c.
+template <typename T>
+struct GradInputCoefficients {
+  T a;
+  T b;
+  T c;
+};
+
+// Training: the batch statistics depend on x, so
+//   grad_x = w * invstd * (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n).
+template <typename T>
+C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients_training(
+    T mean, T invstd, T weight, T sum_dy, T sum_dy_xmu, T count) {
+  const T scale = invstd * weight;
+  const T k = sum_dy_xmu / count * invstd * invstd;
+  return {scale, -k * scale, (mean * k - sum_dy / count) * scale};
+}
+
+// Eval: the statistics are constants, so grad_x = w * invstd * dy.
+template <typename T>
+C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients_eval(T invstd, T weight) {
+  return {invstd * weight, T(0), T(0)};
+}
+
+}  // namespace custom_bn

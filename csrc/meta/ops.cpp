@@ -1,0 +1,110 @@
+// Meta kernels: the same checks as the real kernels, then outputs of the right shape, dtype
+// and strides, with symbolic sizes so torch.compile can trace with dynamic shapes.
+#include "backends.h"
+#include "checks.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+namespace custom_bn::meta {
+namespace {
+
+at::Tensor empty_stat(const at::Tensor& like, const c10::SymInt& size, at::ScalarType dtype) {
+  return at::empty_symint({size}, like.options().dtype(dtype));
+}
+
+at::Tensor empty_channel_stat(const at::Tensor& input) {
+  return empty_stat(input, input.sym_size(1), stat_dtype(input.scalar_type()));
+}
+
+at::Tensor empty_param_grad(const at::Tensor& input, const std::optional<at::Tensor>& weight) {
+  return empty_stat(input, input.sym_size(1),
+                    has(weight) ? weight->scalar_type() : input.scalar_type());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps) {
+  check_batch_norm_forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean,
+                           running_var, num_batches_tracked, training, momentum);
+  if (!training) {
+    const at::ScalarType dtype = stat_dtype(input.scalar_type());
+    return {at::empty_like(input), empty_stat(input, 0, dtype), empty_stat(input, 0, dtype)};
+  }
+  return {at::empty_like(input), empty_channel_stat(input), empty_channel_stat(input)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    std::array<bool, 3> output_mask) {
+  check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                            save_invstd, training);
+  return {output_mask[0] ? at::empty_like(input) : at::Tensor(),
+          output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
+          output_mask[2] ? empty_param_grad(input, weight) : at::Tensor()};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+  check_input("custom_bn::batch_norm_stats", input);
+  return {empty_stat(input, 1, stat_dtype(input.scalar_type())), empty_channel_stat(input),
+          empty_channel_stat(input)};
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double eps) {
+  check_gather_stats(mean, m2, counts, running_mean, running_var, num_batches_tracked, momentum);
+  return {empty_stat(mean, mean.sym_size(1), mean.scalar_type()),
+          empty_stat(mean, mean.sym_size(1), mean.scalar_type())};
+}
+
+at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                            const at::Tensor& invstd) {
+  check_elemt("custom_bn::batch_norm_elemt", input, weight, bias, mean, invstd);
+  return at::empty_like(input);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool input_g, bool weight_g,
+    bool bias_g) {
+  const char* op = "custom_bn::batch_norm_backward_reduce";
+  check_elemt(op, input, weight, std::nullopt, mean, invstd);
+  check_grad_output(op, grad_output, input);
+  return {input_g ? empty_channel_stat(input) : at::Tensor(),
+          input_g ? empty_channel_stat(input) : at::Tensor(),
+          weight_g ? empty_param_grad(input, weight) : at::Tensor(),
+          bias_g ? empty_param_grad(input, weight) : at::Tensor()};
+}
+
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                     const at::Tensor& count) {
+  check_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
+  return at::empty_like(input);
+}
+
+TORCH_LIBRARY_IMPL(custom_bn, Meta, m) {
+  m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward));
+  m.impl("batch_norm_backward", TORCH_FN(batch_norm_backward));
+  m.impl("batch_norm_stats", TORCH_FN(batch_norm_stats));
+  m.impl("batch_norm_gather_stats_with_counts", TORCH_FN(batch_norm_gather_stats_with_counts));
+  m.impl("batch_norm_elemt", TORCH_FN(batch_norm_elemt));
+  m.impl("batch_norm_backward_reduce", TORCH_FN(batch_norm_backward_reduce));
+  m.impl("batch_norm_backward_elemt", TORCH_FN(batch_norm_backward_elemt));
+}
+
+}  // namespace custom_bn::meta

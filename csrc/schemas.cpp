@@ -1,0 +1,33 @@
+// The op schemas (SPEC.md section 4): defined once, here. Backends live in one folder per
+// dispatch key and hold only their TORCH_LIBRARY_IMPL blocks.
+#include <torch/library.h>
+
+TORCH_LIBRARY(custom_bn, m) {
+  m.def(
+      "batch_norm(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None) -> Tensor");
+  m.def(
+      "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float? momentum, "
+      "float eps) -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
+      "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
+      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
+  m.def(
+      "batch_norm_gather_stats_with_counts(Tensor mean, Tensor m2, Tensor counts, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "float? momentum, float eps) -> (Tensor mean, Tensor invstd)");
+  m.def(
+      "batch_norm_elemt(Tensor input, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd) "
+      "-> Tensor");
+  m.def(
+      "batch_norm_backward_reduce(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, bool input_g, bool weight_g, bool bias_g) "
+      "-> (Tensor sum_dy, Tensor sum_dy_xmu, Tensor grad_weight, Tensor grad_bias)");
+  m.def(
+      "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
+      "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
+}

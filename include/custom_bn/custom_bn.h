@@ -1,0 +1,4 @@
+// Everything custom_bn offers to C++: link custom_bn::custom_bn and include this header.
+#pragma once
+
+#include <custom_bn/ops.h>

@@ -1,0 +1,74 @@
+// The custom_bn operators, callable from C++. Each call goes through the PyTorch dispatcher,
+// so LibTorch programs get autograd, every registered backend and the Meta kernels.
+// Schemas and semantics: SPEC.md section 4; they match torch.batch_norm.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <optional>
+#include <tuple>
+
+namespace custom_bn {
+
+// The differentiable entry point: a drop-in for torch::batch_norm (without cudnn_enabled),
+// plus num_batches_tracked, which it increments when training with running stats.
+// momentum = std::nullopt means the cumulative average, 1 / num_batches_tracked.
+at::Tensor batch_norm(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias,
+                      const std::optional<at::Tensor>& running_mean,
+                      const std::optional<at::Tensor>& running_var, bool training,
+                      std::optional<double> momentum, double eps,
+                      const std::optional<at::Tensor>& num_batches_tracked = std::nullopt);
+
+// Returns (output, save_mean, save_invstd). In eval, save_mean and save_invstd are empty.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps);
+
+// Returns (grad_input, grad_weight, grad_bias); a gradient masked out is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    std::array<bool, 3> output_mask);
+
+// Stage ops, for statistics that span processes (SyncBatchNorm). Statistics are float32
+// (float64 for float64 input).
+
+// Per-channel statistics of a local batch: (count [1], mean [C], M2 [C]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input);
+
+// Merges per-rank statistics (mean [R, C], M2 [R, C], counts [R]; a count may be 0) by
+// parallel Welford, updates the running stats as batch_norm_forward does, and returns the
+// global (mean, invstd).
+std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
+    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
+    double eps);
+
+// output = (input - mean) * invstd * weight + bias.
+at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                            const at::Tensor& invstd);
+
+// Per-channel sums of the backward: (sum_dy, sum_dy_xmu, grad_weight, grad_bias). sum_dy and
+// sum_dy_xmu are undefined unless input_g; grad_weight unless weight_g; grad_bias unless bias_g.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
+    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool input_g, bool weight_g,
+    bool bias_g);
+
+// grad_input from the (globally reduced) sums; count holds per-rank element counts whose
+// sum is the number of values per channel.
+at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
+                                     const at::Tensor& mean, const at::Tensor& invstd,
+                                     const std::optional<at::Tensor>& weight,
+                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
+                                     const at::Tensor& count);
+
+}  // namespace custom_bn
