@@ -20,12 +20,17 @@ DenseTensor make_dense(const at::Tensor& input);
 // `t` with exactly the strides of `dense` (copied only when they differ).
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense);
 
-// The result tensor of an elementwise pass over `input`: torch's empty_like(input), which
-// keeps the input's memory format. run(out_dense) writes a tensor strided like dense.tensor;
-// when the two differ (inputs neither channels-first nor channels-last), it is copied over.
+// at::empty_like(input, input.suggest_memory_format()): what torch's batch norm returns.
+inline at::Tensor empty_result_like(const at::Tensor& input) {
+  return at::empty_like(input, input.suggest_memory_format());
+}
+
+// The result of an elementwise pass over `input`, allocated as torch allocates it: in the
+// input's suggested memory format. run(out) writes a tensor strided like dense.tensor; when
+// the result's strides differ (a permuted or non-dense input), it is copied over.
 template <typename Run>
 at::Tensor elementwise_result(const at::Tensor& input, const DenseTensor& dense, const Run& run) {
-  at::Tensor result = at::empty_like(input);
+  at::Tensor result = empty_result_like(input);
   if (input.numel() == 0) return result;
   if (result.strides() == dense.tensor.strides()) {
     run(result);

@@ -14,6 +14,11 @@ at::Tensor empty_stat(const at::Tensor& like, const c10::SymInt& size, at::Scala
   return at::empty_symint({size}, like.options().dtype(dtype));
 }
 
+// As the CPU and CUDA kernels allocate outputs: in the input's suggested memory format.
+at::Tensor empty_result_like(const at::Tensor& input) {
+  return at::empty_like(input, input.suggest_memory_format());
+}
+
 at::Tensor empty_channel_stat(const at::Tensor& input) {
   return empty_stat(input, input.sym_size(1), stat_dtype(input.scalar_type()));
 }
@@ -35,9 +40,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                            running_var, num_batches_tracked, training, momentum);
   if (!training) {
     const at::ScalarType dtype = stat_dtype(input.scalar_type());
-    return {at::empty_like(input), empty_stat(input, 0, dtype), empty_stat(input, 0, dtype)};
+    return {empty_result_like(input), empty_stat(input, 0, dtype), empty_stat(input, 0, dtype)};
   }
-  return {at::empty_like(input), empty_channel_stat(input), empty_channel_stat(input)};
+  return {empty_result_like(input), empty_channel_stat(input), empty_channel_stat(input)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -47,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     std::array<bool, 3> output_mask) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
-  return {output_mask[0] ? at::empty_like(input) : at::Tensor(),
+  return {output_mask[0] ? empty_result_like(input) : at::Tensor(),
           output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
           output_mask[2] ? empty_param_grad(input, weight) : at::Tensor()};
 }
@@ -72,7 +77,7 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Ten
                             const std::optional<at::Tensor>& bias, const at::Tensor& mean,
                             const at::Tensor& invstd) {
   check_elemt("custom_bn::batch_norm_elemt", input, weight, bias, mean, invstd);
-  return at::empty_like(input);
+  return empty_result_like(input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
@@ -94,7 +99,7 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                      const at::Tensor& count) {
   check_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
-  return at::empty_like(input);
+  return empty_result_like(input);
 }
 
 TORCH_LIBRARY_IMPL(custom_bn, Meta, m) {

@@ -1,0 +1,40 @@
+import os
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def library_path() -> str:
+    return os.environ.get("CUSTOM_BN_LIBRARY", str(ROOT / "build" / "libcustom_bn.so"))
+
+
+# The ops come from the shared library alone: no Python code of ours is involved.
+torch.ops.load_library(library_path())
+
+
+@pytest.fixture(autouse=True)
+def fresh_seed(request):
+    """A different seed per test and per run, printed on failure for reproduction."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.excinfo is not None:
+        for name, value in item.user_properties:
+            if name == "seed":
+                item.add_report_section(call.when, "seed", f"torch.manual_seed({value})")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,147 @@
+"""Sample inputs for batch norm and the torch reference they are checked against."""
+
+import dataclasses
+import itertools
+from typing import Iterator, Optional
+
+import torch
+
+DTYPES = {
+    # name: (input dtype, parameter dtype)
+    "float32": (torch.float32, torch.float32),
+    "float64": (torch.float64, torch.float64),
+    "bfloat16": (torch.bfloat16, torch.bfloat16),
+    "float16": (torch.float16, torch.float16),
+    "bfloat16+float32": (torch.bfloat16, torch.float32),
+    "float16+float32": (torch.float16, torch.float32),
+}
+
+# (rtol, atol) per input dtype: reduced precision differs from torch by an ulp of the output.
+TOLERANCES = {
+    torch.float64: (1e-9, 1e-9),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+SHAPES = {2: (12, 5), 3: (4, 6, 7), 4: (3, 5, 6, 7), 5: (2, 3, 4, 5, 3)}
+LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed")
+
+
+def tolerance(dtype: torch.dtype) -> dict:
+    rtol, atol = TOLERANCES[dtype]
+    return {"rtol": rtol, "atol": atol}
+
+
+def make_input(shape, dtype, layout, device="cpu") -> torch.Tensor:
+    """A random tensor of `shape` with the memory layout `layout`."""
+    if layout == "contiguous":
+        return torch.randn(shape, device=device).to(dtype)
+    if layout == "channels_last":
+        fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
+        return torch.randn(shape, device=device).to(dtype).to(memory_format=fmt)
+    if layout == "sliced":  # every other element along N and the last dim: not dense
+        big = list(shape)
+        big[0] *= 2
+        big[-1] *= 2
+        return torch.randn(big, device=device).to(dtype)[::2, ..., ::2]
+    if layout == "transposed":  # last two dims swapped in memory
+        swapped = list(shape)
+        swapped[-1], swapped[-2] = swapped[-2], swapped[-1]
+        return torch.randn(swapped, device=device).to(dtype).transpose(-1, -2)
+    raise ValueError(layout)
+
+
+def layouts_for(dim: int):
+    return [layout for layout in LAYOUTS if layout != "channels_last" or dim in (4, 5)]
+
+
+@dataclasses.dataclass
+class Sample:
+    input: torch.Tensor
+    weight: Optional[torch.Tensor]
+    bias: Optional[torch.Tensor]
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    training: bool
+    momentum: Optional[float]
+    eps: float
+    num_batches_tracked: Optional[torch.Tensor]
+
+    def clone(self, requires_grad=False) -> "Sample":
+        def copy(t, grad=False):
+            if t is None:
+                return None
+            c = t.detach().clone()
+            return c.requires_grad_(grad)
+
+        return Sample(
+            copy(self.input, requires_grad),
+            copy(self.weight, requires_grad),
+            copy(self.bias, requires_grad),
+            copy(self.running_mean),
+            copy(self.running_var),
+            self.training,
+            self.momentum,
+            self.eps,
+            copy(self.num_batches_tracked),
+        )
+
+    def args(self):
+        return (self.input, self.weight, self.bias, self.running_mean, self.running_var,
+                self.training, self.momentum, self.eps, self.num_batches_tracked)
+
+    def __repr__(self):
+        return (f"Sample(shape={tuple(self.input.shape)}, stride={self.input.stride()}, "
+                f"dtype={self.input.dtype}, weight={None if self.weight is None else self.weight.dtype}, "
+                f"stats={self.running_mean is not None}, training={self.training}, "
+                f"momentum={self.momentum})")
+
+
+def make_sample(shape, dtype_name="float32", layout="contiguous", training=True, affine=True,
+                running_stats=True, momentum=0.1, eps=1e-5, device="cpu") -> Sample:
+    input_dtype, param_dtype = DTYPES[dtype_name]
+    channels = shape[1]
+    x = make_input(shape, input_dtype, layout, device)
+    # Shift and scale channels apart so that statistics matter.
+    x.mul_(2.0).add_(0.5)
+    weight = bias = running_mean = running_var = nbt = None
+    if affine:
+        weight = torch.rand(channels, device=device).add_(0.5).to(param_dtype)
+        bias = torch.randn(channels, device=device).to(param_dtype)
+    if running_stats:
+        running_mean = torch.randn(channels, device=device).to(param_dtype)
+        running_var = torch.rand(channels, device=device).add_(0.5).to(param_dtype)
+        nbt = torch.tensor(int(torch.randint(0, 5, ())), device=device)
+    return Sample(x, weight, bias, running_mean, running_var, training, momentum, eps, nbt)
+
+
+def all_samples(device="cpu", dims=(2, 3, 4, 5), dtype_names=tuple(DTYPES)) -> Iterator[tuple]:
+    """The parity matrix: dims x layouts x dtypes x modes. Yields (id, kwargs for make_sample)."""
+    for dim in dims:
+        for layout, dtype_name in itertools.product(layouts_for(dim), dtype_names):
+            for training, affine, running_stats, momentum in itertools.product(
+                (True, False), (True, False), (True, False), (0.1, None)
+            ):
+                if not training and not running_stats:
+                    continue  # an error, tested on its own
+                if momentum is None and not (training and running_stats):
+                    continue  # momentum only matters when running stats are updated
+                kwargs = dict(shape=SHAPES[dim], dtype_name=dtype_name, layout=layout,
+                              training=training, affine=affine, running_stats=running_stats,
+                              momentum=momentum, device=device)
+                name = (f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}"
+                        f"-{'affine' if affine else 'noaffine'}-{'stats' if running_stats else 'nostats'}"
+                        f"-m{momentum}")
+                yield name, kwargs
+
+
+def reference_batch_norm(s: Sample) -> torch.Tensor:
+    """torch.batch_norm with torch.nn.BatchNorm's bookkeeping of num_batches_tracked."""
+    momentum = s.momentum
+    if s.training and s.running_mean is not None and s.num_batches_tracked is not None:
+        s.num_batches_tracked.add_(1)
+        if momentum is None:
+            momentum = 1.0 / float(s.num_batches_tracked)
+    return torch.batch_norm(s.input, s.weight, s.bias, s.running_mean, s.running_var,
+                            s.training, momentum if momentum is not None else 0.0, s.eps, False)

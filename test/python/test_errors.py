@@ -1,0 +1,107 @@
+"""Bad calls raise before writing anything, with messages naming the argument."""
+
+import pytest
+import torch
+from samples import make_sample
+
+ops = torch.ops.custom_bn
+
+
+def state_of(s):
+    return [t.clone() for t in (s.running_mean, s.running_var, s.num_batches_tracked)]
+
+
+CASES = {
+    # name: (mutation of a valid sample, error type, words the message must contain)
+    "1d-input": (lambda s: setattr(s, "input", torch.randn(5)), RuntimeError,
+                 ["input", "at least 2 dimensions", "[5]"]),
+    "integer-input": (lambda s: setattr(s, "input", torch.ones(4, 3, dtype=torch.long)),
+                      RuntimeError, ["input", "float32", "Long"]),
+    "weight-size": (lambda s: setattr(s, "weight", torch.ones(4)), RuntimeError,
+                    ["weight", "3 elements", "[4]"]),
+    "bias-size": (lambda s: setattr(s, "bias", torch.ones(2)), RuntimeError,
+                  ["bias", "3 elements", "[2]"]),
+    "running-mean-size": (lambda s: setattr(s, "running_mean", torch.zeros(5)), RuntimeError,
+                          ["running_mean", "3 elements", "[5]"]),
+    "running-var-size": (lambda s: setattr(s, "running_var", torch.ones(1)), RuntimeError,
+                         ["running_var", "3 elements", "[1]"]),
+    "only-running-mean": (lambda s: setattr(s, "running_var", None), RuntimeError,
+                          ["running_mean", "running_var", "both"]),
+    "weight-dtype": (lambda s: setattr(s, "weight", torch.ones(3, dtype=torch.float64)),
+                     RuntimeError, ["weight", "Float", "Double"]),
+    "mixed-param-dtypes": (lambda s: (setattr(s, "input", s.input.bfloat16()),
+                                      setattr(s, "weight", s.weight.bfloat16())),
+                           RuntimeError, ["BFloat16", "Float"]),
+    "weight-on-meta": (lambda s: setattr(s, "weight", torch.ones(3, device="meta")),
+                       RuntimeError, ["weight", "device", "meta"]),
+    "one-value-per-channel": (lambda s: setattr(s, "input", torch.randn(1, 3)), ValueError,
+                              ["Expected more than 1 value per channel when training", "[1, 3]"]),
+    "eval-without-stats": (lambda s: (setattr(s, "training", False),
+                                      setattr(s, "running_mean", None),
+                                      setattr(s, "running_var", None)),
+                           RuntimeError, ["running_mean must be defined in evaluation mode"]),
+    "momentum-none-without-counter": (lambda s: (setattr(s, "momentum", None),
+                                                 setattr(s, "num_batches_tracked", None)),
+                                      RuntimeError, ["momentum=None", "num_batches_tracked"]),
+    "counter-dtype": (lambda s: setattr(s, "num_batches_tracked", torch.tensor(0.0)),
+                      RuntimeError, ["num_batches_tracked", "int64", "Float"]),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_bad_call_raises_and_mutates_nothing(name):
+    mutate, error, words = CASES[name]
+    s = make_sample((4, 3, 5))
+    mutate(s)
+    before = [t.clone() if t is not None else None
+              for t in (s.running_mean, s.running_var, s.num_batches_tracked)]
+    for op in ("batch_norm", "batch_norm_forward"):
+        args = s.args() if op == "batch_norm" else (
+            s.input, s.weight, s.bias, s.running_mean, s.running_var, s.num_batches_tracked,
+            s.training, s.momentum, s.eps)
+        with pytest.raises(error) as info:
+            getattr(ops, op)(*args)
+        for word in words:
+            assert word in str(info.value), f"{word!r} not in {info.value}"
+        for old, new in zip(before, (s.running_mean, s.running_var, s.num_batches_tracked)):
+            if old is not None:
+                assert torch.equal(old, new)
+
+
+def test_backward_checks_grad_output_shape():
+    s = make_sample((4, 3, 5))
+    _, mean, invstd = ops.batch_norm_forward(s.input, None, None, None, None, None, True, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="grad_output.*shape"):
+        ops.batch_norm_backward(torch.randn(4, 3, 6), s.input, None, None, None, mean, invstd,
+                                True, 1e-5, [True, True, True])
+    with pytest.raises(RuntimeError, match="save_mean.*3 elements"):
+        ops.batch_norm_backward(torch.randn(4, 3, 5), s.input, None, None, None, mean[:2], invstd,
+                                True, 1e-5, [True, True, True])
+
+
+def test_gather_checks_shapes_and_mutates_nothing():
+    rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
+    with pytest.raises(RuntimeError, match="counts with 2 elements"):
+        ops.batch_norm_gather_stats_with_counts(torch.zeros(2, 3), torch.ones(2, 3),
+                                                torch.ones(3), rm, rv, nbt, 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="m2 of the shape of mean"):
+        ops.batch_norm_gather_stats_with_counts(torch.zeros(2, 3), torch.ones(2, 4),
+                                                torch.ones(2), rm, rv, nbt, 0.1, 1e-5)
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and nbt.item() == 0
+
+
+def test_no_strange_input_crashes():
+    """Odd shapes, strides and dtypes either work or raise; none may crash the process."""
+    odd_inputs = [
+        torch.randn(3, 0, 4), torch.randn(2, 3, 0), torch.randn(5, 1), torch.randn(2, 3).expand(4, 2, 3),
+        torch.randn(1, 3, 1, 1).expand(4, 3, 2, 2), torch.randn(4, 3, 5).flip(2),
+        torch.randn(4, 6, 5)[:, ::2].transpose(0, 2), torch.tensor([[1.0, float("nan")], [2.0, float("inf")]]),
+        torch.randn(4, 3, dtype=torch.complex64), torch.ones(4, 3, dtype=torch.bool),
+    ]
+    for x in odd_inputs:
+        c = x.shape[1] if x.dim() > 1 else 1
+        for training in (True, False):
+            try:
+                ops.batch_norm(x, None, None, torch.zeros(c), torch.ones(c), training, 0.1, 1e-5)
+            except (RuntimeError, ValueError):
+                pass
