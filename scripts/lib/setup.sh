@@ -5,7 +5,7 @@
 CUSTOM_BN_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${CUSTOM_BN_VENV:-$CUSTOM_BN_ROOT/.venv}"
 BUILD_DIR="${CUSTOM_BN_BUILD_DIR:-$CUSTOM_BN_ROOT/build}"
-PYTHON="$VENV/bin/python"
+PYTHON="${CUSTOM_BN_PYTHON:-$VENV/bin/python}"
 
 log() { printf '[custom_bn] %s\n' "$*" >&2; }
 

@@ -1,0 +1,22 @@
+"""custom_bn: batch normalization as PyTorch C++ operators (torch.ops.custom_bn.*).
+
+Importing the package loads libcustom_bn.so once; every op, its autograd and its Meta
+kernel then live under torch.ops.custom_bn.
+"""
+
+from ._library import library_path, load
+
+load()
+
+from . import functional  # noqa: E402
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402
+
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "convert_batchnorm",
+    "functional",
+    "library_path",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,34 @@
+"""Functional interface, as torch.nn.functional."""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+def _verify_batch_size(size: List[int]) -> None:
+    values_per_channel = size[0]
+    for s in size[2:]:
+        values_per_channel *= s
+    if values_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """torch.nn.functional.batch_norm, computed by the custom_bn ops."""
+    if training:
+        _verify_batch_size(list(input.size()))
+    return torch.ops.custom_bn.batch_norm(
+        input, weight, bias, running_mean, running_var, training, momentum, eps
+    )

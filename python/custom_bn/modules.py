@@ -1,0 +1,83 @@
+"""Drop-ins for torch.nn.BatchNorm{1,2,3}d: same constructor, state_dict and behaviour; the
+forward is one call of torch.ops.custom_bn.batch_norm."""
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+class _CustomBatchNorm(_BatchNorm):
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics when training or
+        # without running stats; the op updates the running stats and num_batches_tracked
+        # (momentum=None: the cumulative average) when training with them.
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_running_stats = not self.training or self.track_running_stats
+        updates = self.training and self.track_running_stats
+        return torch.ops.custom_bn.batch_norm(
+            input,
+            self.weight,
+            self.bias,
+            self.running_mean if use_running_stats else None,
+            self.running_var if use_running_stats else None,
+            use_batch_stats,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked if updates else None,
+        )
+
+
+class BatchNorm1d(_CustomBatchNorm):
+    """As torch.nn.BatchNorm1d, on (N, C) or (N, C, L) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 2 and input.dim() != 3:
+            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
+
+
+class BatchNorm2d(_CustomBatchNorm):
+    """As torch.nn.BatchNorm2d, on (N, C, H, W) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNorm3d(_CustomBatchNorm):
+    """As torch.nn.BatchNorm3d, on (N, C, D, H, W) input."""
+
+    def _check_input_dim(self, input):
+        if input.dim() != 5:
+            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+_REPLACEMENTS = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def _convert_one(bn: _BatchNorm) -> _BatchNorm:
+    ours = _REPLACEMENTS[type(bn)].__new__(_REPLACEMENTS[type(bn)])
+    # The same attributes, parameters and buffers (the very tensors: optimizers and other
+    # references to them keep working), training mode and device.
+    ours.__dict__.update(bn.__dict__)
+    ours._parameters = dict(bn._parameters)
+    ours._buffers = dict(bn._buffers)
+    ours._modules = dict(bn._modules)
+    return ours
+
+
+def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Replaces every torch.nn.BatchNorm{1,2,3}d in `module` (or `module` itself) by ours,
+    keeping parameters, buffers, training mode and device. Subclasses (SyncBatchNorm, say)
+    are left alone."""
+    if type(module) in _REPLACEMENTS:
+        return _convert_one(module)
+    for name, child in module.named_children():
+        converted = convert_batchnorm(child)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module

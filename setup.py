@@ -1,0 +1,62 @@
+"""Builds the custom_bn Python package by driving the project's one CMake build, so the
+kernels compile once: `pip install .`, `pip install -e .` and `pip wheel .` all work in an
+environment that has torch (the repository's .venv reuses build/)."""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = pathlib.Path(__file__).resolve().parent
+# pip's build isolation hides the environment's packages through these; the interpreter
+# itself still has torch, which is what the library must be built against.
+ISOLATION_VARIABLES = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
+
+
+def environment_with_torch() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ISOLATION_VARIABLES}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
+                           text=True)
+    if probe.returncode != 0:
+        raise RuntimeError(f"custom_bn builds against the torch of {sys.executable}, which "
+                           f"cannot import it:\n{probe.stderr}")
+    return env
+
+
+def build_dir_for(python: str) -> pathlib.Path:
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists() and os.path.samefile(python, venv_python):
+        return ROOT / "build"  # the build scripts/test and scripts/demo use
+    return ROOT / "build-pip"
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        env = environment_with_torch()
+        build_dir = build_dir_for(sys.executable)
+        env.update(CUSTOM_BN_PYTHON=sys.executable, CUSTOM_BN_BUILD_DIR=str(build_dir))
+        subprocess.check_call(
+            ["bash", "-c", 'source scripts/lib/setup.sh && ensure_build "$@"', "build",
+             *(["-DCUSTOM_BN_BUILD_TESTS=OFF"] if build_dir.name == "build-pip" else [])],
+            cwd=ROOT, env=env)
+        target = pathlib.Path(self.get_ext_fullpath(ext.name))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(build_dir / "libcustom_bn.so", target)
+        shutil.copy2(build_dir / "torch_version.txt", target.parent / "torch_version.txt")
+
+
+setup(
+    name="custom_bn",
+    version="0.1.0",
+    description="Batch normalization for PyTorch as C++ custom operators",
+    packages=["custom_bn"],
+    package_dir={"": "python"},
+    ext_modules=[Extension("custom_bn.libcustom_bn", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.6"],
+)

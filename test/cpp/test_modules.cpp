@@ -1,0 +1,194 @@
+// custom_bn::BatchNorm{1,2,3}d against torch::nn::BatchNorm{1,2,3}d.
+#include "samples.h"
+
+#include <custom_bn/custom_bn.h>
+
+#include <sstream>
+
+namespace custom_bn::testing {
+namespace {
+
+class Modules : public SeededTest {};
+
+TEST_F(Modules, Stateful) {
+  BatchNorm2d bn(5);
+  EXPECT_TRUE(bn->weight.defined() && bn->weight.requires_grad());
+  EXPECT_TRUE(bn->bias.defined());
+  EXPECT_TRUE(torch::equal(bn->weight, torch::ones({5})));
+  EXPECT_TRUE(torch::equal(bn->bias, torch::zeros({5})));
+  EXPECT_TRUE(torch::equal(bn->running_mean, torch::zeros({5})));
+  EXPECT_TRUE(torch::equal(bn->running_var, torch::ones({5})));
+  EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
+  EXPECT_EQ(bn->parameters().size(), 2u);
+  EXPECT_EQ(bn->buffers().size(), 3u);
+  const auto names = bn->named_buffers().keys();
+  EXPECT_EQ(names, (std::vector<std::string>{"running_mean", "running_var", "num_batches_tracked"}));
+}
+
+TEST_F(Modules, Stateless) {
+  BatchNorm2d bn(BatchNormOptions(5).affine(false).track_running_stats(false));
+  EXPECT_FALSE(bn->weight.defined());
+  EXPECT_FALSE(bn->running_mean.defined());
+  EXPECT_FALSE(bn->num_batches_tracked.defined());
+  const torch::Tensor x = torch::randn({4, 5, 3, 3});
+  bn->eval();  // without running stats, eval uses batch statistics too
+  const torch::Tensor expected = torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false);
+  expect_close(bn(x), expected, tolerance(torch::kFloat), "output");
+}
+
+TEST_F(Modules, PrettyPrint) {
+  std::ostringstream out;
+  out << *BatchNorm2d(BatchNormOptions(4).eps(0.5).momentum(std::nullopt).affine(false));
+  EXPECT_EQ(out.str(),
+            "custom_bn::BatchNorm2d(4, eps=0.5, momentum=None, affine=false, "
+            "track_running_stats=true)");
+  std::ostringstream out3;
+  out3 << *BatchNorm3d(3);
+  EXPECT_EQ(out3.str(),
+            "custom_bn::BatchNorm3d(3, eps=1e-05, momentum=0.1, affine=true, "
+            "track_running_stats=true)");
+}
+
+TEST_F(Modules, ChecksInputDimsLikeTorch) {
+  EXPECT_THROW(BatchNorm1d(3)(torch::randn({2, 3, 4, 5})), c10::Error);
+  EXPECT_THROW(BatchNorm2d(3)(torch::randn({2, 3, 4})), c10::Error);
+  EXPECT_THROW(BatchNorm3d(3)(torch::randn({2, 3, 4, 5})), c10::Error);
+  try {
+    BatchNorm2d(3)(torch::randn({2, 3}));
+  } catch (const c10::Error& e) {
+    EXPECT_EQ(std::string(e.what_without_backtrace()).find("expected 4D input (got 2D input)"), 0u);
+  }
+}
+
+// Trains ours and torch's side by side from the same state; compares after every step.
+template <typename Ours, typename Theirs>
+void expect_lockstep(Ours ours, Theirs theirs, std::vector<int64_t> shape, int steps) {
+  {
+    torch::NoGradGuard no_grad;
+    if (ours->weight.defined()) {
+      theirs->weight.copy_(torch::rand_like(theirs->weight) + 0.5);
+      theirs->bias.copy_(torch::randn_like(theirs->bias));
+      ours->weight.copy_(theirs->weight);
+      ours->bias.copy_(theirs->bias);
+    }
+  }
+  const auto tol = tolerance(torch::kFloat);
+  for (int step = 0; step < steps + 1; ++step) {
+    const bool eval = step == steps;  // the last step in eval mode
+    if (eval) {
+      ours->eval();
+      theirs->eval();
+    }
+    const torch::Tensor x = torch::randn(shape) * (step + 1) + step;
+    const torch::Tensor x_ours = x.clone().requires_grad_(), x_theirs = x.clone().requires_grad_();
+    const torch::Tensor y_ours = ours(x_ours), y_theirs = theirs(x_theirs);
+    expect_close(y_ours, y_theirs, tol, "output, step " + std::to_string(step));
+    const torch::Tensor grad = torch::randn_like(y_theirs);
+    y_ours.backward(grad);
+    y_theirs.backward(grad);
+    expect_close(x_ours.grad(), x_theirs.grad(), tol, "grad input");
+    if (ours->weight.defined()) {
+      expect_close(ours->weight.grad(), theirs->weight.grad(), {1e-4, 1e-4}, "grad weight");
+      expect_close(ours->bias.grad(), theirs->bias.grad(), {1e-4, 1e-4}, "grad bias");
+    }
+    if (ours->running_mean.defined()) {
+      expect_close(ours->running_mean, theirs->running_mean, tol, "running_mean");
+      expect_close(ours->running_var, theirs->running_var, tol, "running_var");
+      EXPECT_EQ(ours->num_batches_tracked.template item<int64_t>(),
+                theirs->num_batches_tracked.template item<int64_t>());
+    }
+  }
+}
+
+struct OptionCase {
+  std::optional<double> momentum;
+  bool affine, track;
+};
+
+class ModulesLockstep : public ::testing::TestWithParam<OptionCase> {
+ protected:
+  void SetUp() override { torch::manual_seed(std::random_device{}()); }
+};
+
+TEST_P(ModulesLockstep, TrainsLikeTorch) {
+  const OptionCase c = GetParam();
+  auto ours = [&](int64_t n) {
+    return BatchNormOptions(n).momentum(c.momentum).affine(c.affine).track_running_stats(c.track);
+  };
+  auto theirs = [&](int64_t n) {
+    return torch::nn::BatchNormOptions(n).momentum(c.momentum).affine(c.affine).track_running_stats(
+        c.track);
+  };
+  expect_lockstep(BatchNorm1d(ours(6)), torch::nn::BatchNorm1d(theirs(6)), {16, 6}, 3);
+  expect_lockstep(BatchNorm1d(ours(6)), torch::nn::BatchNorm1d(theirs(6)), {8, 6, 5}, 3);
+  expect_lockstep(BatchNorm2d(ours(4)), torch::nn::BatchNorm2d(theirs(4)), {4, 4, 5, 5}, 3);
+  expect_lockstep(BatchNorm3d(ours(3)), torch::nn::BatchNorm3d(theirs(3)), {2, 3, 3, 4, 5}, 3);
+}
+
+INSTANTIATE_TEST_SUITE_P(Options, ModulesLockstep,
+                         ::testing::Values(OptionCase{0.1, true, true},
+                                           OptionCase{std::nullopt, true, true},
+                                           OptionCase{0.3, false, true},
+                                           OptionCase{0.1, true, false}),
+                         [](const ::testing::TestParamInfo<OptionCase>& info) {
+                           const OptionCase& c = info.param;
+                           return std::string(c.momentum ? "momentum" : "cumulative") +
+                                  (c.affine ? "_affine" : "_noaffine") +
+                                  (c.track ? "_tracked" : "_untracked");
+                         });
+
+TEST_F(Modules, SaveLoadBothWaysWithTorch) {
+  const std::string path = ::testing::TempDir() + "custom_bn_state.pt";
+  torch::nn::BatchNorm2d theirs(3);
+  {
+    torch::NoGradGuard no_grad;
+    theirs->weight.uniform_();
+    theirs->bias.normal_();
+  }
+  theirs(torch::randn({4, 3, 2, 2}));  // moves running stats and the counter
+  torch::save(theirs, path);
+  BatchNorm2d ours(3);
+  torch::load(ours, path);
+  EXPECT_TRUE(torch::equal(ours->weight, theirs->weight));
+  EXPECT_TRUE(torch::equal(ours->running_var, theirs->running_var));
+  EXPECT_EQ(ours->num_batches_tracked.item<int64_t>(), 1);
+
+  ours(torch::randn({4, 3, 2, 2}));
+  torch::save(ours, path);
+  torch::nn::BatchNorm2d back(3);
+  torch::load(back, path);
+  EXPECT_TRUE(torch::equal(back->running_mean, ours->running_mean));
+  EXPECT_TRUE(torch::equal(back->bias, ours->bias));
+  EXPECT_EQ(back->num_batches_tracked.item<int64_t>(), 2);
+}
+
+TEST_F(Modules, CloneIsDeep) {
+  BatchNorm2d bn(3);
+  bn(torch::randn({4, 3, 2, 2}));
+  auto copy = std::dynamic_pointer_cast<BatchNorm2dImpl>(bn->clone());
+  ASSERT_TRUE(copy);
+  EXPECT_TRUE(torch::equal(copy->running_mean, bn->running_mean));
+  EXPECT_NE(copy->running_mean.data_ptr(), bn->running_mean.data_ptr());
+  EXPECT_EQ(copy->num_batches_tracked.item<int64_t>(), 1);
+}
+
+TEST_F(Modules, WorksInSequential) {
+  torch::nn::Sequential net(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 4, 3).padding(1)),
+                            BatchNorm2d(4), torch::nn::ReLU(), torch::nn::Flatten(),
+                            torch::nn::Linear(4 * 6 * 6, 2));
+  torch::optim::SGD opt(net->parameters(), 0.1);
+  const torch::Tensor x = torch::randn({8, 1, 6, 6});
+  const torch::Tensor target = torch::randint(0, 2, {8});
+  float first = 0, last = 0;
+  for (int i = 0; i < 20; ++i) {
+    opt.zero_grad();
+    torch::Tensor loss = torch::nn::functional::cross_entropy(net->forward(x), target);
+    loss.backward();
+    opt.step();
+    (i == 0 ? first : last) = loss.item<float>();
+  }
+  EXPECT_LT(last, first);
+}
+
+}  // namespace
+}  // namespace custom_bn::testing
