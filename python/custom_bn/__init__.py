@@ -10,6 +10,7 @@ load()
 
 from . import functional  # noqa: E402
 from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402
+from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __all__ = [
     "BatchNorm1d",
@@ -18,5 +19,6 @@ __all__ = [
     "convert_batchnorm",
     "functional",
     "library_path",
+    "SyncBatchNorm",
 ]
 __version__ = "0.1.0"

@@ -1,10 +1,13 @@
 import os
 import pathlib
+import sys
 
 import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+# The in-tree package (tests of python/custom_bn; spawned workers inherit the path).
+sys.path.insert(0, str(ROOT / "python"))
 
 
 def library_path() -> str:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "python"))
-import custom_bn  # noqa: E402
+import custom_bn  # noqa: E402  (conftest puts python/ on the path)
 
 TORCH_MODULES = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 OUR_MODULES = {1: custom_bn.BatchNorm1d, 2: custom_bn.BatchNorm2d, 3: custom_bn.BatchNorm3d}

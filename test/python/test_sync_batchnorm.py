@@ -1,0 +1,69 @@
+"""custom_bn.SyncBatchNorm across 2-3 processes on loopback (gloo), against one process
+running custom_bn's BatchNorm on the concatenated batch."""
+
+import pytest
+import sync_workers
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import ROOT  # noqa: F401  (loads the library in this process)
+
+import custom_bn
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def spawn(fn, world_size, *args, tmp_path):
+    mp.spawn(fn, args=(world_size, str(tmp_path / "rendezvous"), *args), nprocs=world_size,
+             join=True)
+
+
+@pytest.mark.parametrize(
+    "world_size, split",
+    [(2, (4, 4)), (3, (1, 5, 2)), (3, (3, 0, 5))],
+    ids=["even", "uneven", "empty-rank"],
+)
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_parity_with_whole_batch(world_size, split, momentum, tmp_path):
+    spawn(sync_workers.parity, world_size, split, momentum, None, tmp_path=tmp_path)
+
+
+def test_subgroup_of_the_world(tmp_path):
+    # Ranks 0 and 2 synchronise with each other; rank 1 stays out.
+    spawn(sync_workers.parity, 3, (3, 5), 0.1, [0, 2], tmp_path=tmp_path)
+
+
+def test_distributed_data_parallel_trains_like_one_process(tmp_path):
+    spawn(sync_workers.ddp_training, 2, tmp_path=tmp_path)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs 2 CUDA devices")
+def test_nccl_parity(tmp_path):
+    spawn(sync_workers.parity, 2, (4, 4), 0.1, None, "nccl", "cuda", tmp_path=tmp_path)
+
+
+def test_single_process_and_eval_use_the_local_op():
+    bn = custom_bn.SyncBatchNorm(4)
+    reference = torch.nn.BatchNorm2d(4)
+    x = torch.randn(6, 4, 3, 3)
+    torch.testing.assert_close(bn(x), reference(x))
+    bn.eval(), reference.eval()
+    torch.testing.assert_close(bn(x), reference(x))
+
+
+def test_convert_sync_batchnorm_keeps_state():
+    model = sync_workers.SmallCNN()
+    model(torch.randn(4, 1, 6, 6))
+    converted = custom_bn.SyncBatchNorm.convert_sync_batchnorm(model)
+    layers = [m for m in converted.modules() if isinstance(m, custom_bn.SyncBatchNorm)]
+    assert len(layers) == 2
+    assert layers[1].momentum is None
+    assert layers[0].num_batches_tracked.item() == 1
+    assert list(converted.state_dict()) == list(sync_workers.SmallCNN().state_dict())
+
+
+def test_input_checks_match_torch():
+    with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
+        custom_bn.SyncBatchNorm(3)(torch.randn(3))
