@@ -3,3 +3,4 @@
 
 #include <custom_bn/nn.h>
 #include <custom_bn/ops.h>
+#include <custom_bn/sync_batch_norm.h>

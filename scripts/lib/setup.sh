@@ -18,6 +18,7 @@ ensure_system_packages() {
   command -v g++ >/dev/null || missing+=(g++)
   command -v ccache >/dev/null || missing+=(ccache)
   [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
+  [ -f /usr/include/gloo/algorithm.h ] || missing+=(libgloo-dev)  # the C++ SyncBatchNorm test
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then

@@ -67,3 +67,17 @@ def test_convert_sync_batchnorm_keeps_state():
 def test_input_checks_match_torch():
     with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
         custom_bn.SyncBatchNorm(3)(torch.randn(3))
+
+
+def test_readme_example_runs():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "sync_batchnorm_gloo.py")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    means = [line.split("running_mean[:3] ")[1] for line in result.stdout.splitlines()
+             if "running_mean" in line]
+    assert len(means) == 2 and means[0] == means[1], "both ranks share batch statistics"

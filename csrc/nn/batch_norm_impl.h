@@ -1,0 +1,93 @@
+// The members of custom_bn::BatchNormImplBase, for the files that instantiate it.
+#pragma once
+
+#include <custom_bn/nn.h>
+#include <custom_bn/ops.h>
+
+#include <torch/nn/init.h>
+
+namespace custom_bn {
+namespace detail {
+
+inline std::optional<torch::Tensor> if_defined(const torch::Tensor& t) {
+  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
+}
+
+}  // namespace detail
+
+template <size_t D, typename Derived>
+BatchNormImplBase<D, Derived>::BatchNormImplBase(const BatchNormOptions& options)
+    : options(options) {
+  // Not virtual dispatch: Cloneable::clone() calls reset() on the copy itself.
+  BatchNormImplBase::reset();
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::reset() {
+  const int64_t channels = options.num_features();
+  if (options.affine()) {
+    weight = this->register_parameter("weight", torch::empty({channels}));
+    bias = this->register_parameter("bias", torch::empty({channels}));
+  } else {
+    weight = this->register_parameter("weight", torch::Tensor(), /*requires_grad=*/false);
+    bias = this->register_parameter("bias", torch::Tensor(), /*requires_grad=*/false);
+  }
+  if (options.track_running_stats()) {
+    running_mean = this->register_buffer("running_mean", torch::zeros({channels}));
+    running_var = this->register_buffer("running_var", torch::ones({channels}));
+    num_batches_tracked =
+        this->register_buffer("num_batches_tracked", torch::tensor(0, torch::kLong));
+  } else {
+    running_mean = this->register_buffer("running_mean", torch::Tensor());
+    running_var = this->register_buffer("running_var", torch::Tensor());
+    num_batches_tracked = this->register_buffer("num_batches_tracked", torch::Tensor());
+  }
+  reset_parameters();
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::reset_running_stats() {
+  if (!options.track_running_stats()) return;
+  torch::NoGradGuard no_grad;
+  running_mean.zero_();
+  running_var.fill_(1);
+  num_batches_tracked.zero_();
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::reset_parameters() {
+  reset_running_stats();
+  if (options.affine()) {
+    torch::nn::init::ones_(weight);
+    torch::nn::init::zeros_(bias);
+  }
+}
+
+template <size_t D, typename Derived>
+torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input) {
+  check_input_dim(input);
+  // As torch::nn::BatchNorm: batch statistics when training or without running stats; the
+  // op updates the running stats and num_batches_tracked when training with them.
+  const bool training = this->is_training();
+  const bool use_batch_stats = training || !running_mean.defined();
+  const bool updates = training && options.track_running_stats();
+  return custom_bn::batch_norm(input, detail::if_defined(weight), detail::if_defined(bias),
+                               detail::if_defined(running_mean), detail::if_defined(running_var), use_batch_stats,
+                               options.momentum(), options.eps(),
+                               updates ? detail::if_defined(num_batches_tracked) : std::nullopt);
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
+  stream << std::boolalpha << "custom_bn::BatchNorm" << D << "d(" << options.num_features()
+         << ", eps=" << options.eps() << ", momentum=";
+  if (options.momentum().has_value()) {
+    stream << *options.momentum();
+  } else {
+    stream << "None";
+  }
+  stream << ", affine=" << options.affine()
+         << ", track_running_stats=" << options.track_running_stats() << ')';
+}
+
+}  // namespace custom_bn
