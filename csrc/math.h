@@ -1,7 +1,9 @@
 // The math of batch normalization, written once and shared by the CPU and CUDA kernels.
 //
-//   forward:   y = alpha * x + beta,         alpha = invstd * weight,  beta = bias - mean * alpha
-//   backward:  grad_x = a * dy + b * x + c   (per-channel a, b, c; see grad_input_coefficients)
+//   forward:   y = (x - mean) * alpha + bias,      alpha = invstd * weight
+//   backward:  grad_x = a * (dy - dy_mean) + b * (x - mean)   (per-channel a, b, dy_mean)
+// Both subtract the means before scaling: folded forms such as alpha * x + (bias - mean *
+// alpha) cancel catastrophically when |mean| * invstd is large (a near-constant channel).
 //   running:   running = (1 - m) * running + m * batch   (running_var takes the unbiased variance)
 //   merge:     parallel Welford (Chan et al.) of (count, mean, M2) triples
 #pragma once
@@ -46,36 +48,34 @@ C10_HOST_DEVICE inline T running_update(T running, T batch, T momentum) {
   return (T(1) - momentum) * running + momentum * batch;
 }
 
-// Per-channel coefficients of the normalize-and-scale pass: y = alpha * x + beta.
+// The normalize-and-scale pass, for scalars and for vector types alike.
 template <typename T>
-struct AffineCoefficients {
-  T alpha;
-  T beta;
-};
-
-template <typename T>
-C10_HOST_DEVICE inline AffineCoefficients<T> affine_coefficients(T mean, T invstd, T weight,
-                                                                 T bias) {
-  const T alpha = invstd * weight;
-  return {alpha, bias - mean * alpha};
+C10_HOST_DEVICE inline T normalize(T x, T mean, T alpha, T bias) {
+  return (x - mean) * alpha + bias;
 }
 
-// Per-channel coefficients of the input gradient: grad_x = a * dy + b * x + c.
+// The input gradient from per-channel coefficients, for scalars and vector types alike.
+template <typename T>
+C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, T dy_mean, T a, T b) {
+  return a * (dy - dy_mean) + b * (x - mean);
+}
+
+// Per-channel coefficients of the input gradient: grad_x = a * (dy - dy_mean) + b * (x - mean).
 template <typename T>
 struct GradInputCoefficients {
   T a;
   T b;
-  T c;
+  T dy_mean;
 };
 
 // Training: the batch statistics depend on x, so
 //   grad_x = w * invstd * (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n).
 template <typename T>
 C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients_training(
-    T mean, T invstd, T weight, T sum_dy, T sum_dy_xmu, T count) {
+    T invstd, T weight, T sum_dy, T sum_dy_xmu, T count) {
   const T scale = invstd * weight;
   const T k = sum_dy_xmu / count * invstd * invstd;
-  return {scale, -k * scale, (mean * k - sum_dy / count) * scale};
+  return {scale, -k * scale, sum_dy / count};
 }
 
 // Eval: the statistics are constants, so grad_x = w * invstd * dy.

@@ -56,27 +56,22 @@ at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_
   return invstd;
 }
 
-std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& mean,
-                                                      const at::Tensor& invstd,
+std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,
                                                       const std::optional<at::Tensor>& weight,
                                                       const std::optional<at::Tensor>& bias) {
-  const int64_t channels = mean.numel();
-  const at::Tensor w = channel_param(weight, channels, mean.options(), 1.0);
-  const at::Tensor b = channel_param(bias, channels, mean.options(), 0.0);
-  at::Tensor alpha = empty_like_stat(mean), beta = empty_like_stat(mean);
-  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "affine_coefficients", [&] {
+  const int64_t channels = invstd.numel();
+  const at::Tensor w = channel_param(weight, channels, invstd.options(), 1.0);
+  at::Tensor alpha = empty_like_stat(invstd);
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "affine_coefficients", [&] {
     for (int64_t c = 0; c < channels; ++c) {
-      const auto k = custom_bn::affine_coefficients(data<scalar_t>(mean)[c], data<scalar_t>(invstd)[c],
-                                                    data<scalar_t>(w)[c], data<scalar_t>(b)[c]);
-      data<scalar_t>(alpha)[c] = k.alpha;
-      data<scalar_t>(beta)[c] = k.beta;
+      data<scalar_t>(alpha)[c] = data<scalar_t>(invstd)[c] * data<scalar_t>(w)[c];
     }
   });
-  return {alpha, beta};
+  return {alpha, channel_param(bias, channels, invstd.options(), 0.0)};
 }
 
 GradInputCoefficientTensors grad_input_coefficients(
-    bool training, const at::Tensor& mean, const at::Tensor& invstd,
+    bool training, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
     const at::Tensor& sum_dy_xmu, double count) {
   const int64_t channels = invstd.numel();
@@ -86,14 +81,14 @@ GradInputCoefficientTensors grad_input_coefficients(
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "grad_input_coefficients", [&] {
     for (int64_t c = 0; c < channels; ++c) {
       const auto k = training ? custom_bn::grad_input_coefficients_training(
-                                    data<scalar_t>(mean)[c], data<scalar_t>(invstd)[c],
+                                    data<scalar_t>(invstd)[c],
                                     data<scalar_t>(w)[c], data<scalar_t>(sum_dy)[c],
                                     data<scalar_t>(sum_dy_xmu)[c], static_cast<scalar_t>(count))
                               : custom_bn::grad_input_coefficients_eval(
                                     data<scalar_t>(invstd)[c], data<scalar_t>(w)[c]);
       data<scalar_t>(out.a)[c] = k.a;
       data<scalar_t>(out.b)[c] = k.b;
-      data<scalar_t>(out.c)[c] = k.c;
+      data<scalar_t>(out.dy_mean)[c] = k.dy_mean;
     }
   });
   return out;

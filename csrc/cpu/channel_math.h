@@ -19,18 +19,18 @@ at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps);
 at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_options,
                            double eps);
 
-// (alpha, beta) of y = alpha * x + beta.
-std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& mean,
-                                                      const at::Tensor& invstd,
+// (alpha, bias) of y = (x - mean) * alpha + bias, with alpha = invstd * weight.
+std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,
                                                       const std::optional<at::Tensor>& weight,
                                                       const std::optional<at::Tensor>& bias);
 
-// (a, b, c) of grad_x = a * dy + b * x + c; training uses the sums, eval only invstd.
+// (a, b, dy_mean) of grad_x = a * (dy - dy_mean) + b * (x - mean); training uses the sums,
+// eval only invstd.
 struct GradInputCoefficientTensors {
-  at::Tensor a, b, c;
+  at::Tensor a, b, dy_mean;
 };
 GradInputCoefficientTensors grad_input_coefficients(
-    bool training, const at::Tensor& mean, const at::Tensor& invstd,
+    bool training, const at::Tensor& invstd,
     const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
     const at::Tensor& sum_dy_xmu, double count);
 

@@ -2,8 +2,11 @@
 //
 // Reductions add float vectors for at most kFlushEvery steps, then flush them into double
 // totals (blocked summation): fast like float, accurate like double. Statistics take two
-// passes (mean, then sum of squared deviations), never a sum of squares.
+// passes (mean of values shifted by the channel's first one, then the sum of squared
+// deviations), never a sum of squares.
 #include "cpu/kernels.h"
+
+#include "math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -292,13 +295,22 @@ void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor&
                    at::Tensor& m2) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats", [&] {
     using opmath = opmath_t<scalar_t>;
-    const std::array<const scalar_t*, 1> x{input.const_data_ptr<scalar_t>()};
+    const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
+    const std::array<const scalar_t*, 1> x{x_ptr};
+    // Sums of x - shift, with shift the channel's first value: exact for constant channels,
+    // and no cancellation when the mean is large against the spread.
+    std::vector<opmath> shift(view.channels);
+    for (int64_t c = 0; c < view.channels; ++c) {
+      shift[c] = static_cast<opmath>(x_ptr[view.layout == Layout::kChannelsLast ? c : c * view.inner]);
+    }
     opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
-    reduce_channels<1, 1, 0>(x, {}, view,
-        [](const auto& v, const auto&) { return std::array{v[0]}; },
+    reduce_channels<1, 1, 1>(x, {shift.data()}, view,
+        [](const auto& v, const auto& p) { return std::array{v[0] - p[0]}; },
         std::array<opmath*, 1>{mean_ptr});
-    const opmath count = static_cast<opmath>(view.outer * view.inner);
-    for (int64_t c = 0; c < view.channels; ++c) mean_ptr[c] /= count;
+    const double count = static_cast<double>(view.outer * view.inner);
+    for (int64_t c = 0; c < view.channels; ++c) {
+      mean_ptr[c] = static_cast<opmath>(shift[c] + static_cast<double>(mean_ptr[c]) / count);
+    }
     reduce_channels<1, 1, 1>(x, {mean_ptr}, view,
         [](const auto& v, const auto& p) {
           const auto deviation = v[0] - p[0];
@@ -308,12 +320,12 @@ void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor&
   });
 }
 
-void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Tensor& alpha,
-                  const at::Tensor& beta, at::Tensor& output) {
+void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                  const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_affine", [&] {
-    map_channels<1, 2>(std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
-        {stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(beta)}, view,
-        [](const auto& v, const auto& p) { return p[0] * v[0] + p[1]; },
+    map_channels<1, 3>(std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
+        {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, view,
+        [](const auto& v, const auto& p) { return normalize(v[0], p[0], p[1], p[2]); },
         output.mutable_data_ptr<scalar_t>());
   });
 }
@@ -333,14 +345,18 @@ void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const C
 }
 
 void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
-                      const ChannelView& view, const at::Tensor& a, const at::Tensor& b,
-                      const at::Tensor& c, at::Tensor& grad_input) {
+                      const ChannelView& view, const at::Tensor& mean, const at::Tensor& dy_mean,
+                      const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input", [&] {
-    map_channels<2, 3>(
+    map_channels<2, 4>(
         std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
                                        input.const_data_ptr<scalar_t>()},
-        {stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b), stat_ptr<scalar_t>(c)}, view,
-        [](const auto& v, const auto& p) { return p[0] * v[0] + p[1] * v[1] + p[2]; },
+        {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
+         stat_ptr<scalar_t>(b)},
+        view,
+        [](const auto& v, const auto& p) {
+          return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
+        },
         grad_input.mutable_data_ptr<scalar_t>());
   });
 }

@@ -28,17 +28,18 @@ struct KernelTable {
   // mean = sum(x) / n, m2 = sum((x - mean)^2): two passes, blocked float sums into doubles.
   void (*collect_stats)(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
                         at::Tensor& m2);
-  // output = alpha * input + beta.
-  void (*apply_affine)(const at::Tensor& input, const ChannelView& view, const at::Tensor& alpha,
-                       const at::Tensor& beta, at::Tensor& output);
+  // output = (input - mean) * alpha + bias.
+  void (*apply_affine)(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                       const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input,
                       const ChannelView& view, const at::Tensor& mean, at::Tensor& sum_dy,
                       at::Tensor& sum_dy_xmu);
-  // grad_input = a * dy + b * x + c.
+  // grad_input = a * (dy - dy_mean) + b * (x - mean).
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
-                           const ChannelView& view, const at::Tensor& a, const at::Tensor& b,
-                           const at::Tensor& c, at::Tensor& grad_input);
+                           const ChannelView& view, const at::Tensor& mean,
+                           const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,
+                           at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

@@ -36,9 +36,9 @@ std::pair<at::Tensor, at::Tensor> channel_stats(const DenseTensor& dense) {
 at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at::Tensor& mean,
                      const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias) {
-  const auto [alpha, beta] = affine_coefficients(mean, invstd, weight, bias);
+  const auto [alpha, shift] = affine_coefficients(invstd, weight, bias);
   return elementwise_result(input, dense, [&](at::Tensor& out) {
-    kernels().apply_affine(dense.tensor, dense.view, alpha, beta, out);
+    kernels().apply_affine(dense.tensor, dense.view, mean, alpha, shift, out);
   });
 }
 
@@ -61,10 +61,10 @@ at::Tensor grad_input_from_sums(bool training, const at::Tensor& grad_output,
                                 const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
                                 const at::Tensor& sum_dy_xmu, double count) {
   const GradInputCoefficientTensors k =
-      grad_input_coefficients(training, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
+      grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu, count);
   return elementwise_result(input, dense, [&](at::Tensor& out) {
-    kernels().apply_grad_input(align_to(grad_output, dense), dense.tensor, dense.view, k.a, k.b,
-                               k.c, out);
+    kernels().apply_grad_input(align_to(grad_output, dense), dense.tensor, dense.view, mean,
+                               k.dy_mean, k.a, k.b, out);
   });
 }
 
