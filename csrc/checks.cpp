@@ -36,9 +36,11 @@ void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.defined(), op, ": expected a defined input tensor, but got an undefined one");
   TORCH_CHECK(input.dim() >= 2, op, ": expected input with at least 2 dimensions (N, C, *), ",
               "but got input of shape ", input.sym_sizes());
-  TORCH_CHECK(is_supported_dtype(input.scalar_type()), op,
-              ": expected input of dtype float32, float64, bfloat16 or float16, but got ",
-              input.scalar_type());
+  // NotImplementedError, as torch's own "not implemented for 'Long'".
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_dtype(input.scalar_type()), op,
+                              ": expected input of dtype float32, float64, bfloat16 or float16, "
+                              "but got ",
+                              input.scalar_type());
 }
 
 void check_channel_params(const char* op, const at::Tensor& input,
@@ -46,9 +48,10 @@ void check_channel_params(const char* op, const at::Tensor& input,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& running_mean,
                           const std::optional<at::Tensor>& running_var) {
-  TORCH_CHECK(has(running_mean) == has(running_var), op,
-              ": expected running_mean and running_var to be both given or both None, but got ",
-              has(running_mean) ? "running_mean only" : "running_var only");
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var), op,
+                    ": expected running_mean and running_var to be both given or both None, but "
+                    "got ",
+                    has(running_mean) ? "running_mean only" : "running_var only");
   const c10::SymInt& channels = input.sym_size(1);
   const struct {
     const char* name;
@@ -216,9 +219,10 @@ void check_gather_stats(const at::Tensor& mean, const at::Tensor& m2, const at::
                   at::isIntegralType(counts.scalar_type(), false),
               op, ": expected counts of a real dtype, but got ", counts.scalar_type());
   check_same_device(op, "counts", counts, mean);
-  TORCH_CHECK(has(running_mean) == has(running_var), op,
-              ": expected running_mean and running_var to be both given or both None, but got ",
-              has(running_mean) ? "running_mean only" : "running_var only");
+  TORCH_CHECK_VALUE(has(running_mean) == has(running_var), op,
+                    ": expected running_mean and running_var to be both given or both None, but "
+                    "got ",
+                    has(running_mean) ? "running_mean only" : "running_var only");
   for (const auto& [name, stat] : {std::pair<const char*, const std::optional<at::Tensor>&>{
                                        "running_mean", running_mean},
                                    {"running_var", running_var}}) {

@@ -199,6 +199,15 @@ TEST_F(BatchNormErrors, EachBadCallRaisesAndMutatesNothing) {
   }
 }
 
+TEST_F(BatchNormErrors, ErrorTypesMatchTorch) {
+  EXPECT_THROW(custom_bn::batch_norm(torch::ones({4, 3}, torch::kLong), {}, {}, {}, {}, true, 0.1,
+                                     1e-5),
+               c10::NotImplementedError);
+  EXPECT_THROW(custom_bn::batch_norm(torch::randn({4, 3}), {}, {}, torch::zeros({3}), {}, true,
+                                     0.1, 1e-5),
+               c10::ValueError);
+}
+
 TEST_F(BatchNormErrors, OneValuePerChannelIsAValueError) {
   EXPECT_THROW(custom_bn::batch_norm(torch::randn({1, 3, 1}), {}, {}, {}, {}, true, 0.1, 1e-5),
                c10::ValueError);

@@ -16,7 +16,7 @@ CASES = {
     "1d-input": (lambda s: setattr(s, "input", torch.randn(5)), RuntimeError,
                  ["input", "at least 2 dimensions", "[5]"]),
     "integer-input": (lambda s: setattr(s, "input", torch.ones(4, 3, dtype=torch.long)),
-                      RuntimeError, ["input", "float32", "Long"]),
+                      NotImplementedError, ["input", "float32", "Long"]),
     "weight-size": (lambda s: setattr(s, "weight", torch.ones(4)), RuntimeError,
                     ["weight", "3 elements", "[4]"]),
     "bias-size": (lambda s: setattr(s, "bias", torch.ones(2)), RuntimeError,
@@ -25,7 +25,7 @@ CASES = {
                           ["running_mean", "3 elements", "[5]"]),
     "running-var-size": (lambda s: setattr(s, "running_var", torch.ones(1)), RuntimeError,
                          ["running_var", "3 elements", "[1]"]),
-    "only-running-mean": (lambda s: setattr(s, "running_var", None), RuntimeError,
+    "only-running-mean": (lambda s: setattr(s, "running_var", None), ValueError,
                           ["running_mean", "running_var", "both"]),
     "weight-dtype": (lambda s: setattr(s, "weight", torch.ones(3, dtype=torch.float64)),
                      RuntimeError, ["weight", "Float", "Double"]),
@@ -105,3 +105,52 @@ def test_no_strange_input_crashes():
                 ops.batch_norm(x, None, None, torch.zeros(c), torch.ones(c), training, 0.1, 1e-5)
             except (RuntimeError, ValueError):
                 pass
+
+
+# Each case as torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+# training) takes it; ours must raise the same exception type.
+X = torch.randn(4, 3, 5)
+TYPE_CASES = {
+    "1-D input": (torch.randn(5), torch.zeros(5), torch.ones(5), None, None, True),
+    "integer input": (torch.ones(4, 3, dtype=torch.long), torch.zeros(3), torch.ones(3), None,
+                      None, True),
+    "weight size": (X, torch.zeros(3), torch.ones(3), torch.ones(4), None, True),
+    "bias size": (X, torch.zeros(3), torch.ones(3), None, torch.ones(2), True),
+    "running_mean size": (X, torch.zeros(5), torch.ones(3), None, None, True),
+    "only running_mean": (X, torch.zeros(3), None, None, None, True),
+    "weight dtype": (X, torch.zeros(3), torch.ones(3), torch.ones(3, dtype=torch.float64), None,
+                     True),
+    "one value per channel": (torch.randn(1, 3), None, None, None, None, True),
+    "eval without stats": (X, None, None, None, None, False),
+    "weight on another device": (X, torch.zeros(3), torch.ones(3), torch.ones(3, device="meta"),
+                                 None, True),
+}
+
+
+@pytest.mark.parametrize("name", TYPE_CASES)
+def test_error_types_match_torch(name):
+    x, rm, rv, w, b, training = TYPE_CASES[name]
+    with pytest.raises(Exception) as theirs:
+        torch.nn.functional.batch_norm(x, rm, rv, w, b, training)
+    with pytest.raises(Exception) as ours:
+        ops.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5)
+    assert type(ours.value) is type(theirs.value), f"{ours.value!r} vs torch's {theirs.value!r}"
+
+
+@pytest.mark.parametrize("module, shape", [("BatchNorm1d", (4, 3, 2)), ("BatchNorm2d", (4, 3, 2, 2)),
+                                           ("BatchNorm3d", (4, 3, 2, 2, 2))])
+def test_module_errors_match_torch(module, shape):
+    import custom_bn
+
+    wrong_dims = torch.randn(4)
+    wrong_channels = torch.randn(shape)  # 3 channels into a module for 4
+    for bad in (wrong_dims, wrong_channels):
+        ours_module, torch_module = getattr(custom_bn, module)(4), getattr(torch.nn, module)(4)
+        before = {k: v.clone() for k, v in ours_module.state_dict().items()}
+        with pytest.raises(Exception) as theirs:
+            torch_module(bad)
+        with pytest.raises(Exception) as ours:
+            ours_module(bad)
+        assert type(ours.value) is type(theirs.value), f"{ours.value!r} vs {theirs.value!r}"
+        for key, value in ours_module.state_dict().items():
+            assert torch.equal(value, before[key]), f"{key} changed by a failed call"
