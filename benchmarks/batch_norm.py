@@ -1,0 +1,169 @@
+"""Times custom_bn against torch's eager batch norm and torch.compile of F.batch_norm, on
+the shapes that matter, interleaved in one run; prints a table of medians and ratios, with
+achieved GB/s against a copy bandwidth measured in the same run; writes CSV and a PNG."""
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import custom_bn  # noqa: F401  (loads the ops)
+
+ops = torch.ops.custom_bn
+
+RESNET = [(64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)]
+FULL_SHAPES = [((32, c, s, s), layout) for c, s in RESNET for layout in ("NCHW", "NHWC")]
+FULL_SHAPES += [((4096, 1024), "NC"), ((4, 64, 16, 56, 56), "NCDHW")]
+QUICK_SHAPES = [((32, 256, 56, 56), "NCHW"), ((32, 256, 56, 56), "NHWC"), ((4096, 1024), "NC")]
+MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+
+# Passes over memory each mode makes in custom_bn, in tensors of the input's size:
+# train forward reads x for the mean, again for M2, and once more to write y; the backward
+# reads (dy, x) to reduce and (dy, x) to write dx. Eval reads x and writes y.
+TRAFFIC = {"train_fwd": 4, "train_fwd_bwd": 4 + 2 + 3, "eval_fwd": 2}
+
+
+def make_input(shape, layout, dtype):
+    x = torch.randn(shape, dtype=torch.float32).to(dtype)
+    if layout == "NHWC":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def copy_bandwidth(repeats):
+    """GB/s of a large out-of-place copy (read + write), the memory roof for these kernels."""
+    src = torch.randn(64 * 1024 * 1024)  # 256 MB
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / statistics.median(times) / 1e9
+
+
+def callables(x, mode):
+    """(name -> zero-argument function) for one configuration, with fresh state."""
+    channels = x.shape[1]
+    training = mode != "eval_fwd"
+    backward = mode == "train_fwd_bwd"
+    w = torch.rand(channels, requires_grad=backward)
+    b = torch.randn(channels, requires_grad=backward)
+    rm, rv = torch.zeros(channels), torch.ones(channels)
+    xg = x.detach().requires_grad_(backward)
+    grad = torch.randn_like(x)
+
+    def wrap(forward):
+        if not backward:
+            return lambda: forward()
+        return lambda: forward().backward(grad)
+
+    compiled = torch.compile(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training),
+                             dynamic=False)
+    return {
+        "custom_bn": wrap(lambda: ops.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5)),
+        "torch": wrap(lambda: torch.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5, False)),
+        "compile": wrap(lambda: compiled(xg, w, b, rm, rv)),
+    }
+
+
+def measure(fns, repeats, warmup=3):
+    """Median seconds per call of each function, timed interleaved (round-robin)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
+    ys = range(len(rows))
+    ax.barh([y + 0.2 for y in ys], [r["vs_torch"] for r in rows], 0.4, label="vs torch eager")
+    ax.barh([y - 0.2 for y in ys], [r["vs_compile"] for r in rows], 0.4, label="vs torch.compile")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(list(ys), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up of custom_bn (time of other / time of ours)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a one-minute subset")
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
+    args = parser.parse_args()
+    repeats = args.repeats or (7 if args.quick else 15)
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"{torch.get_num_threads()} torch threads, torch {torch.__version__} "
+               f"({torch.backends.cpu.get_cpu_capability()})")
+    bandwidth = copy_bandwidth(repeats)
+    print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write of 256 MB)")
+    header = (f"{'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
+              f"{'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} {'GB/s':>6s} "
+              f"{'% copy':>6s}")
+    print(header)
+    rows = []
+    for shape, layout in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = make_input(shape, layout, dtype)
+            for mode in MODES:
+                seconds = measure(callables(x, mode), repeats)
+                moved = TRAFFIC[mode] * x.numel() * x.element_size()
+                gbs = moved / seconds["custom_bn"] / 1e9
+                row = {
+                    "shape": "x".join(map(str, shape)), "layout": layout,
+                    "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+                    "ours_ms": 1e3 * seconds["custom_bn"], "torch_ms": 1e3 * seconds["torch"],
+                    "compile_ms": 1e3 * seconds["compile"],
+                    "vs_torch": seconds["torch"] / seconds["custom_bn"],
+                    "vs_compile": seconds["compile"] / seconds["custom_bn"],
+                    "gb_per_s": gbs, "copy_fraction": gbs / bandwidth,
+                }
+                rows.append(row)
+                print(f"{row['shape']:22s} {layout:6s} {row['dtype']:8s} {mode:14s} "
+                      f"{row['ours_ms']:8.2f} {row['torch_ms']:8.2f} {row['compile_ms']:8.2f} "
+                      f"{row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x {gbs:6.1f} "
+                      f"{100 * row['copy_fraction']:5.0f}%", flush=True)
+    geo = {k: math.exp(statistics.mean(math.log(r[k]) for r in rows))
+           for k in ("vs_torch", "vs_compile")}
+    print(f"geometric mean: {geo['vs_torch']:.2f}x vs torch eager, "
+          f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
+          f"{min(r['vs_torch'] for r in rows):.2f}x")
+
+    with open(args.out_dir / "batch_norm.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, args.out_dir / "batch_norm.png")
+    print(f"wrote {args.out_dir / 'batch_norm.csv'} and {args.out_dir / 'batch_norm.png'}")
+
+
+if __name__ == "__main__":
+    main()
