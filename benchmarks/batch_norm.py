@@ -17,6 +17,10 @@ import torch.nn.functional as F
 
 import custom_bn  # noqa: F401  (loads the ops)
 
+# One compiled F.batch_norm per configuration: more than dynamo's default limit.
+torch._dynamo.config.recompile_limit = 1000
+torch._dynamo.config.cache_size_limit = 1000
+
 ops = torch.ops.custom_bn
 
 RESNET = [(64, 56), (256, 56), (512, 28), (1024, 14), (2048, 7)]

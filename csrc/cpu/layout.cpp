@@ -2,6 +2,9 @@
 
 #include <ATen/ops/empty_like.h>
 
+#include <sys/mman.h>
+
+#include <cstdint>
 #include <numeric>
 #include <optional>
 #include <vector>
@@ -33,6 +36,18 @@ DenseTensor make_dense(const at::Tensor& input) {
   std::optional<ChannelView> view = channel_view_of(dense);
   TORCH_INTERNAL_ASSERT(view.has_value(), "a contiguous copy must be walkable");
   return {dense, *view};
+}
+
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
+  if (fresh.nbytes() < 4 * kHugePage) return;
+  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
+  // Advice only: failure (huge pages off, say) changes nothing but speed.
+  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#endif
 }
 
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense) {
