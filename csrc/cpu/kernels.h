@@ -1,5 +1,5 @@
 // The CPU kernels behind the ops. csrc/cpu/kernels.cpp is compiled once per instruction set
-// (baseline and AVX2+FMA); kernels() picks the best the running CPU supports.
+// (baseline, AVX2+FMA, AVX-512); kernels() picks the best the running CPU supports.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -47,8 +47,11 @@ const KernelTable& kernels();
 namespace DEFAULT {
 const KernelTable& kernel_table();
 }
-#if defined(CUSTOM_BN_HAVE_AVX2)
+#if defined(CUSTOM_BN_HAVE_X86_KERNELS)
 namespace AVX2 {
+const KernelTable& kernel_table();
+}
+namespace AVX512 {
 const KernelTable& kernel_table();
 }
 #endif
