@@ -1,0 +1,274 @@
+// The device kernels of custom_bn, written once against csrc/cuda/simt.h: compiled by nvcc
+// for the GPU, and by the host compiler for test/simt, which runs them on the CPU.
+//
+// Per-channel reductions (statistics, backward sums) share one shape: a grid of
+// (slices, channel groups) blocks; each thread accumulates its elements, a block merges
+// them (warp shuffles, then shared memory), each block writes one partial per channel, and
+// the last block of a channel group to arrive (an atomic counter, no waiting) merges the
+// partials in slice order and finishes: the same result for any block order.
+#pragma once
+
+#include "cuda/simt.h"
+#include "math.h"
+
+#include <cstdint>
+
+namespace custom_bn::kernels {
+
+// A dense tensor as (outer, C, inner): channels-first (N, C, S) or channels-last (N*S, C).
+struct DeviceView {
+  bool channels_last;
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+};
+
+// The i-th of the values of channel c (i < outer * inner).
+template <typename index_t>
+CUSTOM_BN_DEVICE index_t channel_offset(const DeviceView& v, index_t c, index_t i) {
+  if (v.channels_last) return i * static_cast<index_t>(v.channels) + c;
+  const index_t inner = static_cast<index_t>(v.inner);
+  return ((i / inner) * static_cast<index_t>(v.channels) + c) * inner + i % inner;
+}
+
+// The channel of the element at dense offset i.
+template <typename index_t>
+CUSTOM_BN_DEVICE index_t channel_of(const DeviceView& v, index_t i) {
+  const index_t channels = static_cast<index_t>(v.channels);
+  return v.channels_last ? i % channels : (i / static_cast<index_t>(v.inner)) % channels;
+}
+
+// ---- accumulators: what a reduction keeps, how it merges and finishes -----------------------
+
+// Welford statistics of x; finishing writes mean, M2, invstd and the running stats.
+template <typename scalar_t, typename acc_t, typename param_t>
+struct StatsAccumulator {
+  using value_t = WelfordStats<acc_t>;
+  static constexpr int kFields = 3;
+  const scalar_t* x;
+  acc_t* mean;
+  acc_t* m2;
+  acc_t* invstd;          // may be null
+  double eps;
+  param_t* running_mean;  // null: no update
+  param_t* running_var;
+  const int64_t* num_batches_tracked;  // read on the device for momentum = None
+  double momentum;                     // < 0: momentum = None
+  acc_t count;
+
+  CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0), acc_t(0)}; }
+  template <typename index_t>
+  CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t) const {
+    const acc_t value = static_cast<acc_t>(x[offset]);
+    s.count += acc_t(1);
+    const acc_t delta = value - s.mean;
+    s.mean += delta / s.count;
+    s.m2 += delta * (value - s.mean);
+  }
+  CUSTOM_BN_DEVICE value_t merge(const value_t& a, const value_t& b) const {
+    return welford_merge(a, b);
+  }
+  CUSTOM_BN_DEVICE void store(acc_t* out, const value_t& s) const {
+    out[0] = s.count;
+    out[1] = s.mean;
+    out[2] = s.m2;
+  }
+  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const { return {in[0], in[1], in[2]}; }
+  CUSTOM_BN_DEVICE value_t shuffle_down(const value_t& s, int delta) const {
+    return {simt::shuffle_down(s.count, delta), simt::shuffle_down(s.mean, delta),
+            simt::shuffle_down(s.m2, delta)};
+  }
+  template <typename index_t>
+  CUSTOM_BN_DEVICE void finish(index_t c, const value_t& s) const {
+    mean[c] = s.mean;
+    m2[c] = s.m2;
+    if (invstd != nullptr) {
+      invstd[c] = s.count > acc_t(0) ? invstd_from_var(s.m2 / s.count, eps) : acc_t(0);
+    }
+    if (running_mean == nullptr || !(s.count > acc_t(0))) return;
+    const acc_t factor = momentum >= 0 ? static_cast<acc_t>(momentum)
+                                       : acc_t(1) / static_cast<acc_t>(*num_batches_tracked);
+    running_mean[c] = static_cast<param_t>(
+        running_update(static_cast<acc_t>(running_mean[c]), s.mean, factor));
+    running_var[c] = static_cast<param_t>(running_update(
+        static_cast<acc_t>(running_var[c]), unbiased_var(s.m2, s.count), factor));
+  }
+};
+
+template <typename acc_t>
+struct GradSums {
+  acc_t sum_dy;
+  acc_t sum_dy_xmu;
+};
+
+// The backward sums: sum(dy) and sum(dy * (x - mean)).
+template <typename scalar_t, typename acc_t>
+struct GradAccumulator {
+  using value_t = GradSums<acc_t>;
+  static constexpr int kFields = 2;
+  const scalar_t* grad_output;
+  const scalar_t* x;
+  const acc_t* mean;
+  acc_t* sum_dy;
+  acc_t* sum_dy_xmu;
+
+  CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0)}; }
+  template <typename index_t>
+  CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t c) const {
+    const acc_t dy = static_cast<acc_t>(grad_output[offset]);
+    s.sum_dy += dy;
+    s.sum_dy_xmu += dy * (static_cast<acc_t>(x[offset]) - mean[c]);
+  }
+  CUSTOM_BN_DEVICE value_t merge(const value_t& a, const value_t& b) const {
+    return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
+  }
+  CUSTOM_BN_DEVICE void store(acc_t* out, const value_t& s) const {
+    out[0] = s.sum_dy;
+    out[1] = s.sum_dy_xmu;
+  }
+  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const { return {in[0], in[1]}; }
+  CUSTOM_BN_DEVICE value_t shuffle_down(const value_t& s, int delta) const {
+    return {simt::shuffle_down(s.sum_dy, delta), simt::shuffle_down(s.sum_dy_xmu, delta)};
+  }
+  template <typename index_t>
+  CUSTOM_BN_DEVICE void finish(index_t c, const value_t& s) const {
+    sum_dy[c] = s.sum_dy;
+    sum_dy_xmu[c] = s.sum_dy_xmu;
+  }
+};
+
+// ---- the reduction --------------------------------------------------------------------------
+
+// Shared memory a block of `threads` needs for reduce_channels with accumulator Acc.
+template <typename Acc, typename acc_t>
+constexpr int reduce_shared_bytes(int threads) {
+  return static_cast<int>(sizeof(acc_t)) * Acc::kFields * (threads / simt::kWarpSize) +
+         static_cast<int>(sizeof(int));
+}
+
+// Grid: x = slices of the reduction, y = channel groups. Channels-first: a group is one
+// channel, reduced by the whole block. Channels-last: a group is block_size() consecutive
+// channels, one per thread (coalesced rows). partials: [C][slices][fields]; arrivals: one
+// zeroed counter per group, left zeroed for the next launch.
+template <typename Acc, typename acc_t, typename index_t>
+CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const DeviceView& v, acc_t* partials,
+                                      int* arrivals) {
+  using value_t = typename Acc::value_t;
+  const index_t per_channel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.inner);
+  const index_t slices = simt::grid_x();
+  const index_t slice = simt::block_x();
+  const int t = simt::thread_index();
+  int shared_offset = 0;
+  acc_t* warp_values = simt::shared_array<acc_t>(
+      Acc::kFields * (simt::block_size() / simt::kWarpSize), shared_offset);
+  int* is_last = simt::shared_array<int>(1, shared_offset);
+
+  if (!v.channels_last) {
+    const index_t c = simt::block_y();
+    value_t s = acc.identity();
+    const index_t stride = slices * simt::block_size();
+    for (index_t i = slice * simt::block_size() + t; i < per_channel; i += stride) {
+      acc.add(s, channel_offset(v, c, i), c);
+    }
+    for (int delta = simt::kWarpSize / 2; delta > 0; delta /= 2) {
+      s = acc.merge(s, acc.shuffle_down(s, delta));
+    }
+    if (t % simt::kWarpSize == 0) acc.store(warp_values + Acc::kFields * (t / simt::kWarpSize), s);
+    simt::sync_block();
+    if (t == 0) {
+      value_t block = acc.load(warp_values);
+      for (int w = 1; w < simt::block_size() / simt::kWarpSize; ++w) {
+        block = acc.merge(block, acc.load(warp_values + Acc::kFields * w));
+      }
+      acc.store(partials + (c * slices + slice) * Acc::kFields, block);
+      simt::thread_fence();  // the partial is visible before the arrival is counted
+      if (simt::atomic_add(arrivals + c, 1) == static_cast<int>(slices) - 1) {
+        simt::thread_fence();
+        value_t total = acc.load(partials + c * slices * Acc::kFields);
+        for (index_t j = 1; j < slices; ++j) {
+          total = acc.merge(total, acc.load(partials + (c * slices + j) * Acc::kFields));
+        }
+        acc.finish(c, total);
+        arrivals[c] = 0;
+      }
+    }
+    return;
+  }
+
+  // Channels-last: thread t owns channel c over this slice's rows.
+  const index_t c = static_cast<index_t>(simt::block_y()) * simt::block_size() + t;
+  const bool has_channel = c < static_cast<index_t>(v.channels);
+  const index_t rows_per_slice = (per_channel + slices - 1) / slices;
+  const index_t row_end =
+      per_channel < (slice + 1) * rows_per_slice ? per_channel : (slice + 1) * rows_per_slice;
+  if (has_channel) {
+    value_t s = acc.identity();
+    for (index_t row = slice * rows_per_slice; row < row_end; ++row) {
+      acc.add(s, channel_offset(v, c, row), c);
+    }
+    acc.store(partials + (c * slices + slice) * Acc::kFields, s);
+  }
+  simt::thread_fence();
+  simt::sync_block();
+  if (t == 0) {
+    *is_last = simt::atomic_add(arrivals + simt::block_y(), 1) == static_cast<int>(slices) - 1;
+  }
+  simt::sync_block();
+  if (*is_last) {
+    simt::thread_fence();
+    if (has_channel) {
+      value_t total = acc.load(partials + c * slices * Acc::kFields);
+      for (index_t j = 1; j < slices; ++j) {
+        total = acc.merge(total, acc.load(partials + (c * slices + j) * Acc::kFields));
+      }
+      acc.finish(c, total);
+    }
+    if (t == 0) arrivals[simt::block_y()] = 0;
+  }
+}
+
+// ---- elementwise ----------------------------------------------------------------------------
+
+// y = (x - mean) * invstd * weight + bias over every element (grid-stride loop).
+template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
+CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const DeviceView& v,
+                                         const acc_t* mean, const acc_t* invstd,
+                                         const param_t* weight, const param_t* bias) {
+  const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
+                        static_cast<index_t>(v.inner);
+  const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
+  for (index_t i = static_cast<index_t>(simt::block_x()) * simt::block_size() +
+                   simt::thread_index();
+       i < numel; i += stride) {
+    const index_t c = channel_of(v, i);
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
+    const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
+    y[i] = static_cast<scalar_t>(normalize(static_cast<acc_t>(x[i]), mean[c], invstd[c] * w, b));
+  }
+}
+
+// grad_input from the per-channel sums (training) or from invstd alone (eval).
+template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
+CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const scalar_t* x,
+                                          scalar_t* grad_input, const DeviceView& v,
+                                          const acc_t* mean, const acc_t* invstd,
+                                          const param_t* weight, const acc_t* sum_dy,
+                                          const acc_t* sum_dy_xmu, acc_t count, bool training) {
+  const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
+                        static_cast<index_t>(v.inner);
+  const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
+  for (index_t i = static_cast<index_t>(simt::block_x()) * simt::block_size() +
+                   simt::thread_index();
+       i < numel; i += stride) {
+    const index_t c = channel_of(v, i);
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
+    const GradInputCoefficients<acc_t> k =
+        training ? grad_input_coefficients_training(invstd[c], w, sum_dy[c], sum_dy_xmu[c], count)
+                 : grad_input_coefficients_eval(invstd[c], w);
+    grad_input[i] = static_cast<scalar_t>(::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]),
+                                                        static_cast<acc_t>(x[i]), mean[c],
+                                                        k.dy_mean, k.a, k.b));
+  }
+}
+
+}  // namespace custom_bn::kernels

@@ -1,0 +1,235 @@
+// The CUDA kernels of csrc/cuda/kernels/, executed on the CPU by the SIMT emulator (under
+// AddressSanitizer and UBSan) and compared with torch::batch_norm and its autograd.
+#include "cuda/kernels/batch_norm.cuh"
+
+#include <ATen/OpMathType.h>
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <random>
+
+namespace custom_bn::testing {
+namespace {
+
+using kernels::DeviceView;
+
+struct Config {
+  std::vector<int64_t> shape;
+  bool channels_last;
+  torch::Dtype input_dtype, param_dtype;
+  int threads;   // per block
+  int slices;    // blocks along the reduction
+  bool index64;  // 64-bit index math
+};
+
+std::string name(const ::testing::TestParamInfo<Config>& info) {
+  const Config& c = info.param;
+  std::string s;
+  for (int64_t d : c.shape) s += std::to_string(d) + "x";
+  s += c.channels_last ? "_cl_" : "_cf_";
+  s += std::string(c.input_dtype == torch::kFloat      ? "f32"
+                   : c.input_dtype == torch::kDouble   ? "f64"
+                   : c.input_dtype == torch::kBFloat16 ? "bf16"
+                                                       : "f16");
+  if (c.param_dtype != c.input_dtype) s += "_f32params";
+  s += "_t" + std::to_string(c.threads) + "_s" + std::to_string(c.slices);
+  s += c.index64 ? "_i64" : "_i32";
+  return s;
+}
+
+uint64_t fresh_seed() { return std::random_device{}(); }
+
+// Runs the kernels like the CUDA launcher: statistics with the fused running update, the
+// normalize pass, then the backward sums and the input gradient.
+template <typename scalar_t, typename param_t, typename index_t>
+void run_and_compare(const Config& cfg) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const torch::Dtype acc_dtype = std::is_same_v<acc_t, double> ? torch::kDouble : torch::kFloat;
+  const uint64_t seed = fresh_seed();
+  torch::manual_seed(seed);
+  SCOPED_TRACE("seed " + std::to_string(seed));
+
+  torch::Tensor x = (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype);
+  if (cfg.channels_last) {
+    x = x.contiguous(cfg.shape.size() == 4 ? at::MemoryFormat::ChannelsLast
+                                           : at::MemoryFormat::ChannelsLast3d);
+  }
+  const int64_t N = cfg.shape[0], C = cfg.shape[1];
+  int64_t S = 1;
+  for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
+  const DeviceView view = cfg.channels_last ? DeviceView{true, N * S, C, 1}
+                                            : DeviceView{false, N, C, S};
+  torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
+  torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
+  torch::Tensor running_mean = torch::randn({C}).to(cfg.param_dtype);
+  torch::Tensor running_var = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
+  torch::Tensor ref_mean = running_mean.clone(), ref_var = running_var.clone();
+  torch::Tensor nbt = torch::tensor(4, torch::kLong);  // already incremented for this step
+
+  // Statistics, with momentum = None read from num_batches_tracked on the "device".
+  const int groups = cfg.channels_last ? static_cast<int>((C + cfg.threads - 1) / cfg.threads)
+                                       : static_cast<int>(C);
+  auto opts = torch::TensorOptions().dtype(acc_dtype);
+  torch::Tensor mean = torch::empty({C}, opts), m2 = torch::empty({C}, opts),
+                invstd = torch::empty({C}, opts);
+  torch::Tensor partials = torch::empty({C * cfg.slices * 3}, opts);
+  torch::Tensor arrivals = torch::zeros({groups}, torch::kInt);
+  kernels::StatsAccumulator<scalar_t, acc_t, param_t> stats{
+      x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), m2.data_ptr<acc_t>(),
+      invstd.data_ptr<acc_t>(), 1e-5, running_mean.data_ptr<param_t>(),
+      running_var.data_ptr<param_t>(), nbt.data_ptr<int64_t>(), -1.0,
+      static_cast<acc_t>(N * S)};
+  using StatsAcc = decltype(stats);
+  simt::launch({cfg.slices, groups}, cfg.threads,
+               kernels::reduce_shared_bytes<StatsAcc, acc_t>(cfg.threads), [&] {
+                 kernels::reduce_channels<StatsAcc, acc_t, index_t>(
+                     stats, view, partials.data_ptr<acc_t>(), arrivals.data_ptr<int>());
+               }, seed);
+  EXPECT_EQ(arrivals.sum().item<int>(), 0) << "the counters are left zeroed for the next launch";
+
+  torch::Tensor y = torch::empty_like(x);
+  simt::launch({3, 1}, cfg.threads, 0, [&] {
+    kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
+        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
+        invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>());
+  }, seed + 1);
+
+  // The reference: torch's batch norm and autograd, with the same momentum (1 / 4).
+  torch::Tensor x_ref = x.detach().clone().requires_grad_();
+  torch::Tensor w_ref = weight.detach().clone().requires_grad_();
+  torch::Tensor y_ref = torch::batch_norm(x_ref, w_ref, bias, ref_mean, ref_var, true, 0.25,
+                                          1e-5, false);
+  const double tol = cfg.input_dtype == torch::kDouble  ? 1e-9
+                     : cfg.input_dtype == torch::kFloat ? 1e-4
+                     : cfg.input_dtype == torch::kHalf  ? 4e-3
+                                                        : 3e-2;
+  auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what,
+                   double scale = 1.0) {
+    EXPECT_TRUE(torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol * scale,
+                                tol * scale))
+        << what << ": max abs difference "
+        << (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+  };
+  close(y, y_ref, "output");
+  close(running_mean, ref_mean, "running_mean");
+  close(running_var, ref_var, "running_var");
+
+  // Backward: sums by the same reduction, then the elementwise gradient.
+  torch::Tensor grad = torch::randn_like(y);
+  y_ref.backward(grad);
+  torch::Tensor sum_dy = torch::empty({C}, opts), sum_dy_xmu = torch::empty({C}, opts);
+  kernels::GradAccumulator<scalar_t, acc_t> sums{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                 mean.data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(),
+                                                 sum_dy_xmu.data_ptr<acc_t>()};
+  using GradAcc = decltype(sums);
+  simt::launch({cfg.slices, groups}, cfg.threads,
+               kernels::reduce_shared_bytes<GradAcc, acc_t>(cfg.threads), [&] {
+                 kernels::reduce_channels<GradAcc, acc_t, index_t>(
+                     sums, view, partials.data_ptr<acc_t>(), arrivals.data_ptr<int>());
+               }, seed + 2);
+  torch::Tensor grad_input = torch::empty_like(x);
+  simt::launch({2, 1}, cfg.threads, 0, [&] {
+    kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), view,
+        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
+        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), static_cast<acc_t>(N * S), true);
+  }, seed + 3);
+  close(grad_input, x_ref.grad(), "grad input");
+  // A per-channel sum over many reduced-precision products: a few ulps more, as elsewhere.
+  close((sum_dy_xmu * invstd).to(cfg.param_dtype), w_ref.grad(), "grad weight", 4.0);
+}
+
+class SimtKernels : public ::testing::TestWithParam<Config> {};
+
+template <typename scalar_t>
+void dispatch_params(const Config& cfg) {
+  if (cfg.param_dtype == torch::kFloat && !std::is_same_v<scalar_t, float>) {
+    cfg.index64 ? run_and_compare<scalar_t, float, int64_t>(cfg)
+                : run_and_compare<scalar_t, float, int32_t>(cfg);
+  } else {
+    cfg.index64 ? run_and_compare<scalar_t, scalar_t, int64_t>(cfg)
+                : run_and_compare<scalar_t, scalar_t, int32_t>(cfg);
+  }
+}
+
+TEST_P(SimtKernels, MatchTorch) {
+  const Config& cfg = GetParam();
+  switch (cfg.input_dtype) {
+    case torch::kFloat: return dispatch_params<float>(cfg);
+    case torch::kDouble: return dispatch_params<double>(cfg);
+    case torch::kBFloat16: return dispatch_params<c10::BFloat16>(cfg);
+    default: return dispatch_params<c10::Half>(cfg);
+  }
+}
+
+std::vector<Config> configs() {
+  std::vector<Config> out;
+  const std::pair<torch::Dtype, torch::Dtype> dtypes[] = {
+      {torch::kFloat, torch::kFloat}, {torch::kDouble, torch::kDouble},
+      {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
+      {torch::kBFloat16, torch::kFloat}};
+  for (const auto& [input, param] : dtypes) {
+    // Many blocks per channel; partial warps and blocks (values not a multiple of threads).
+    out.push_back({{5, 3, 7, 11}, false, input, param, 64, 4, false});
+    // The channels-last grid reduction; C = 70 is not a multiple of the block (nor of 8).
+    out.push_back({{6, 70, 3, 5}, true, input, param, 64, 5, false});
+    // A 5-D channels-last input, one slice; index math forced to 64 bits.
+    out.push_back({{2, 33, 2, 3, 4}, true, input, param, 32, 1, true});
+  }
+  out.push_back({{9, 4, 5, 13}, false, torch::kFloat, torch::kFloat, 128, 7, true});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, SimtKernels, ::testing::ValuesIn(configs()), name);
+
+// ---- the harness can fail -------------------------------------------------------------------
+
+// Sums a block's thread indices through shared memory; `synchronized` false drops the barrier.
+double shared_sum(bool synchronized, uint64_t seed) {
+  double result = 0;
+  simt::launch({1, 1}, 64, 64 * sizeof(double), [&] {
+    int offset = 0;
+    double* slots = simt::shared_array<double>(64, offset);
+    slots[simt::thread_index()] = simt::thread_index();
+    if (synchronized) simt::sync_block();
+    if (simt::thread_index() == 0) {
+      double sum = 0;
+      for (int i = 0; i < 64; ++i) sum += slots[i];
+      result = sum;
+    }
+  }, seed);
+  return result;
+}
+
+TEST(SimtHarness, CatchesAMissingSyncthreads) {
+  int wrong = 0;
+  for (uint64_t seed = 0; seed < 8; ++seed) {
+    EXPECT_EQ(shared_sum(true, seed), 64 * 63 / 2);
+    if (shared_sum(false, seed) != 64 * 63 / 2) ++wrong;
+  }
+  EXPECT_GT(wrong, 0) << "without the barrier, some thread order must expose the race";
+}
+
+TEST(SimtHarness, CatchesAnOutOfBoundsWrite) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  EXPECT_DEATH(
+      {
+        std::vector<float> buffer(64);
+        float* data = buffer.data();
+        volatile int past_the_end = 64;  // not provably dead: the store must happen
+        simt::launch({2, 1}, 32, 0, [&] {
+          if (simt::block_x() == 1 && simt::thread_index() == 31) data[past_the_end] = 1.0f;
+        });
+      },
+      "heap-buffer-overflow");
+}
+
+TEST(SimtHarness, CatchesABarrierNotEveryThreadReaches) {
+  EXPECT_THROW(simt::launch({1, 1}, 64, 0, [] {
+                 if (simt::thread_index() < 32) simt::sync_block();
+               }),
+               std::runtime_error);
+}
+
+}  // namespace
+}  // namespace custom_bn::testing
