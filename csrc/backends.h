@@ -22,4 +22,8 @@ namespace custom_bn::meta {
 CUSTOM_BN_DECLARE_BACKEND_OPS
 }  // namespace custom_bn::meta
 
+namespace custom_bn::cuda {
+CUSTOM_BN_DECLARE_BACKEND_OPS
+}  // namespace custom_bn::cuda
+
 #undef CUSTOM_BN_DECLARE_BACKEND_OPS

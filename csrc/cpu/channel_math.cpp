@@ -1,7 +1,7 @@
 #include "cpu/channel_math.h"
 
 #include "checks.h"
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>

@@ -1,5 +1,5 @@
 // Per-channel work of the CPU ops: short loops over C that apply the shared math of
-// csrc/math.h to contiguous tensors of the statistics dtype.
+// csrc/batch_norm_math.h to contiguous tensors of the statistics dtype.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -6,7 +6,7 @@
 // deviations), never a sum of squares.
 #include "cpu/kernels.h"
 
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

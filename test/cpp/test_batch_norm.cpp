@@ -215,3 +215,37 @@ TEST_F(BatchNormErrors, OneValuePerChannelIsAValueError) {
 
 }  // namespace
 }  // namespace custom_bn::testing
+
+namespace custom_bn::testing {
+namespace {
+
+// On a real device: every layout and dtype of the parity matrix, on CUDA tensors.
+TEST(BatchNormDevice, MatchesTorch_CUDA) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  for (const Case& c : all_cases()) {
+    SCOPED_TRACE(case_name(::testing::TestParamInfo<Case>(c, 0)));
+    Sample sample = make_sample(shape_for(c.dim), c.dtype, c.layout, c.training, c.affine,
+                                c.running_stats, c.momentum);
+    auto to_cuda = [](torch::Tensor& t) {
+      if (t.defined()) t = t.cuda();
+    };
+    for (torch::Tensor* t : {&sample.input, &sample.weight, &sample.bias, &sample.running_mean,
+                             &sample.running_var, &sample.num_batches_tracked}) {
+      to_cuda(*t);
+    }
+    Sample ours = sample.clone(true), ref = sample.clone(true);
+    const torch::Tensor out = custom_bn::batch_norm(
+        ours.input, Sample::opt(ours.weight), Sample::opt(ours.bias),
+        Sample::opt(ours.running_mean), Sample::opt(ours.running_var), ours.training,
+        ours.momentum, ours.eps, Sample::opt(ours.num_batches_tracked));
+    const torch::Tensor expected = reference_batch_norm(ref);
+    expect_close(out.cpu(), expected.cpu(), tolerance(c.dtype.input), "output");
+    out.backward(torch::ones_like(out));
+    expected.backward(torch::ones_like(expected));
+    expect_close(ours.input.grad().cpu(), ref.input.grad().cpu(), tolerance(c.dtype.input),
+                 "grad input");
+  }
+}
+
+}  // namespace
+}  // namespace custom_bn::testing

@@ -9,7 +9,7 @@
 #pragma once
 
 #include "cuda/simt.h"
-#include "math.h"
+#include "batch_norm_math.h"
 
 #include <cstdint>
 
@@ -38,6 +38,26 @@ CUSTOM_BN_DEVICE index_t channel_of(const DeviceView& v, index_t i) {
   return v.channels_last ? i % channels : (i / static_cast<index_t>(v.inner)) % channels;
 }
 
+// The running-stats update of a training step, on the device: momentum, or (momentum < 0)
+// 1 / num_batches_tracked read on the device, so momentum = None needs no host sync.
+template <typename param_t>
+struct RunningUpdate {
+  param_t* mean = nullptr;  // null: no update
+  param_t* var = nullptr;
+  const int64_t* num_batches_tracked = nullptr;
+  double momentum = 0.1;
+
+  template <typename acc_t, typename index_t>
+  CUSTOM_BN_DEVICE void apply(index_t c, const WelfordStats<acc_t>& batch) const {
+    if (mean == nullptr || !(batch.count > acc_t(0))) return;  // an empty batch updates nothing
+    const acc_t factor = momentum >= 0 ? static_cast<acc_t>(momentum)
+                                       : acc_t(1) / static_cast<acc_t>(*num_batches_tracked);
+    mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(mean[c]), batch.mean, factor));
+    var[c] = static_cast<param_t>(running_update(static_cast<acc_t>(var[c]),
+                                                 unbiased_var(batch.m2, batch.count), factor));
+  }
+};
+
 // ---- accumulators: what a reduction keeps, how it merges and finishes -----------------------
 
 // Welford statistics of x; finishing writes mean, M2, invstd and the running stats.
@@ -48,13 +68,9 @@ struct StatsAccumulator {
   const scalar_t* x;
   acc_t* mean;
   acc_t* m2;
-  acc_t* invstd;          // may be null
+  acc_t* invstd;  // may be null
   double eps;
-  param_t* running_mean;  // null: no update
-  param_t* running_var;
-  const int64_t* num_batches_tracked;  // read on the device for momentum = None
-  double momentum;                     // < 0: momentum = None
-  acc_t count;
+  RunningUpdate<param_t> running;
 
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0), acc_t(0)}; }
   template <typename index_t>
@@ -85,13 +101,7 @@ struct StatsAccumulator {
     if (invstd != nullptr) {
       invstd[c] = s.count > acc_t(0) ? invstd_from_var(s.m2 / s.count, eps) : acc_t(0);
     }
-    if (running_mean == nullptr || !(s.count > acc_t(0))) return;
-    const acc_t factor = momentum >= 0 ? static_cast<acc_t>(momentum)
-                                       : acc_t(1) / static_cast<acc_t>(*num_batches_tracked);
-    running_mean[c] = static_cast<param_t>(
-        running_update(static_cast<acc_t>(running_mean[c]), s.mean, factor));
-    running_var[c] = static_cast<param_t>(running_update(
-        static_cast<acc_t>(running_var[c]), unbiased_var(s.m2, s.count), factor));
+    running.apply(c, s);
   }
 };
 
@@ -268,6 +278,27 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
     grad_input[i] = static_cast<scalar_t>(::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]),
                                                         static_cast<acc_t>(x[i]), mean[c],
                                                         k.dy_mean, k.a, k.b));
+  }
+}
+
+// Merges per-rank (count, mean, M2) by parallel Welford, rank by rank: one thread a channel.
+template <typename acc_t, typename param_t>
+CUSTOM_BN_DEVICE void merge_rank_stats(const acc_t* means, const acc_t* m2s, const acc_t* counts,
+                                       int64_t ranks, int64_t channels, acc_t* mean_out,
+                                       acc_t* invstd_out, double eps,
+                                       const RunningUpdate<param_t>& running) {
+  const int64_t stride = static_cast<int64_t>(simt::grid_x()) * simt::block_size();
+  for (int64_t c = static_cast<int64_t>(simt::block_x()) * simt::block_size() +
+                   simt::thread_index();
+       c < channels; c += stride) {
+    WelfordStats<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t r = 0; r < ranks; ++r) {
+      total = welford_merge(total, WelfordStats<acc_t>{counts[r], means[r * channels + c],
+                                                       m2s[r * channels + c]});
+    }
+    mean_out[c] = total.mean;
+    invstd_out[c] = total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0);
+    running.apply(c, total);
   }
 }
 
