@@ -35,15 +35,16 @@ MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 TRAFFIC = {"train_fwd": 4, "train_fwd_bwd": 4 + 2 + 3, "eval_fwd": 2}
 
 
-def make_input(shape, layout, dtype):
-    x = torch.randn(shape, dtype=torch.float32).to(dtype)
+def make_input(shape, layout, dtype, device):
+    x = torch.randn(shape, dtype=torch.float32, device=device).to(dtype)
     if layout == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
 
 def copy_bandwidth(repeats):
-    """GB/s of a large out-of-place copy (read + write), the memory roof for these kernels."""
+    """GB/s of a large out-of-place CPU copy (read + write), the memory roof for the CPU
+    kernels (CUDA rows report GB/s against it too; compare them with the device's own)."""
     src = torch.randn(64 * 1024 * 1024)  # 256 MB
     dst = torch.empty_like(src)
     times = []
@@ -59,16 +60,17 @@ def callables(x, mode):
     channels = x.shape[1]
     training = mode != "eval_fwd"
     backward = mode == "train_fwd_bwd"
-    w = torch.rand(channels, requires_grad=backward)
-    b = torch.randn(channels, requires_grad=backward)
-    rm, rv = torch.zeros(channels), torch.ones(channels)
+    w = torch.rand(channels, requires_grad=backward, device=x.device)
+    b = torch.randn(channels, requires_grad=backward, device=x.device)
+    rm, rv = torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)
     xg = x.detach().requires_grad_(backward)
     grad = torch.randn_like(x)
 
     def wrap(forward):
-        if not backward:
-            return lambda: forward()
-        return lambda: forward().backward(grad)
+        run = forward if not backward else (lambda: forward().backward(grad))
+        if x.device.type != "cuda":
+            return run
+        return lambda: (run(), torch.cuda.synchronize())  # time the work, not the launch
 
     compiled = torch.compile(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training),
                              dynamic=False)
@@ -99,7 +101,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
+    labels = [f"{r['device']} {r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r["vs_torch"] for r in rows], 0.4, label="vs torch eager")
@@ -129,20 +131,21 @@ def main():
     bandwidth = copy_bandwidth(repeats)
     print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write of 256 MB)")
-    header = (f"{'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
+    header = (f"{'device':6s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
               f"{'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} {'GB/s':>6s} "
               f"{'% copy':>6s}")
     print(header)
     rows = []
-    for shape, layout in shapes:
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device, (shape, layout) in ((d, s) for d in devices for s in shapes):
         for dtype in (torch.float32, torch.bfloat16):
-            x = make_input(shape, layout, dtype)
+            x = make_input(shape, layout, dtype, device)
             for mode in MODES:
                 seconds = measure(callables(x, mode), repeats)
                 moved = TRAFFIC[mode] * x.numel() * x.element_size()
                 gbs = moved / seconds["custom_bn"] / 1e9
                 row = {
-                    "shape": "x".join(map(str, shape)), "layout": layout,
+                    "device": device, "shape": "x".join(map(str, shape)), "layout": layout,
                     "dtype": str(dtype).replace("torch.", ""), "mode": mode,
                     "ours_ms": 1e3 * seconds["custom_bn"], "torch_ms": 1e3 * seconds["torch"],
                     "compile_ms": 1e3 * seconds["compile"],
@@ -151,7 +154,7 @@ def main():
                     "gb_per_s": gbs, "copy_fraction": gbs / bandwidth,
                 }
                 rows.append(row)
-                print(f"{row['shape']:22s} {layout:6s} {row['dtype']:8s} {mode:14s} "
+                print(f"{device:6s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} {mode:14s} "
                       f"{row['ours_ms']:8.2f} {row['torch_ms']:8.2f} {row['compile_ms']:8.2f} "
                       f"{row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x {gbs:6.1f} "
                       f"{100 * row['copy_fraction']:5.0f}%", flush=True)

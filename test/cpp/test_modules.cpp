@@ -192,3 +192,30 @@ TEST_F(Modules, WorksInSequential) {
 
 }  // namespace
 }  // namespace custom_bn::testing
+
+namespace custom_bn::testing {
+namespace {
+
+// The C++ snippet of the README, as written there.
+TEST(Readme, CppSnippetRuns) {
+  torch::Tensor x = torch::randn({4, 1, 8, 8});
+  torch::Tensor weight = torch::ones({1}), bias = torch::zeros({1});
+  torch::Tensor running_mean = torch::zeros({1}), running_var = torch::ones({1});
+
+  // A drop-in for torch::nn::BatchNorm2d: same options, parameter and buffer names (a
+  // torch::save of one loads into the other), reset(), pretty_print, clone().
+  torch::nn::Sequential net(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 16, 3).padding(1)),
+                            custom_bn::BatchNorm2d(custom_bn::BatchNormOptions(16).momentum(std::nullopt)),
+                            torch::nn::ReLU());
+
+  // The functional API calls through the dispatcher: autograd and every backend apply.
+  torch::Tensor y = custom_bn::batch_norm(x, weight, bias, running_mean, running_var,
+                                          /*training=*/true, /*momentum=*/0.1, /*eps=*/1e-5);
+
+  EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
+  expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
+               tolerance(torch::kFloat), "output");
+}
+
+}  // namespace
+}  // namespace custom_bn::testing

@@ -135,6 +135,19 @@ void run_and_compare(const Config& cfg) {
         sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), static_cast<acc_t>(N * S), true);
   }, seed + 3);
   close(grad_input, x_ref.grad(), "grad input");
+
+  // Eval: the statistics are constants, grad_input = dy * invstd * weight.
+  torch::Tensor grad_input_eval = torch::empty_like(x);
+  simt::launch({2, 1}, cfg.threads, 0, [&] {
+    kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
+        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input_eval.data_ptr<scalar_t>(),
+        view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
+        nullptr, nullptr, static_cast<acc_t>(N * S), false);
+  }, seed + 4);
+  std::vector<int64_t> channel_shape(cfg.shape.size(), 1);
+  channel_shape[1] = C;
+  const torch::Tensor scale = (invstd * weight.to(acc_dtype)).view(channel_shape);
+  close(grad_input_eval, grad.to(acc_dtype) * scale, "grad input (eval)");
   // A per-channel sum over many reduced-precision products: a few ulps more, as elsewhere.
   close((sum_dy_xmu * invstd).to(cfg.param_dtype), w_ref.grad(), "grad weight", 4.0);
 }
