@@ -57,6 +57,19 @@ inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v) {
   }
 }
 
+// Stores two opmath vectors at once: for bfloat16/float16 one full-width store (a store of
+// half a reduced vector goes through a temporary buffer and memcpy in ATen's vec types).
+template <typename scalar_t>
+inline void store_pair(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& low,
+                       const Vectorized<opmath_t<scalar_t>>& high) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(low, high).store(p);
+  } else {
+    low.store(p);
+    high.store(p + Vectorized<opmath_t<scalar_t>>::size());
+  }
+}
+
 // Horizontal sum in a fixed lane order.
 template <typename T>
 inline double lane_sum(const Vectorized<T>& v) {
@@ -249,10 +262,16 @@ void map_channels(const std::array<const scalar_t*, I>& in,
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         const int64_t base = row * C;
-        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+        int64_t c = 0;
+        for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
+          store_pair(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)),
+                     fn(load_inputs<I>(in, base + c + Vec::size()),
+                        load_params<P>(params, c + Vec::size())));
+        }
+        for (; c < vec_end; c += Vec::size()) {
           store_vec(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)));
         }
-        for (int64_t c = vec_end; c < C; ++c) {
+        for (; c < C; ++c) {
           out[base + c] = static_cast<scalar_t>(
               fn(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c)));
         }
@@ -274,6 +293,10 @@ void map_channels(const std::array<const scalar_t*, I>& in,
       const std::array<opmath, P> p = scalar_params<P>(params, c);
       const std::array<Vec, P> pv = broadcast<P>(p);
       int64_t i = 0;
+      for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
+        store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
+                   fn(load_inputs<I>(in, base + i + Vec::size()), pv));
+      }
       for (; i + Vec::size() <= length; i += Vec::size()) {
         store_vec(out + base + i, fn(load_inputs<I>(in, base + i), pv));
       }

@@ -5,7 +5,9 @@
 #include <sys/mman.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <numeric>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -40,8 +42,14 @@ DenseTensor make_dense(const at::Tensor& input) {
 
 void advise_huge_pages(const at::Tensor& fresh) {
 #if defined(MADV_HUGEPAGE)
+  // CUSTOM_BN_HUGE_PAGES=0 turns the advice off: huge-page faults trade a lower median for
+  // rare slow calls on some machines (docs/perf.md).
+  static const bool enabled = [] {
+    const char* setting = std::getenv("CUSTOM_BN_HUGE_PAGES");
+    return setting == nullptr || std::string(setting) != "0";
+  }();
   constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (fresh.nbytes() < 4 * kHugePage) return;
+  if (!enabled || fresh.nbytes() < 4 * kHugePage) return;
   const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
   const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
   const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
