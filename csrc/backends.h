@@ -27,3 +27,17 @@ CUSTOM_BN_DECLARE_BACKEND_OPS
 }  // namespace custom_bn::cuda
 
 #undef CUSTOM_BN_DECLARE_BACKEND_OPS
+
+// Registers a backend's kernels (the functions of the current namespace) for every op:
+// inside TORCH_LIBRARY_IMPL(custom_bn, <Key>, m) { CUSTOM_BN_REGISTER_BACKEND_OPS(m); }.
+#define CUSTOM_BN_REGISTER_BACKEND_OPS(m)                                                  \
+  do {                                                                                     \
+    (m).impl("batch_norm_forward", TORCH_FN(batch_norm_forward));                          \
+    (m).impl("batch_norm_backward", TORCH_FN(batch_norm_backward));                        \
+    (m).impl("batch_norm_stats", TORCH_FN(batch_norm_stats));                              \
+    (m).impl("batch_norm_gather_stats_with_counts",                                        \
+             TORCH_FN(batch_norm_gather_stats_with_counts));                               \
+    (m).impl("batch_norm_elemt", TORCH_FN(batch_norm_elemt));                              \
+    (m).impl("batch_norm_backward_reduce", TORCH_FN(batch_norm_backward_reduce));          \
+    (m).impl("batch_norm_backward_elemt", TORCH_FN(batch_norm_backward_elemt));            \
+  } while (false)

@@ -185,14 +185,6 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                               sum_dy_xmu.reshape({-1}).contiguous(), total);
 }
 
-TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
-  m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward));
-  m.impl("batch_norm_backward", TORCH_FN(batch_norm_backward));
-  m.impl("batch_norm_stats", TORCH_FN(batch_norm_stats));
-  m.impl("batch_norm_gather_stats_with_counts", TORCH_FN(batch_norm_gather_stats_with_counts));
-  m.impl("batch_norm_elemt", TORCH_FN(batch_norm_elemt));
-  m.impl("batch_norm_backward_reduce", TORCH_FN(batch_norm_backward_reduce));
-  m.impl("batch_norm_backward_elemt", TORCH_FN(batch_norm_backward_elemt));
-}
+TORCH_LIBRARY_IMPL(custom_bn, CPU, m) { CUSTOM_BN_REGISTER_BACKEND_OPS(m); }
 
 }  // namespace custom_bn::cpu

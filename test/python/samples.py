@@ -145,3 +145,29 @@ def reference_batch_norm(s: Sample) -> torch.Tensor:
             momentum = 1.0 / float(s.num_batches_tracked)
     return torch.batch_norm(s.input, s.weight, s.bias, s.running_mean, s.running_var,
                             s.training, momentum if momentum is not None else 0.0, s.eps, False)
+
+
+def assert_matches_torch(sample: Sample):
+    ours, ref = sample.clone(requires_grad=True), sample.clone(requires_grad=True)
+    out = torch.ops.custom_bn.batch_norm(*ours.args())
+    expected = reference_batch_norm(ref)
+    tol = tolerance(sample.input.dtype)
+
+    torch.testing.assert_close(out, expected, **tol)
+    assert out.dtype == expected.dtype
+    assert out.stride() == expected.stride(), "the output keeps the input's memory format"
+    for name in ("running_mean", "running_var"):
+        if getattr(ours, name) is not None:
+            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), **tol)
+    if ours.num_batches_tracked is not None:
+        assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+    grad = torch.randn_like(expected)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(ours.input.grad, ref.input.grad, **tol)
+    for name in ("weight", "bias"):
+        if getattr(ours, name) is not None:
+            # Per-channel sums over many reduced-precision products: allow a few ulps more.
+            torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad,
+                                       rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)

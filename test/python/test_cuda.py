@@ -3,7 +3,7 @@ batch norm. Skipped, and counted as skipped, without a device."""
 
 import pytest
 import torch
-from samples import all_samples, make_sample, reference_batch_norm, tolerance
+from samples import all_samples, assert_matches_torch, make_sample, reference_batch_norm
 
 ops = torch.ops.custom_bn
 pytestmark = pytest.mark.cuda
@@ -12,23 +12,7 @@ pytestmark = pytest.mark.cuda
 @pytest.mark.parametrize("kwargs", [k for _, k in all_samples(device="cuda")],
                          ids=[n for n, _ in all_samples(device="cuda")])
 def test_parity_with_torch_on_cuda(kwargs):
-    sample = make_sample(**kwargs)
-    ours, ref = sample.clone(requires_grad=True), sample.clone(requires_grad=True)
-    out = ops.batch_norm(*ours.args())
-    expected = reference_batch_norm(ref)
-    tol = tolerance(sample.input.dtype)
-    torch.testing.assert_close(out, expected, **tol)
-    for name in ("running_mean", "running_var"):
-        if getattr(ours, name) is not None:
-            torch.testing.assert_close(getattr(ours, name), getattr(ref, name), **tol)
-    grad = torch.randn_like(expected)
-    out.backward(grad)
-    expected.backward(grad)
-    torch.testing.assert_close(ours.input.grad, ref.input.grad, **tol)
-    for name in ("weight", "bias"):
-        if getattr(ours, name) is not None:
-            torch.testing.assert_close(getattr(ours, name).grad, getattr(ref, name).grad,
-                                       rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+    assert_matches_torch(make_sample(**kwargs))
 
 
 def test_momentum_none_reads_the_counter_on_the_device():
