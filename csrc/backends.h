@@ -4,14 +4,13 @@
 
 #include <custom_bn/ops.h>
 
-#define CUSTOM_BN_DECLARE_BACKEND_OPS                                               \
-  decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                     \
-  decltype(::custom_bn::batch_norm_backward) batch_norm_backward;                   \
-  decltype(::custom_bn::batch_norm_stats) batch_norm_stats;                         \
-  decltype(::custom_bn::batch_norm_gather_stats_with_counts)                        \
-      batch_norm_gather_stats_with_counts;                                          \
-  decltype(::custom_bn::batch_norm_elemt) batch_norm_elemt;                         \
-  decltype(::custom_bn::batch_norm_backward_reduce) batch_norm_backward_reduce;     \
+#define CUSTOM_BN_DECLARE_BACKEND_OPS                                                             \
+  decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                                   \
+  decltype(::custom_bn::batch_norm_backward) batch_norm_backward;                                 \
+  decltype(::custom_bn::batch_norm_stats) batch_norm_stats;                                       \
+  decltype(::custom_bn::batch_norm_gather_stats_with_counts) batch_norm_gather_stats_with_counts; \
+  decltype(::custom_bn::batch_norm_elemt) batch_norm_elemt;                                       \
+  decltype(::custom_bn::batch_norm_backward_reduce) batch_norm_backward_reduce;                   \
   decltype(::custom_bn::batch_norm_backward_elemt) batch_norm_backward_elemt;
 
 namespace custom_bn::cpu {
@@ -30,14 +29,14 @@ CUSTOM_BN_DECLARE_BACKEND_OPS
 
 // Registers a backend's kernels (the functions of the current namespace) for every op:
 // inside TORCH_LIBRARY_IMPL(custom_bn, <Key>, m) { CUSTOM_BN_REGISTER_BACKEND_OPS(m); }.
-#define CUSTOM_BN_REGISTER_BACKEND_OPS(m)                                                  \
-  do {                                                                                     \
-    (m).impl("batch_norm_forward", TORCH_FN(batch_norm_forward));                          \
-    (m).impl("batch_norm_backward", TORCH_FN(batch_norm_backward));                        \
-    (m).impl("batch_norm_stats", TORCH_FN(batch_norm_stats));                              \
-    (m).impl("batch_norm_gather_stats_with_counts",                                        \
-             TORCH_FN(batch_norm_gather_stats_with_counts));                               \
-    (m).impl("batch_norm_elemt", TORCH_FN(batch_norm_elemt));                              \
-    (m).impl("batch_norm_backward_reduce", TORCH_FN(batch_norm_backward_reduce));          \
-    (m).impl("batch_norm_backward_elemt", TORCH_FN(batch_norm_backward_elemt));            \
+#define CUSTOM_BN_REGISTER_BACKEND_OPS(m)                                         \
+  do {                                                                            \
+    (m).impl("batch_norm_forward", TORCH_FN(batch_norm_forward));                 \
+    (m).impl("batch_norm_backward", TORCH_FN(batch_norm_backward));               \
+    (m).impl("batch_norm_stats", TORCH_FN(batch_norm_stats));                     \
+    (m).impl("batch_norm_gather_stats_with_counts",                               \
+             TORCH_FN(batch_norm_gather_stats_with_counts));                      \
+    (m).impl("batch_norm_elemt", TORCH_FN(batch_norm_elemt));                     \
+    (m).impl("batch_norm_backward_reduce", TORCH_FN(batch_norm_backward_reduce)); \
+    (m).impl("batch_norm_backward_elemt", TORCH_FN(batch_norm_backward_elemt));   \
   } while (false)

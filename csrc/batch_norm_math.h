@@ -71,8 +71,10 @@ struct GradInputCoefficients {
 // Training: the batch statistics depend on x, so
 //   grad_x = w * invstd * (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n).
 template <typename T>
-C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients_training(
-    T invstd, T weight, T sum_dy, T sum_dy_xmu, T count) {
+C10_HOST_DEVICE inline GradInputCoefficients<T> grad_input_coefficients_training(T invstd, T weight,
+                                                                                 T sum_dy,
+                                                                                 T sum_dy_xmu,
+                                                                                 T count) {
   const T scale = invstd * weight;
   const T k = sum_dy_xmu / count * invstd * invstd;
   return {scale, -k * scale, sum_dy / count};

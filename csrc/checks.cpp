@@ -22,8 +22,8 @@ bool same_shape(const at::Tensor& a, const at::Tensor& b) {
 
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Tensor& input) {
-  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name,
-              " on the input's device ", input.device(), ", but got ", name, " on ", t.device());
+  TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on the input's device ",
+              input.device(), ", but got ", name, " on ", t.device());
 }
 
 }  // namespace
@@ -70,11 +70,11 @@ void check_channel_params(const char* op, const at::Tensor& input,
                     "), but got ", p.name, " of shape ", t.sym_sizes());
     check_same_device(op, p.name, t, input);
     const at::ScalarType dtype = t.scalar_type();
-    const bool allowed =
-        dtype == input.scalar_type() || (dtype == at::kFloat && is_reduced_float(input.scalar_type()));
+    const bool allowed = dtype == input.scalar_type() ||
+                         (dtype == at::kFloat && is_reduced_float(input.scalar_type()));
     TORCH_CHECK(allowed, op, ": expected ", p.name, " of dtype ", input.scalar_type(),
-                " (the input's)",
-                is_reduced_float(input.scalar_type()) ? " or float32" : "", ", but got ", dtype);
+                " (the input's)", is_reduced_float(input.scalar_type()) ? " or float32" : "",
+                ", but got ", dtype);
     if (first_name == nullptr) {
       first_name = p.name;
       param_dtype = dtype;
@@ -88,9 +88,8 @@ void check_channel_params(const char* op, const at::Tensor& input,
 void check_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input,
                 const c10::SymInt& channels, at::ScalarType dtype) {
   TORCH_CHECK(stat.defined(), op, ": expected ", name, " to be a tensor, but got None");
-  TORCH_SYM_CHECK(stat.sym_numel().sym_eq(channels), op, ": expected ", name, " to have ",
-                  channels, " elements (one per channel), but got ", name, " of shape ",
-                  stat.sym_sizes());
+  TORCH_SYM_CHECK(stat.sym_numel().sym_eq(channels), op, ": expected ", name, " to have ", channels,
+                  " elements (one per channel), but got ", name, " of shape ", stat.sym_sizes());
   TORCH_CHECK(stat.scalar_type() == dtype, op, ": expected ", name, " of dtype ", dtype,
               ", but got ", stat.scalar_type());
   check_same_device(op, name, stat, input);
@@ -98,9 +97,8 @@ void check_stat(const char* op, const char* name, const at::Tensor& stat, const 
 
 void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
   TORCH_CHECK(grad_output.defined(), op, ": expected grad_output to be a tensor, but got None");
-  TORCH_CHECK(same_shape(grad_output, input), op,
-                  ": expected grad_output of the input's shape ", input.sym_sizes(),
-                  ", but got shape ", grad_output.sym_sizes());
+  TORCH_CHECK(same_shape(grad_output, input), op, ": expected grad_output of the input's shape ",
+              input.sym_sizes(), ", but got shape ", grad_output.sym_sizes());
   TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op,
               ": expected grad_output of the input's dtype ", input.scalar_type(), ", but got ",
               grad_output.scalar_type());
@@ -189,8 +187,9 @@ void check_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input
   check_stat(op, "sum_dy", sum_dy, input, input.sym_size(1), dtype);
   check_stat(op, "sum_dy_xmu", sum_dy_xmu, input, input.sym_size(1), dtype);
   TORCH_CHECK(count.defined(), op, ": expected count to be a tensor, but got None");
-  TORCH_CHECK(at::isFloatingType(count.scalar_type()) || at::isIntegralType(count.scalar_type(), false),
-              op, ": expected count of a real dtype, but got ", count.scalar_type());
+  TORCH_CHECK(
+      at::isFloatingType(count.scalar_type()) || at::isIntegralType(count.scalar_type(), false), op,
+      ": expected count of a real dtype, but got ", count.scalar_type());
   check_same_device(op, "count", count, input);
 }
 
@@ -202,30 +201,30 @@ void check_gather_stats(const at::Tensor& mean, const at::Tensor& m2, const at::
   const char* op = "custom_bn::batch_norm_gather_stats_with_counts";
   TORCH_CHECK(mean.defined() && mean.dim() == 2, op,
               ": expected mean of shape (ranks, channels), but got ",
-              mean.defined() ? "shape " : "None", mean.defined() ? mean.sym_sizes() : c10::SymIntArrayRef{});
+              mean.defined() ? "shape " : "None",
+              mean.defined() ? mean.sym_sizes() : c10::SymIntArrayRef{});
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
               ": expected mean of dtype float32 or float64, but got ", mean.scalar_type());
   TORCH_CHECK(m2.defined(), op, ": expected m2 to be a tensor, but got None");
-  TORCH_CHECK(same_shape(m2, mean), op,
-                  ": expected m2 of the shape of mean ", mean.sym_sizes(), ", but got shape ",
-                  m2.sym_sizes());
+  TORCH_CHECK(same_shape(m2, mean), op, ": expected m2 of the shape of mean ", mean.sym_sizes(),
+              ", but got shape ", m2.sym_sizes());
   TORCH_CHECK(m2.scalar_type() == mean.scalar_type(), op, ": expected m2 of dtype ",
               mean.scalar_type(), " (the same as mean), but got ", m2.scalar_type());
   check_same_device(op, "m2", m2, mean);
   TORCH_CHECK(counts.defined(), op, ": expected counts to be a tensor, but got None");
   TORCH_SYM_CHECK(counts.sym_numel().sym_eq(mean.sym_size(0)), op, ": expected counts with ",
                   mean.sym_size(0), " elements (one per rank), but got shape ", counts.sym_sizes());
-  TORCH_CHECK(at::isFloatingType(counts.scalar_type()) ||
-                  at::isIntegralType(counts.scalar_type(), false),
-              op, ": expected counts of a real dtype, but got ", counts.scalar_type());
+  TORCH_CHECK(
+      at::isFloatingType(counts.scalar_type()) || at::isIntegralType(counts.scalar_type(), false),
+      op, ": expected counts of a real dtype, but got ", counts.scalar_type());
   check_same_device(op, "counts", counts, mean);
   TORCH_CHECK_VALUE(has(running_mean) == has(running_var), op,
                     ": expected running_mean and running_var to be both given or both None, but "
                     "got ",
                     has(running_mean) ? "running_mean only" : "running_var only");
-  for (const auto& [name, stat] : {std::pair<const char*, const std::optional<at::Tensor>&>{
-                                       "running_mean", running_mean},
-                                   {"running_var", running_var}}) {
+  for (const auto& [name, stat] :
+       {std::pair<const char*, const std::optional<at::Tensor>&>{"running_mean", running_mean},
+        {"running_var", running_var}}) {
     if (!has(stat)) continue;
     TORCH_SYM_CHECK(stat->sym_numel().sym_eq(mean.sym_size(1)), op, ": expected ", name,
                     " to have ", mean.sym_size(1), " elements (one per channel), but got shape ",

@@ -86,7 +86,8 @@ int main(int argc, char** argv) {
   auto torch_net = make_net<torch::nn::BatchNorm2d>();
   auto ours_net = make_net<custom_bn::BatchNorm2d>();
   copy_state(*torch_net, *ours_net);  // the same initialisation
-  torch::optim::SGD torch_opt(torch_net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
+  torch::optim::SGD torch_opt(torch_net->parameters(),
+                              torch::optim::SGDOptions(0.05).momentum(0.9));
   torch::optim::SGD ours_opt(ours_net->parameters(), torch::optim::SGDOptions(0.05).momentum(0.9));
 
   std::ofstream csv(argv[3]);

@@ -3,8 +3,8 @@
 // with differentiable ATen ops so autograd can take its gradient.
 #include <custom_bn/ops.h>
 
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -30,8 +30,7 @@ std::optional<at::Tensor> defined_or_none(const std::optional<at::Tensor>& t) {
 // than taken from the saved ones, so that their dependence on input is part of the graph:
 // second-order gradients need it.
 std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
-                                                  const at::Tensor& input,
-                                                  const at::Tensor& weight,
+                                                  const at::Tensor& input, const at::Tensor& weight,
                                                   const at::Tensor& running_mean,
                                                   const at::Tensor& running_var, bool training,
                                                   double eps, std::array<bool, 3> output_mask) {
@@ -58,10 +57,9 @@ std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
 
   std::array<at::Tensor, 3> grads;
   if (output_mask[0]) {
-    at::Tensor grad_input =
-        training ? scale * (dy - dy.mean(reduce_dims, true) -
-                            x_hat * (dy * x_hat).mean(reduce_dims, true))
-                 : dy * scale;
+    at::Tensor grad_input = training ? scale * (dy - dy.mean(reduce_dims, true) -
+                                                x_hat * (dy * x_hat).mean(reduce_dims, true))
+                                     : dy * scale;
     grads[0] = grad_input.to(input.scalar_type());
   }
   if (output_mask[1]) grads[1] = (dy * x_hat).sum(reduce_dims).to(param_dtype);
@@ -80,9 +78,9 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
                             const std::optional<at::Tensor>& num_batches_tracked) {
     // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
     at::AutoDispatchBelowAutograd below_autograd;
-    auto [output, save_mean, save_invstd] = batch_norm_forward(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
-        eps);
+    auto [output, save_mean, save_invstd] =
+        batch_norm_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                           training, momentum, eps);
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_weight"] = weight.has_value();
@@ -111,18 +109,17 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     // bias is 1 or 2.
     variable_list grads(9);
     if (!grad_output.defined()) return grads;
-    const std::array<bool, 3> output_mask{
-        ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
+    const std::array<bool, 3> output_mask{ctx->needs_input_grad(0),
+                                          has_weight && ctx->needs_input_grad(1),
+                                          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     if (at::GradMode::is_enabled()) {
       const auto g = differentiable_backward(grad_output, input, weight, running_mean, running_var,
                                              training, eps, output_mask);
       std::copy(g.begin(), g.end(), grads.begin());
     } else {
-      std::tie(grads[0], grads[1], grads[2]) =
-          batch_norm_backward(grad_output, input, as_optional(weight), as_optional(running_mean),
-                              as_optional(running_var), saved[4], saved[5], training, eps,
-                              output_mask);
+      std::tie(grads[0], grads[1], grads[2]) = batch_norm_backward(
+          grad_output, input, as_optional(weight), as_optional(running_mean),
+          as_optional(running_var), saved[4], saved[5], training, eps, output_mask);
     }
     return grads;
   }
@@ -141,8 +138,6 @@ at::Tensor batch_norm_autograd(const at::Tensor& input, const std::optional<at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
-  m.impl("batch_norm", TORCH_FN(batch_norm_autograd));
-}
+TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) { m.impl("batch_norm", TORCH_FN(batch_norm_autograd)); }
 
 }  // namespace custom_bn

@@ -24,8 +24,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_inplace_or_vie
     std::optional<double> momentum, double eps) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
-    return batch_norm_forward(input, weight, bias, running_mean, running_var,
-                              num_batches_tracked, training, momentum, eps);
+    return batch_norm_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
+                              training, momentum, eps);
   }();
   // Eval reads the running stats and writes nothing.
   if (training && has(running_mean)) {

@@ -11,8 +11,8 @@ at::Tensor batch_norm_without_autograd(const at::Tensor& input,
                                        const std::optional<at::Tensor>& weight,
                                        const std::optional<at::Tensor>& bias,
                                        const std::optional<at::Tensor>& running_mean,
-                                       const std::optional<at::Tensor>& running_var,
-                                       bool training, std::optional<double> momentum, double eps,
+                                       const std::optional<at::Tensor>& running_var, bool training,
+                                       std::optional<double> momentum, double eps,
                                        const std::optional<at::Tensor>& num_batches_tracked) {
   return std::get<0>(batch_norm_forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, training, momentum, eps));

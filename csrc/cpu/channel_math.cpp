@@ -1,7 +1,7 @@
 #include "cpu/channel_math.h"
 
-#include "checks.h"
 #include "batch_norm_math.h"
+#include "checks.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -21,7 +21,9 @@ const T* data(const at::Tensor& t) {
   return t.const_data_ptr<T>();
 }
 
-at::Tensor empty_like_stat(const at::Tensor& stat) { return at::empty({stat.numel()}, stat.options()); }
+at::Tensor empty_like_stat(const at::Tensor& stat) {
+  return at::empty({stat.numel()}, stat.options());
+}
 
 }  // namespace
 
@@ -37,8 +39,9 @@ at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
     const scalar_t* m2_data = data<scalar_t>(m2);
     scalar_t* out = data<scalar_t>(invstd);
     for (int64_t c = 0; c < m2.numel(); ++c) {
-      out[c] = count > 0 ? custom_bn::invstd_from_var(m2_data[c] / static_cast<scalar_t>(count), eps)
-                         : scalar_t(0);
+      out[c] = count > 0
+                   ? custom_bn::invstd_from_var(m2_data[c] / static_cast<scalar_t>(count), eps)
+                   : scalar_t(0);
     }
   });
   return invstd;
@@ -70,22 +73,22 @@ std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,
   return {alpha, channel_param(bias, channels, invstd.options(), 0.0)};
 }
 
-GradInputCoefficientTensors grad_input_coefficients(
-    bool training, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
-    const at::Tensor& sum_dy_xmu, double count) {
+GradInputCoefficientTensors grad_input_coefficients(bool training, const at::Tensor& invstd,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const at::Tensor& sum_dy,
+                                                    const at::Tensor& sum_dy_xmu, double count) {
   const int64_t channels = invstd.numel();
   const at::Tensor w = channel_param(weight, channels, invstd.options(), 1.0);
   GradInputCoefficientTensors out{empty_like_stat(invstd), empty_like_stat(invstd),
                                   empty_like_stat(invstd)};
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "grad_input_coefficients", [&] {
     for (int64_t c = 0; c < channels; ++c) {
-      const auto k = training ? custom_bn::grad_input_coefficients_training(
-                                    data<scalar_t>(invstd)[c],
-                                    data<scalar_t>(w)[c], data<scalar_t>(sum_dy)[c],
-                                    data<scalar_t>(sum_dy_xmu)[c], static_cast<scalar_t>(count))
-                              : custom_bn::grad_input_coefficients_eval(
-                                    data<scalar_t>(invstd)[c], data<scalar_t>(w)[c]);
+      const auto k =
+          training ? custom_bn::grad_input_coefficients_training(
+                         data<scalar_t>(invstd)[c], data<scalar_t>(w)[c], data<scalar_t>(sum_dy)[c],
+                         data<scalar_t>(sum_dy_xmu)[c], static_cast<scalar_t>(count))
+                   : custom_bn::grad_input_coefficients_eval(data<scalar_t>(invstd)[c],
+                                                             data<scalar_t>(w)[c]);
       data<scalar_t>(out.a)[c] = k.a;
       data<scalar_t>(out.b)[c] = k.b;
       data<scalar_t>(out.dy_mean)[c] = k.dy_mean;
@@ -105,9 +108,10 @@ MergedStats merge_stats(const at::Tensor& mean, const at::Tensor& m2, const at::
     for (int64_t c = 0; c < channels; ++c) {
       WelfordStats<double> total{0, 0, 0};
       for (int64_t r = 0; r < ranks; ++r) {
-        total = welford_merge(total, WelfordStats<double>{data<double>(counts_d)[r],
-                                                          double(data<scalar_t>(mean_c)[r * channels + c]),
-                                                          double(data<scalar_t>(m2_c)[r * channels + c])});
+        total = welford_merge(total,
+                              WelfordStats<double>{data<double>(counts_d)[r],
+                                                   double(data<scalar_t>(mean_c)[r * channels + c]),
+                                                   double(data<scalar_t>(m2_c)[r * channels + c])});
       }
       data<scalar_t>(merged.mean)[c] = static_cast<scalar_t>(total.mean);
       data<scalar_t>(merged.m2)[c] = static_cast<scalar_t>(total.m2);
@@ -135,7 +139,8 @@ void update_running_stats(const at::Tensor& batch_mean, const at::Tensor& batch_
       scalar_t& rm = data<scalar_t>(new_mean)[c];
       scalar_t& rv = data<scalar_t>(new_var)[c];
       rm = running_update(rm, data<scalar_t>(batch_mean)[c], m);
-      rv = running_update(rv, unbiased_var(data<scalar_t>(batch_m2)[c], static_cast<scalar_t>(count)), m);
+      rv = running_update(
+          rv, unbiased_var(data<scalar_t>(batch_m2)[c], static_cast<scalar_t>(count)), m);
     }
   });
   // copy_ writes through any strides and rounds into the running stats' own dtype.

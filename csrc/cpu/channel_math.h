@@ -29,10 +29,10 @@ std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,
 struct GradInputCoefficientTensors {
   at::Tensor a, b, dy_mean;
 };
-GradInputCoefficientTensors grad_input_coefficients(
-    bool training, const at::Tensor& invstd,
-    const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy,
-    const at::Tensor& sum_dy_xmu, double count);
+GradInputCoefficientTensors grad_input_coefficients(bool training, const at::Tensor& invstd,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const at::Tensor& sum_dy,
+                                                    const at::Tensor& sum_dy_xmu, double count);
 
 // Merges per-rank (count, mean, M2) by parallel Welford, rank by rank in order.
 struct MergedStats {

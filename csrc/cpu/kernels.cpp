@@ -90,8 +90,7 @@ inline std::array<Vectorized<T>, P> broadcast(const std::array<T, P>& p) {
 }
 
 template <int P, typename T>
-inline std::array<Vectorized<T>, P> load_params(const std::array<const T*, P>& params,
-                                                int64_t c) {
+inline std::array<Vectorized<T>, P> load_params(const std::array<const T*, P>& params, int64_t c) {
   std::array<Vectorized<T>, P> v;
   for (int q = 0; q < P; ++q) v[q] = Vectorized<T>::loadu(params[q] + c);
   return v;
@@ -208,13 +207,15 @@ void reduce_channels_last(const std::array<const scalar_t*, I>& in,
       for (int64_t row = item * rows_per_item; row < row_end; ++row) {
         const int64_t base = row * C;
         for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          const std::array<Vec, K> t = terms(load_inputs<I>(in, base + c), load_params<P>(params, c));
+          const std::array<Vec, K> t =
+              terms(load_inputs<I>(in, base + c), load_params<P>(params, c));
           for (int k = 0; k < K; ++k) {
             (Vec::loadu(&partial[k * C + c]) + t[k]).store(&partial[k * C + c]);
           }
         }
         for (int64_t c = vec_end; c < C; ++c) {
-          const std::array<opmath, K> t = terms(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c));
+          const std::array<opmath, K> t =
+              terms(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c));
           for (int k = 0; k < K; ++k) partial[k * C + c] += t[k];
         }
         if (++rows_since_flush == kFlushEveryRow || row + 1 == row_end) {
@@ -251,8 +252,8 @@ void reduce_channels(const std::array<const scalar_t*, I>& in,
 
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
-                  const std::array<const opmath_t<scalar_t>*, P>& params,
-                  const ChannelView& view, const Fn& fn, scalar_t* out) {
+                  const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
+                  const Fn& fn, scalar_t* out) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
   if (view.layout == Layout::kChannelsLast) {
@@ -316,72 +317,82 @@ const opmath_t<scalar_t>* stat_ptr(const at::Tensor& t) {
 
 void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
                    at::Tensor& m2) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats", [&] {
-    using opmath = opmath_t<scalar_t>;
-    const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
-    const std::array<const scalar_t*, 1> x{x_ptr};
-    // Sums of x - shift, with shift the channel's first value: exact for constant channels,
-    // and no cancellation when the mean is large against the spread.
-    std::vector<opmath> shift(view.channels);
-    for (int64_t c = 0; c < view.channels; ++c) {
-      shift[c] = static_cast<opmath>(x_ptr[view.layout == Layout::kChannelsLast ? c : c * view.inner]);
-    }
-    opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
-    reduce_channels<1, 1, 1>(x, {shift.data()}, view,
-        [](const auto& v, const auto& p) { return std::array{v[0] - p[0]}; },
-        std::array<opmath*, 1>{mean_ptr});
-    const double count = static_cast<double>(view.outer * view.inner);
-    for (int64_t c = 0; c < view.channels; ++c) {
-      mean_ptr[c] = static_cast<opmath>(shift[c] + static_cast<double>(mean_ptr[c]) / count);
-    }
-    reduce_channels<1, 1, 1>(x, {mean_ptr}, view,
-        [](const auto& v, const auto& p) {
-          const auto deviation = v[0] - p[0];
-          return std::array{deviation * deviation};
-        },
-        std::array<opmath*, 1>{m2.mutable_data_ptr<opmath>()});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats", [&] {
+        using opmath = opmath_t<scalar_t>;
+        const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
+        const std::array<const scalar_t*, 1> x{x_ptr};
+        // Sums of x - shift, with shift the channel's first value: exact for constant channels,
+        // and no cancellation when the mean is large against the spread.
+        std::vector<opmath> shift(view.channels);
+        for (int64_t c = 0; c < view.channels; ++c) {
+          shift[c] =
+              static_cast<opmath>(x_ptr[view.layout == Layout::kChannelsLast ? c : c * view.inner]);
+        }
+        opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
+        reduce_channels<1, 1, 1>(
+            x, {shift.data()}, view,
+            [](const auto& v, const auto& p) { return std::array{v[0] - p[0]}; },
+            std::array<opmath*, 1>{mean_ptr});
+        const double count = static_cast<double>(view.outer * view.inner);
+        for (int64_t c = 0; c < view.channels; ++c) {
+          mean_ptr[c] = static_cast<opmath>(shift[c] + static_cast<double>(mean_ptr[c]) / count);
+        }
+        reduce_channels<1, 1, 1>(
+            x, {mean_ptr}, view,
+            [](const auto& v, const auto& p) {
+              const auto deviation = v[0] - p[0];
+              return std::array{deviation * deviation};
+            },
+            std::array<opmath*, 1>{m2.mutable_data_ptr<opmath>()});
+      });
 }
 
 void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
                   const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_affine", [&] {
-    map_channels<1, 3>(std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
-        {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, view,
-        [](const auto& v, const auto& p) { return normalize(v[0], p[0], p[1], p[2]); },
-        output.mutable_data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "apply_affine", [&] {
+        map_channels<1, 3>(
+            std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
+            {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, view,
+            [](const auto& v, const auto& p) { return normalize(v[0], p[0], p[1], p[2]); },
+            output.mutable_data_ptr<scalar_t>());
+      });
 }
 
 void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const ChannelView& view,
                  const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad", [&] {
-    using opmath = opmath_t<scalar_t>;
-    reduce_channels<2, 2, 1>(
-        std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
-                                       input.const_data_ptr<scalar_t>()},
-        {stat_ptr<scalar_t>(mean)}, view,
-        [](const auto& v, const auto& p) { return std::array{v[0], v[0] * (v[1] - p[0])}; },
-        std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
-                               sum_dy_xmu.mutable_data_ptr<opmath>()});
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad", [&] {
+        using opmath = opmath_t<scalar_t>;
+        reduce_channels<2, 2, 1>(
+            std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
+                                           input.const_data_ptr<scalar_t>()},
+            {stat_ptr<scalar_t>(mean)}, view,
+            [](const auto& v, const auto& p) {
+              return std::array{v[0], v[0] * (v[1] - p[0])};
+            },
+            std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
+                                   sum_dy_xmu.mutable_data_ptr<opmath>()});
+      });
 }
 
 void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
                       const ChannelView& view, const at::Tensor& mean, const at::Tensor& dy_mean,
                       const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input", [&] {
-    map_channels<2, 4>(
-        std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
-                                       input.const_data_ptr<scalar_t>()},
-        {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
-         stat_ptr<scalar_t>(b)},
-        view,
-        [](const auto& v, const auto& p) {
-          return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
-        },
-        grad_input.mutable_data_ptr<scalar_t>());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input", [&] {
+        map_channels<2, 4>(
+            std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
+                                           input.const_data_ptr<scalar_t>()},
+            {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
+             stat_ptr<scalar_t>(b)},
+            view,
+            [](const auto& v, const auto& p) {
+              return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
+            },
+            grad_input.mutable_data_ptr<scalar_t>());
+      });
 }
 
 }  // namespace

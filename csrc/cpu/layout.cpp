@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <numeric>
-#include <string>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace custom_bn::cpu {

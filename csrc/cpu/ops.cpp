@@ -120,9 +120,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 
   at::Tensor grad_input, grad_weight, grad_bias;
   if (output_mask[0]) {
-    grad_input = grad_input_from_sums(training, grad_output, input, dense, mean, invstd, weight,
-                                      sum_dy, sum_dy_xmu,
-                                      static_cast<double>(values_per_channel(input)));
+    grad_input =
+        grad_input_from_sums(training, grad_output, input, dense, mean, invstd, weight, sum_dy,
+                             sum_dy_xmu, static_cast<double>(values_per_channel(input)));
   }
   if (output_mask[1]) grad_weight = as_param_grad(sum_dy_xmu * invstd, input, weight);
   if (output_mask[2]) grad_bias = as_param_grad(sum_dy, input, weight);

@@ -42,19 +42,17 @@ __global__ void normalize_kernel(const scalar_t* x, scalar_t* y, kernels::Device
 
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 __global__ void grad_input_kernel(const scalar_t* grad_output, const scalar_t* x,
-                                  scalar_t* grad_input, kernels::DeviceView view,
-                                  const acc_t* mean, const acc_t* invstd, const param_t* weight,
-                                  const acc_t* sum_dy, const acc_t* sum_dy_xmu, acc_t count,
-                                  bool training) {
+                                  scalar_t* grad_input, kernels::DeviceView view, const acc_t* mean,
+                                  const acc_t* invstd, const param_t* weight, const acc_t* sum_dy,
+                                  const acc_t* sum_dy_xmu, acc_t count, bool training) {
   kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
       grad_output, x, grad_input, view, mean, invstd, weight, sum_dy, sum_dy_xmu, count, training);
 }
 
 template <typename acc_t, typename param_t>
 __global__ void merge_rank_stats_kernel(const acc_t* means, const acc_t* m2s, const acc_t* counts,
-                                        int64_t ranks, int64_t channels, acc_t* mean,
-                                        acc_t* invstd, double eps,
-                                        kernels::RunningUpdate<param_t> running) {
+                                        int64_t ranks, int64_t channels, acc_t* mean, acc_t* invstd,
+                                        double eps, kernels::RunningUpdate<param_t> running) {
   kernels::merge_rank_stats<acc_t, param_t>(means, m2s, counts, ranks, channels, mean, invstd, eps,
                                             running);
 }
@@ -123,8 +121,12 @@ void collect_stats(const cpu::DenseTensor& dense, at::Tensor& mean, at::Tensor& 
                    at::Tensor& invstd, double eps, const kernels::RunningUpdate<param_t>& running) {
   using acc_t = at::opmath_type<scalar_t>;
   const kernels::StatsAccumulator<scalar_t, acc_t, param_t> acc{
-      dense.tensor.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(),
-      m2.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(), eps, running};
+      dense.tensor.const_data_ptr<scalar_t>(),
+      mean.mutable_data_ptr<acc_t>(),
+      m2.mutable_data_ptr<acc_t>(),
+      invstd.mutable_data_ptr<acc_t>(),
+      eps,
+      running};
   if (needs_64bit_index(dense.tensor)) {
     launch_reduction<decltype(acc), acc_t, int64_t>(acc, dense);
   } else {
@@ -133,14 +135,14 @@ void collect_stats(const cpu::DenseTensor& dense, at::Tensor& mean, at::Tensor& 
 }
 
 template <typename scalar_t, typename param_t>
-at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense,
-                     const at::Tensor& mean, const at::Tensor& invstd,
-                     const std::optional<at::Tensor>& weight,
+at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense, const at::Tensor& mean,
+                     const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
                      const std::optional<at::Tensor>& bias) {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor result = at::empty_like(input, input.suggest_memory_format());
   if (input.numel() == 0) return result;
-  at::Tensor out = result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+  at::Tensor out =
+      result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
   const kernels::DeviceView view = device_view(dense.view);
   const auto launch = [&](auto index) {
     using index_t = decltype(index);
@@ -158,8 +160,7 @@ at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense,
 
 template <typename scalar_t>
 std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output,
-                                            const cpu::DenseTensor& dense,
-                                            const at::Tensor& mean) {
+                                            const cpu::DenseTensor& dense, const at::Tensor& mean) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = dense.tensor.size(1);
   at::Tensor sum_dy = at::zeros({channels}, mean.options());
@@ -186,7 +187,8 @@ at::Tensor grad_input(bool training, const at::Tensor& grad_output, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor result = at::empty_like(input, input.suggest_memory_format());
   if (input.numel() == 0) return result;
-  at::Tensor out = result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+  at::Tensor out =
+      result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
   const at::Tensor dy = cpu::align_to(grad_output, dense);
   const kernels::DeviceView view = device_view(dense.view);
   const auto launch = [&](auto index) {
@@ -247,32 +249,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   const cpu::DenseTensor dense = cpu::make_dense(input);
   const int64_t channels = input.size(1);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_forward", [&] {
-    with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
-      using param_t = decltype(param);
-      if (!training) {
-        const at::Tensor mean = running_mean->reshape({channels}).to(stat_dtype(input.scalar_type())).contiguous();
-        const at::Tensor invstd = (running_var->reshape({channels}).to(mean.scalar_type()) + eps).rsqrt();
-        result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias),
-                  at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
-        return;
-      }
-      at::Tensor mean = at::zeros({channels}, stat_options(input));
-      at::Tensor m2 = at::zeros({channels}, stat_options(input));
-      at::Tensor invstd = at::zeros({channels}, stat_options(input));
-      const bool updates = has(running_mean);
-      // Counted on the device; the statistics kernel reads it for momentum = None.
-      if (updates && has(num_batches_tracked)) num_batches_tracked->add_(1);
-      RunningStats running(updates ? running_mean : std::nullopt, running_var);
-      if (input.numel() > 0) {
-        collect_stats<scalar_t, param_t>(dense, mean, m2, invstd, eps,
-                                         running.update<param_t>(num_batches_tracked, momentum));
-      }
-      running.finish();
-      result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias), mean,
-                invstd};
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_forward", [&] {
+        with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
+          using param_t = decltype(param);
+          if (!training) {
+            const at::Tensor mean =
+                running_mean->reshape({channels}).to(stat_dtype(input.scalar_type())).contiguous();
+            const at::Tensor invstd =
+                (running_var->reshape({channels}).to(mean.scalar_type()) + eps).rsqrt();
+            result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias),
+                      at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
+            return;
+          }
+          at::Tensor mean = at::zeros({channels}, stat_options(input));
+          at::Tensor m2 = at::zeros({channels}, stat_options(input));
+          at::Tensor invstd = at::zeros({channels}, stat_options(input));
+          const bool updates = has(running_mean);
+          // Counted on the device; the statistics kernel reads it for momentum = None.
+          if (updates && has(num_batches_tracked)) num_batches_tracked->add_(1);
+          RunningStats running(updates ? running_mean : std::nullopt, running_var);
+          if (input.numel() > 0) {
+            collect_stats<scalar_t, param_t>(
+                dense, mean, m2, invstd, eps,
+                running.update<param_t>(num_batches_tracked, momentum));
+          }
+          running.finish();
+          result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias), mean,
+                    invstd};
+        });
+      });
   return result;
 }
 
@@ -292,23 +298,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
                                      : (running_var->reshape({channels}).to(stat) + eps).rsqrt();
   const cpu::DenseTensor dense = cpu::make_dense(input);
   at::Tensor grad_in, grad_weight, grad_bias;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward", [&] {
-    with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
-      using param_t = decltype(param);
-      at::Tensor sum_dy, sum_dy_xmu;
-      if (output_mask[1] || output_mask[2] || (training && output_mask[0])) {
-        std::tie(sum_dy, sum_dy_xmu) = grad_sums<scalar_t>(grad_output, dense, mean);
-      }
-      if (output_mask[0]) {
-        grad_in = grad_input<scalar_t, param_t>(training, grad_output, input, dense, mean, invstd,
-                                                weight, sum_dy, sum_dy_xmu,
-                                                static_cast<double>(values_per_channel(input)));
-      }
-      const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
-      if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd).to(param_dtype);
-      if (output_mask[2]) grad_bias = sum_dy.to(param_dtype, false, /*copy=*/true);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward", [&] {
+        with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
+          using param_t = decltype(param);
+          at::Tensor sum_dy, sum_dy_xmu;
+          if (output_mask[1] || output_mask[2] || (training && output_mask[0])) {
+            std::tie(sum_dy, sum_dy_xmu) = grad_sums<scalar_t>(grad_output, dense, mean);
+          }
+          if (output_mask[0]) {
+            grad_in = grad_input<scalar_t, param_t>(training, grad_output, input, dense, mean,
+                                                    invstd, weight, sum_dy, sum_dy_xmu,
+                                                    static_cast<double>(values_per_channel(input)));
+          }
+          const at::ScalarType param_dtype =
+              has(weight) ? weight->scalar_type() : input.scalar_type();
+          if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd).to(param_dtype);
+          if (output_mask[2]) grad_bias = sum_dy.to(param_dtype, false, /*copy=*/true);
+        });
+      });
   return {grad_in, grad_weight, grad_bias};
 }
 
@@ -321,9 +329,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor
   at::Tensor invstd = at::zeros({channels}, stat_options(input));
   if (input.numel() > 0) {
     const cpu::DenseTensor dense = cpu::make_dense(input);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_stats", [&] {
-      collect_stats<scalar_t, scalar_t>(dense, mean, m2, invstd, 0.0, {});
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_stats",
+        [&] { collect_stats<scalar_t, scalar_t>(dense, mean, m2, invstd, 0.0, {}); });
   }
   return {at::full({1}, static_cast<double>(values_per_channel(input)), stat_options(input)), mean,
           m2};
@@ -345,17 +353,18 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
   RunningStats running(running_mean, running_var);
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "batch_norm_gather_stats_with_counts", [&] {
     using acc_t = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf,
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf,
         has(running_mean) ? running_mean->scalar_type() : mean.scalar_type(), "running", [&] {
-      using param_t = scalar_t;
-      merge_rank_stats_kernel<acc_t, param_t>
-          <<<elementwise_blocks(channels), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              means.const_data_ptr<acc_t>(), m2s.const_data_ptr<acc_t>(),
-              rank_counts.const_data_ptr<acc_t>(), ranks, channels,
-              out_mean.mutable_data_ptr<acc_t>(), out_invstd.mutable_data_ptr<acc_t>(), eps,
-              running.update<param_t>(num_batches_tracked, momentum));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+          using param_t = scalar_t;
+          merge_rank_stats_kernel<acc_t, param_t>
+              <<<elementwise_blocks(channels), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  means.const_data_ptr<acc_t>(), m2s.const_data_ptr<acc_t>(),
+                  rank_counts.const_data_ptr<acc_t>(), ranks, channels,
+                  out_mean.mutable_data_ptr<acc_t>(), out_invstd.mutable_data_ptr<acc_t>(), eps,
+                  running.update<param_t>(num_batches_tracked, momentum));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   });
   running.finish();
   return {out_mean, out_invstd};
@@ -368,12 +377,14 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Ten
   const c10::cuda::CUDAGuard guard(input.device());
   const cpu::DenseTensor dense = cpu::make_dense(input);
   at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_elemt", [&] {
-    with_param_type<scalar_t>(weight, bias, [&](auto param) {
-      result = normalize<scalar_t, decltype(param)>(input, dense, mean.reshape({-1}).contiguous(),
-                                                    invstd.reshape({-1}).contiguous(), weight, bias);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_elemt", [&] {
+        with_param_type<scalar_t>(weight, bias, [&](auto param) {
+          result =
+              normalize<scalar_t, decltype(param)>(input, dense, mean.reshape({-1}).contiguous(),
+                                                   invstd.reshape({-1}).contiguous(), weight, bias);
+        });
+      });
   return result;
 }
 
@@ -387,9 +398,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
   const c10::cuda::CUDAGuard guard(input.device());
   const cpu::DenseTensor dense = cpu::make_dense(input);
   at::Tensor sum_dy, sum_dy_xmu;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_reduce", [&] {
-    std::tie(sum_dy, sum_dy_xmu) = grad_sums<scalar_t>(grad_output, dense, mean.reshape({-1}).contiguous());
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_reduce", [&] {
+        std::tie(sum_dy, sum_dy_xmu) =
+            grad_sums<scalar_t>(grad_output, dense, mean.reshape({-1}).contiguous());
+      });
   const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
   return {input_g ? sum_dy : at::Tensor(), input_g ? sum_dy_xmu : at::Tensor(),
           weight_g ? (sum_dy_xmu * invstd.reshape({-1})).to(param_dtype) : at::Tensor(),
@@ -407,14 +420,15 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
   // The total count is needed on the host for the launch arguments: one small sync.
   const double total = count.sum().item<double>();
   at::Tensor result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_elemt", [&] {
-    with_param_type<scalar_t>(weight, std::nullopt, [&](auto param) {
-      result = grad_input<scalar_t, decltype(param)>(
-          true, grad_output, input, dense, mean.reshape({-1}).contiguous(),
-          invstd.reshape({-1}).contiguous(), weight, sum_dy.reshape({-1}).contiguous(),
-          sum_dy_xmu.reshape({-1}).contiguous(), total);
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_backward_elemt", [&] {
+        with_param_type<scalar_t>(weight, std::nullopt, [&](auto param) {
+          result = grad_input<scalar_t, decltype(param)>(
+              true, grad_output, input, dense, mean.reshape({-1}).contiguous(),
+              invstd.reshape({-1}).contiguous(), weight, sum_dy.reshape({-1}).contiguous(),
+              sum_dy_xmu.reshape({-1}).contiguous(), total);
+        });
+      });
   return result;
 }
 

@@ -72,8 +72,8 @@ torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input)
   const bool use_batch_stats = training || !running_mean.defined();
   const bool updates = training && options.track_running_stats();
   return custom_bn::batch_norm(input, detail::if_defined(weight), detail::if_defined(bias),
-                               detail::if_defined(running_mean), detail::if_defined(running_var), use_batch_stats,
-                               options.momentum(), options.eps(),
+                               detail::if_defined(running_mean), detail::if_defined(running_var),
+                               use_batch_stats, options.momentum(), options.eps(),
                                updates ? detail::if_defined(num_batches_tracked) : std::nullopt);
 }
 

@@ -31,8 +31,8 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
     const int64_t channels = mean.numel();
     const torch::Tensor counts = stats.select(1, 0);
     const auto [global_mean, invstd] = custom_bn::batch_norm_gather_stats_with_counts(
-        stats.narrow(1, 1, channels), stats.narrow(1, 1 + channels, channels), counts,
-        running_mean, running_var, num_batches_tracked, momentum, eps);
+        stats.narrow(1, 1, channels), stats.narrow(1, 1 + channels, channels), counts, running_mean,
+        running_var, num_batches_tracked, momentum, eps);
     ctx->save_for_backward({input, weight.value_or(torch::Tensor()), global_mean, invstd, counts});
     ctx->saved_data["has_weight"] = weight.has_value();
     ctx->saved_data["has_bias"] = bias.has_value();
@@ -42,8 +42,8 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
     const variable_list saved = ctx->get_saved_variables();
-    const torch::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2],
-                        &invstd = saved[3], &counts = saved[4];
+    const torch::Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &invstd = saved[3],
+                        &counts = saved[4];
     const bool has_weight = ctx->saved_data["has_weight"].toBool();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     // Absent optionals have no graph edge: bias is edge 1 or 2.
@@ -92,10 +92,10 @@ torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
     return BatchNormImplBase::forward(input);
   }
   const bool updates = options.track_running_stats();
-  return SyncBatchNormFunction::apply(
-      input, if_defined(weight), if_defined(bias), if_defined(running_mean),
-      if_defined(running_var), updates ? if_defined(num_batches_tracked) : std::nullopt,
-      options.momentum(), options.eps(), process_group);
+  return SyncBatchNormFunction::apply(input, if_defined(weight), if_defined(bias),
+                                      if_defined(running_mean), if_defined(running_var),
+                                      updates ? if_defined(num_batches_tracked) : std::nullopt,
+                                      options.momentum(), options.eps(), process_group);
 }
 
 void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {

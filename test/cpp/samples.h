@@ -14,10 +14,14 @@ enum class Layout { kContiguous, kChannelsLast, kSliced, kTransposed };
 
 inline const char* layout_name(Layout layout) {
   switch (layout) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kChannelsLast: return "channels_last";
-    case Layout::kSliced: return "sliced";
-    case Layout::kTransposed: return "transposed";
+    case Layout::kContiguous:
+      return "contiguous";
+    case Layout::kChannelsLast:
+      return "channels_last";
+    case Layout::kSliced:
+      return "sliced";
+    case Layout::kTransposed:
+      return "transposed";
   }
   return "?";
 }
@@ -37,19 +41,27 @@ inline std::string dtype_name(const DtypePair& d) {
 // Reduced precision differs from torch by an ulp of the output.
 inline std::pair<double, double> tolerance(torch::Dtype dtype) {
   switch (dtype) {
-    case torch::kDouble: return {1e-9, 1e-9};
-    case torch::kFloat: return {1e-5, 1e-5};
-    case torch::kHalf: return {4e-3, 4e-3};
-    default: return {3e-2, 3e-2};
+    case torch::kDouble:
+      return {1e-9, 1e-9};
+    case torch::kFloat:
+      return {1e-5, 1e-5};
+    case torch::kHalf:
+      return {4e-3, 4e-3};
+    default:
+      return {3e-2, 3e-2};
   }
 }
 
 inline std::vector<int64_t> shape_for(int64_t dim) {
   switch (dim) {
-    case 2: return {12, 5};
-    case 3: return {4, 6, 7};
-    case 4: return {3, 5, 6, 7};
-    default: return {2, 3, 4, 5, 3};
+    case 2:
+      return {12, 5};
+    case 3:
+      return {4, 6, 7};
+    case 4:
+      return {3, 5, 6, 7};
+    default:
+      return {2, 3, 4, 5, 3};
   }
 }
 
@@ -63,10 +75,11 @@ inline torch::Tensor make_input(std::vector<int64_t> shape, torch::Dtype dtype, 
     case Layout::kSliced: {
       shape.front() *= 2;
       shape.back() *= 2;
-      using torch::indexing::Slice;
       using torch::indexing::Ellipsis;
-      return torch::randn(shape).to(dtype).index({Slice(torch::indexing::None, torch::indexing::None, 2), Ellipsis,
-                                                   Slice(torch::indexing::None, torch::indexing::None, 2)});
+      using torch::indexing::Slice;
+      return torch::randn(shape).to(dtype).index(
+          {Slice(torch::indexing::None, torch::indexing::None, 2), Ellipsis,
+           Slice(torch::indexing::None, torch::indexing::None, 2)});
     }
     case Layout::kTransposed:
       std::swap(shape[shape.size() - 1], shape[shape.size() - 2]);
@@ -89,9 +102,15 @@ struct Sample {
     auto copy = [](const torch::Tensor& t, bool grad) {
       return t.defined() ? t.detach().clone().requires_grad_(grad) : torch::Tensor();
     };
-    return {copy(input, requires_grad), copy(weight, requires_grad), copy(bias, requires_grad),
-            copy(running_mean, false), copy(running_var, false),
-            copy(num_batches_tracked, false), training, momentum, eps};
+    return {copy(input, requires_grad),
+            copy(weight, requires_grad),
+            copy(bias, requires_grad),
+            copy(running_mean, false),
+            copy(running_var, false),
+            copy(num_batches_tracked, false),
+            training,
+            momentum,
+            eps};
   }
 };
 

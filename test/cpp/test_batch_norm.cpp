@@ -18,29 +18,30 @@ struct Case {
 
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   const Case& c = info.param;
-  std::string name = std::to_string(c.dim) + "d_" + layout_name(c.layout) + "_" +
-                     dtype_name(c.dtype) + (c.training ? "_train" : "_eval") +
-                     (c.affine ? "_affine" : "_noaffine") +
-                     (c.running_stats ? "_stats" : "_nostats") +
-                     (c.momentum ? "_momentum" : "_cumulative");
+  std::string name =
+      std::to_string(c.dim) + "d_" + layout_name(c.layout) + "_" + dtype_name(c.dtype) +
+      (c.training ? "_train" : "_eval") + (c.affine ? "_affine" : "_noaffine") +
+      (c.running_stats ? "_stats" : "_nostats") + (c.momentum ? "_momentum" : "_cumulative");
   return name;
 }
 
 std::vector<Case> all_cases() {
-  const DtypePair dtypes[] = {{torch::kFloat, torch::kFloat},       {torch::kDouble, torch::kDouble},
-                              {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
-                              {torch::kBFloat16, torch::kFloat},    {torch::kHalf, torch::kFloat}};
+  const DtypePair dtypes[] = {
+      {torch::kFloat, torch::kFloat},       {torch::kDouble, torch::kDouble},
+      {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
+      {torch::kBFloat16, torch::kFloat},    {torch::kHalf, torch::kFloat}};
   std::vector<Case> cases;
   for (int64_t dim : {2, 3, 4, 5}) {
-    for (Layout layout : {Layout::kContiguous, Layout::kChannelsLast, Layout::kSliced,
-                          Layout::kTransposed}) {
+    for (Layout layout :
+         {Layout::kContiguous, Layout::kChannelsLast, Layout::kSliced, Layout::kTransposed}) {
       if (layout == Layout::kChannelsLast && dim < 4) continue;
       for (const DtypePair& dtype : dtypes) {
         for (bool training : {true, false}) {
           for (bool affine : {true, false}) {
             for (bool stats : {true, false}) {
-              for (std::optional<double> momentum : {std::optional<double>(0.1), std::optional<double>()}) {
-                if (!training && !stats) continue;           // an error: tested below
+              for (std::optional<double> momentum :
+                   {std::optional<double>(0.1), std::optional<double>()}) {
+                if (!training && !stats) continue;                // an error: tested below
                 if (!momentum && !(training && stats)) continue;  // no update: momentum unused
                 cases.push_back({dim, layout, dtype, training, affine, stats, momentum});
               }
@@ -94,8 +95,8 @@ INSTANTIATE_TEST_SUITE_P(Matrix, BatchNormParity, ::testing::ValuesIn(all_cases(
 class BatchNorm : public SeededTest {};
 
 TEST_F(BatchNorm, EmptyBatchCountsTheCallAndGivesZeroParamGrads) {
-  Sample s = make_sample({0, 4, 3, 3}, {torch::kFloat, torch::kFloat}, Layout::kContiguous,
-                         true, true, true, 0.1);
+  Sample s = make_sample({0, 4, 3, 3}, {torch::kFloat, torch::kFloat}, Layout::kContiguous, true,
+                         true, true, 0.1);
   const Sample before = s.clone();
   s.weight.requires_grad_();
   s.bias.requires_grad_();
@@ -135,7 +136,8 @@ TEST_F(BatchNorm, StageOpsComposeToTheWholeBatch) {
   const auto [mean, invstd] = custom_bn::batch_norm_gather_stats_with_counts(
       torch::stack(means), torch::stack(m2s), torch::cat(counts), rm, rv, nbt, 0.1, 1e-5);
   std::vector<torch::Tensor> outs;
-  for (const auto& part : parts) outs.push_back(custom_bn::batch_norm_elemt(part, w, b, mean, invstd));
+  for (const auto& part : parts)
+    outs.push_back(custom_bn::batch_norm_elemt(part, w, b, mean, invstd));
   const torch::Tensor expected = torch::batch_norm(x, w, b, ref_rm, ref_rv, true, 0.1, 1e-5, false);
   expect_close(torch::cat(outs), expected, tolerance(torch::kFloat), "output");
   expect_close(rm, ref_rm, tolerance(torch::kFloat), "running_mean");
@@ -155,22 +157,49 @@ class BatchNormErrors : public SeededTest {};
 
 TEST_F(BatchNormErrors, EachBadCallRaisesAndMutatesNothing) {
   const std::vector<ErrorCase> cases = {
-      {"1-D input", [](Sample& s) { s.input = torch::randn({5}); }, {"input", "at least 2 dimensions"}},
-      {"integer input", [](Sample& s) { s.input = torch::ones({4, 3}, torch::kLong); }, {"input", "Long"}},
+      {"1-D input",
+       [](Sample& s) { s.input = torch::randn({5}); },
+       {"input", "at least 2 dimensions"}},
+      {"integer input",
+       [](Sample& s) {
+         s.input = torch::ones({4, 3}, torch::kLong);
+       },
+       {"input", "Long"}},
       {"weight size", [](Sample& s) { s.weight = torch::ones({4}); }, {"weight", "3 elements"}},
       {"bias size", [](Sample& s) { s.bias = torch::ones({2}); }, {"bias", "3 elements"}},
-      {"running_mean size", [](Sample& s) { s.running_mean = torch::zeros({5}); }, {"running_mean", "3 elements"}},
-      {"only running_mean", [](Sample& s) { s.running_var = torch::Tensor(); }, {"running_mean", "running_var"}},
-      {"weight dtype", [](Sample& s) { s.weight = torch::ones({3}, torch::kDouble); }, {"weight", "Double"}},
-      {"weight device", [](Sample& s) { s.weight = torch::ones({3}, torch::Device("meta")); }, {"weight", "device"}},
-      {"one value per channel", [](Sample& s) { s.input = torch::randn({1, 3}); }, {"Expected more than 1 value per channel when training"}},
+      {"running_mean size",
+       [](Sample& s) { s.running_mean = torch::zeros({5}); },
+       {"running_mean", "3 elements"}},
+      {"only running_mean",
+       [](Sample& s) { s.running_var = torch::Tensor(); },
+       {"running_mean", "running_var"}},
+      {"weight dtype",
+       [](Sample& s) { s.weight = torch::ones({3}, torch::kDouble); },
+       {"weight", "Double"}},
+      {"weight device",
+       [](Sample& s) { s.weight = torch::ones({3}, torch::Device("meta")); },
+       {"weight", "device"}},
+      {"one value per channel",
+       [](Sample& s) {
+         s.input = torch::randn({1, 3});
+       },
+       {"Expected more than 1 value per channel when training"}},
       {"eval without stats",
-       [](Sample& s) { s.training = false; s.running_mean = torch::Tensor(); s.running_var = torch::Tensor(); },
+       [](Sample& s) {
+         s.training = false;
+         s.running_mean = torch::Tensor();
+         s.running_var = torch::Tensor();
+       },
        {"running_mean must be defined in evaluation mode"}},
       {"momentum None without counter",
-       [](Sample& s) { s.momentum = std::nullopt; s.num_batches_tracked = torch::Tensor(); },
+       [](Sample& s) {
+         s.momentum = std::nullopt;
+         s.num_batches_tracked = torch::Tensor();
+       },
        {"momentum=None", "num_batches_tracked"}},
-      {"counter dtype", [](Sample& s) { s.num_batches_tracked = torch::zeros({}); }, {"num_batches_tracked", "int64"}},
+      {"counter dtype",
+       [](Sample& s) { s.num_batches_tracked = torch::zeros({}); },
+       {"num_batches_tracked", "int64"}},
   };
   for (const ErrorCase& c : cases) {
     SCOPED_TRACE(c.name);
@@ -200,12 +229,12 @@ TEST_F(BatchNormErrors, EachBadCallRaisesAndMutatesNothing) {
 }
 
 TEST_F(BatchNormErrors, ErrorTypesMatchTorch) {
-  EXPECT_THROW(custom_bn::batch_norm(torch::ones({4, 3}, torch::kLong), {}, {}, {}, {}, true, 0.1,
-                                     1e-5),
-               c10::NotImplementedError);
-  EXPECT_THROW(custom_bn::batch_norm(torch::randn({4, 3}), {}, {}, torch::zeros({3}), {}, true,
-                                     0.1, 1e-5),
-               c10::ValueError);
+  EXPECT_THROW(
+      custom_bn::batch_norm(torch::ones({4, 3}, torch::kLong), {}, {}, {}, {}, true, 0.1, 1e-5),
+      c10::NotImplementedError);
+  EXPECT_THROW(
+      custom_bn::batch_norm(torch::randn({4, 3}), {}, {}, torch::zeros({3}), {}, true, 0.1, 1e-5),
+      c10::ValueError);
 }
 
 TEST_F(BatchNormErrors, OneValuePerChannelIsAValueError) {
@@ -236,8 +265,8 @@ TEST(BatchNormDevice, MatchesTorch_CUDA) {
     Sample ours = sample.clone(true), ref = sample.clone(true);
     const torch::Tensor out = custom_bn::batch_norm(
         ours.input, Sample::opt(ours.weight), Sample::opt(ours.bias),
-        Sample::opt(ours.running_mean), Sample::opt(ours.running_var), ours.training,
-        ours.momentum, ours.eps, Sample::opt(ours.num_batches_tracked));
+        Sample::opt(ours.running_mean), Sample::opt(ours.running_var), ours.training, ours.momentum,
+        ours.eps, Sample::opt(ours.num_batches_tracked));
     const torch::Tensor expected = reference_batch_norm(ref);
     expect_close(out.cpu(), expected.cpu(), tolerance(c.dtype.input), "output");
     out.backward(torch::ones_like(out));

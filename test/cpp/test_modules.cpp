@@ -22,7 +22,8 @@ TEST_F(Modules, Stateful) {
   EXPECT_EQ(bn->parameters().size(), 2u);
   EXPECT_EQ(bn->buffers().size(), 3u);
   const auto names = bn->named_buffers().keys();
-  EXPECT_EQ(names, (std::vector<std::string>{"running_mean", "running_var", "num_batches_tracked"}));
+  EXPECT_EQ(names,
+            (std::vector<std::string>{"running_mean", "running_var", "num_batches_tracked"}));
 }
 
 TEST_F(Modules, Stateless) {
@@ -116,8 +117,10 @@ TEST_P(ModulesLockstep, TrainsLikeTorch) {
     return BatchNormOptions(n).momentum(c.momentum).affine(c.affine).track_running_stats(c.track);
   };
   auto theirs = [&](int64_t n) {
-    return torch::nn::BatchNormOptions(n).momentum(c.momentum).affine(c.affine).track_running_stats(
-        c.track);
+    return torch::nn::BatchNormOptions(n)
+        .momentum(c.momentum)
+        .affine(c.affine)
+        .track_running_stats(c.track);
   };
   expect_lockstep(BatchNorm1d(ours(6)), torch::nn::BatchNorm1d(theirs(6)), {16, 6}, 3);
   expect_lockstep(BatchNorm1d(ours(6)), torch::nn::BatchNorm1d(theirs(6)), {8, 6, 5}, 3);
@@ -204,9 +207,10 @@ TEST(Readme, CppSnippetRuns) {
 
   // A drop-in for torch::nn::BatchNorm2d: same options, parameter and buffer names (a
   // torch::save of one loads into the other), reset(), pretty_print, clone().
-  torch::nn::Sequential net(torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 16, 3).padding(1)),
-                            custom_bn::BatchNorm2d(custom_bn::BatchNormOptions(16).momentum(std::nullopt)),
-                            torch::nn::ReLU());
+  torch::nn::Sequential net(
+      torch::nn::Conv2d(torch::nn::Conv2dOptions(1, 16, 3).padding(1)),
+      custom_bn::BatchNorm2d(custom_bn::BatchNormOptions(16).momentum(std::nullopt)),
+      torch::nn::ReLU());
 
   // The functional API calls through the dispatcher: autograd and every backend apply.
   torch::Tensor y = custom_bn::batch_norm(x, weight, bias, running_mean, running_var,

@@ -17,8 +17,7 @@ struct StepResult {
 StepResult training_step(const Sample& sample) {
   Sample s = sample.clone(/*requires_grad=*/true);
   torch::Tensor out = custom_bn::batch_norm(s.input, s.weight, s.bias, s.running_mean,
-                                            s.running_var, true, 0.1, 1e-5,
-                                            s.num_batches_tracked);
+                                            s.running_var, true, 0.1, 1e-5, s.num_batches_tracked);
   out.backward(torch::cos(out.detach() * 3));
   return {out, s.running_mean, s.running_var, s.input.grad(), s.weight.grad()};
 }
@@ -34,8 +33,8 @@ void expect_identical(const StepResult& a, const StepResult& b) {
 TEST_F(Reliability, BitwiseIdenticalForAnyThreadCount) {
   const int threads = at::get_num_threads();
   for (Layout layout : {Layout::kContiguous, Layout::kChannelsLast}) {
-    const Sample sample = make_sample({16, 8, 24, 24}, {torch::kFloat, torch::kFloat}, layout,
-                                      true, true, true, 0.1);
+    const Sample sample =
+        make_sample({16, 8, 24, 24}, {torch::kFloat, torch::kFloat}, layout, true, true, true, 0.1);
     std::vector<StepResult> results;
     for (int n : {1, 2, 3, 4}) {
       at::set_num_threads(n);

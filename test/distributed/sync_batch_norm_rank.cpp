@@ -63,8 +63,8 @@ void check_split(const c10::intrusive_ptr<c10d::ProcessGroup>& group,
     y_whole.backward(grad);
     expect_close(y_mine, y_whole.narrow(0, start, split[rank]), "output");
     expect_close(x_mine.grad(), x_whole.grad().narrow(0, start, split[rank]), "grad input");
-    for (auto [ours, reference] : {std::pair{sync->weight, whole->weight},
-                                   std::pair{sync->bias, whole->bias}}) {
+    for (auto [ours, reference] :
+         {std::pair{sync->weight, whole->weight}, std::pair{sync->bias, whole->bias}}) {
       std::vector<torch::Tensor> summed{ours.grad().clone()};
       group->allreduce(summed)->wait();  // local grads, summed as DDP would (then averaged)
       expect_close(summed[0], reference.grad(), "grad weight/bias summed over ranks");

@@ -78,7 +78,8 @@ void fiber_main() {
     if (b.error.empty()) b.error = e.what();
   }
   if (b.block_barrier.arrived > 0 && b.error.empty()) {
-    b.error = "a thread exited while others wait at sync_block(): a barrier not every thread reaches";
+    b.error =
+        "a thread exited while others wait at sync_block(): a barrier not every thread reaches";
   }
   b.fibers[b.current].finished = true;
   yield_to_scheduler();  // never resumed

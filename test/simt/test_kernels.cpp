@@ -57,8 +57,8 @@ void run_and_compare(const Config& cfg) {
   const int64_t N = cfg.shape[0], C = cfg.shape[1];
   int64_t S = 1;
   for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
-  const DeviceView view = cfg.channels_last ? DeviceView{true, N * S, C, 1}
-                                            : DeviceView{false, N, C, S};
+  const DeviceView view =
+      cfg.channels_last ? DeviceView{true, N * S, C, 1} : DeviceView{false, N, C, S};
   torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
   torch::Tensor running_mean = torch::randn({C}).to(cfg.param_dtype);
@@ -75,38 +75,46 @@ void run_and_compare(const Config& cfg) {
   torch::Tensor partials = torch::empty({C * cfg.slices * 3}, opts);
   torch::Tensor arrivals = torch::zeros({groups}, torch::kInt);
   kernels::StatsAccumulator<scalar_t, acc_t, param_t> stats{
-      x.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), m2.data_ptr<acc_t>(),
-      invstd.data_ptr<acc_t>(), 1e-5,
-      {running_mean.data_ptr<param_t>(), running_var.data_ptr<param_t>(),
-       nbt.data_ptr<int64_t>(), -1.0}};
+      x.data_ptr<scalar_t>(),
+      mean.data_ptr<acc_t>(),
+      m2.data_ptr<acc_t>(),
+      invstd.data_ptr<acc_t>(),
+      1e-5,
+      {running_mean.data_ptr<param_t>(), running_var.data_ptr<param_t>(), nbt.data_ptr<int64_t>(),
+       -1.0}};
   using StatsAcc = decltype(stats);
-  simt::launch({cfg.slices, groups}, cfg.threads,
-               kernels::reduce_shared_bytes<StatsAcc, acc_t>(cfg.threads), [&] {
-                 kernels::reduce_channels<StatsAcc, acc_t, index_t>(
-                     stats, view, partials.data_ptr<acc_t>(), arrivals.data_ptr<int>());
-               }, seed);
+  simt::launch(
+      {cfg.slices, groups}, cfg.threads, kernels::reduce_shared_bytes<StatsAcc, acc_t>(cfg.threads),
+      [&] {
+        kernels::reduce_channels<StatsAcc, acc_t, index_t>(stats, view, partials.data_ptr<acc_t>(),
+                                                           arrivals.data_ptr<int>());
+      },
+      seed);
   EXPECT_EQ(arrivals.sum().item<int>(), 0) << "the counters are left zeroed for the next launch";
 
   torch::Tensor y = torch::empty_like(x);
-  simt::launch({3, 1}, cfg.threads, 0, [&] {
-    kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
-        x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
-        invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>());
-  }, seed + 1);
+  simt::launch(
+      {3, 1}, cfg.threads, 0,
+      [&] {
+        kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
+            invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>());
+      },
+      seed + 1);
 
   // The reference: torch's batch norm and autograd, with the same momentum (1 / 4).
   torch::Tensor x_ref = x.detach().clone().requires_grad_();
   torch::Tensor w_ref = weight.detach().clone().requires_grad_();
-  torch::Tensor y_ref = torch::batch_norm(x_ref, w_ref, bias, ref_mean, ref_var, true, 0.25,
-                                          1e-5, false);
+  torch::Tensor y_ref =
+      torch::batch_norm(x_ref, w_ref, bias, ref_mean, ref_var, true, 0.25, 1e-5, false);
   const double tol = cfg.input_dtype == torch::kDouble  ? 1e-9
                      : cfg.input_dtype == torch::kFloat ? 1e-4
                      : cfg.input_dtype == torch::kHalf  ? 4e-3
                                                         : 3e-2;
   auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what,
                    double scale = 1.0) {
-    EXPECT_TRUE(torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol * scale,
-                                tol * scale))
+    EXPECT_TRUE(
+        torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol * scale, tol * scale))
         << what << ": max abs difference "
         << (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
   };
@@ -122,28 +130,37 @@ void run_and_compare(const Config& cfg) {
                                                  mean.data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(),
                                                  sum_dy_xmu.data_ptr<acc_t>()};
   using GradAcc = decltype(sums);
-  simt::launch({cfg.slices, groups}, cfg.threads,
-               kernels::reduce_shared_bytes<GradAcc, acc_t>(cfg.threads), [&] {
-                 kernels::reduce_channels<GradAcc, acc_t, index_t>(
-                     sums, view, partials.data_ptr<acc_t>(), arrivals.data_ptr<int>());
-               }, seed + 2);
+  simt::launch(
+      {cfg.slices, groups}, cfg.threads, kernels::reduce_shared_bytes<GradAcc, acc_t>(cfg.threads),
+      [&] {
+        kernels::reduce_channels<GradAcc, acc_t, index_t>(sums, view, partials.data_ptr<acc_t>(),
+                                                          arrivals.data_ptr<int>());
+      },
+      seed + 2);
   torch::Tensor grad_input = torch::empty_like(x);
-  simt::launch({2, 1}, cfg.threads, 0, [&] {
-    kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(), view,
-        mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-        sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), static_cast<acc_t>(N * S), true);
-  }, seed + 3);
+  simt::launch(
+      {2, 1}, cfg.threads, 0,
+      [&] {
+        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
+            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
+            view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
+            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), static_cast<acc_t>(N * S),
+            true);
+      },
+      seed + 3);
   close(grad_input, x_ref.grad(), "grad input");
 
   // Eval: the statistics are constants, grad_input = dy * invstd * weight.
   torch::Tensor grad_input_eval = torch::empty_like(x);
-  simt::launch({2, 1}, cfg.threads, 0, [&] {
-    kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
-        grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input_eval.data_ptr<scalar_t>(),
-        view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-        nullptr, nullptr, static_cast<acc_t>(N * S), false);
-  }, seed + 4);
+  simt::launch(
+      {2, 1}, cfg.threads, 0,
+      [&] {
+        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
+            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input_eval.data_ptr<scalar_t>(),
+            view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
+            nullptr, nullptr, static_cast<acc_t>(N * S), false);
+      },
+      seed + 4);
   std::vector<int64_t> channel_shape(cfg.shape.size(), 1);
   channel_shape[1] = C;
   const torch::Tensor scale = (invstd * weight.to(acc_dtype)).view(channel_shape);
@@ -168,19 +185,24 @@ void dispatch_params(const Config& cfg) {
 TEST_P(SimtKernels, MatchTorch) {
   const Config& cfg = GetParam();
   switch (cfg.input_dtype) {
-    case torch::kFloat: return dispatch_params<float>(cfg);
-    case torch::kDouble: return dispatch_params<double>(cfg);
-    case torch::kBFloat16: return dispatch_params<c10::BFloat16>(cfg);
-    default: return dispatch_params<c10::Half>(cfg);
+    case torch::kFloat:
+      return dispatch_params<float>(cfg);
+    case torch::kDouble:
+      return dispatch_params<double>(cfg);
+    case torch::kBFloat16:
+      return dispatch_params<c10::BFloat16>(cfg);
+    default:
+      return dispatch_params<c10::Half>(cfg);
   }
 }
 
 std::vector<Config> configs() {
   std::vector<Config> out;
-  const std::pair<torch::Dtype, torch::Dtype> dtypes[] = {
-      {torch::kFloat, torch::kFloat}, {torch::kDouble, torch::kDouble},
-      {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
-      {torch::kBFloat16, torch::kFloat}};
+  const std::pair<torch::Dtype, torch::Dtype> dtypes[] = {{torch::kFloat, torch::kFloat},
+                                                          {torch::kDouble, torch::kDouble},
+                                                          {torch::kBFloat16, torch::kBFloat16},
+                                                          {torch::kHalf, torch::kHalf},
+                                                          {torch::kBFloat16, torch::kFloat}};
   for (const auto& [input, param] : dtypes) {
     // Many blocks per channel; partial warps and blocks (values not a multiple of threads).
     out.push_back({{5, 3, 7, 11}, false, input, param, 64, 4, false});
@@ -217,14 +239,18 @@ TEST(SimtMergeRanks, MatchesTheWholeBatch) {
   torch::Tensor mean = torch::empty({C}), invstd = torch::empty({C});
   torch::Tensor running_mean = torch::zeros({C}), running_var = torch::ones({C});
   torch::Tensor ref_mean = running_mean.clone(), ref_var = running_var.clone();
-  simt::launch({2, 1}, 32, 0, [&] {
-    kernels::merge_rank_stats<float, float>(
-        all_means.data_ptr<float>(), all_m2s.data_ptr<float>(), all_counts.data_ptr<float>(), 4,
-        C, mean.data_ptr<float>(), invstd.data_ptr<float>(), 1e-5,
-        kernels::RunningUpdate<float>{running_mean.data_ptr<float>(),
-                                      running_var.data_ptr<float>(), nullptr, 0.1});
-  }, seed);
-  const torch::Tensor y_ref = torch::batch_norm(x, {}, {}, ref_mean, ref_var, true, 0.1, 1e-5, false);
+  simt::launch(
+      {2, 1}, 32, 0,
+      [&] {
+        kernels::merge_rank_stats<float, float>(
+            all_means.data_ptr<float>(), all_m2s.data_ptr<float>(), all_counts.data_ptr<float>(), 4,
+            C, mean.data_ptr<float>(), invstd.data_ptr<float>(), 1e-5,
+            kernels::RunningUpdate<float>{running_mean.data_ptr<float>(),
+                                          running_var.data_ptr<float>(), nullptr, 0.1});
+      },
+      seed);
+  const torch::Tensor y_ref =
+      torch::batch_norm(x, {}, {}, ref_mean, ref_var, true, 0.1, 1e-5, false);
   const torch::Tensor y = (x - mean.view({1, C, 1})) * invstd.view({1, C, 1});
   EXPECT_TRUE(torch::allclose(y, y_ref, 1e-4, 1e-4)) << "seed " << seed;
   EXPECT_TRUE(torch::allclose(running_mean, ref_mean, 1e-5, 1e-5));
@@ -236,17 +262,20 @@ TEST(SimtMergeRanks, MatchesTheWholeBatch) {
 // Sums a block's thread indices through shared memory; `synchronized` false drops the barrier.
 double shared_sum(bool synchronized, uint64_t seed) {
   double result = 0;
-  simt::launch({1, 1}, 64, 64 * sizeof(double), [&] {
-    int offset = 0;
-    double* slots = simt::shared_array<double>(64, offset);
-    slots[simt::thread_index()] = simt::thread_index();
-    if (synchronized) simt::sync_block();
-    if (simt::thread_index() == 0) {
-      double sum = 0;
-      for (int i = 0; i < 64; ++i) sum += slots[i];
-      result = sum;
-    }
-  }, seed);
+  simt::launch(
+      {1, 1}, 64, 64 * sizeof(double),
+      [&] {
+        int offset = 0;
+        double* slots = simt::shared_array<double>(64, offset);
+        slots[simt::thread_index()] = simt::thread_index();
+        if (synchronized) simt::sync_block();
+        if (simt::thread_index() == 0) {
+          double sum = 0;
+          for (int i = 0; i < 64; ++i) sum += slots[i];
+          result = sum;
+        }
+      },
+      seed);
   return result;
 }
 
@@ -274,9 +303,10 @@ TEST(SimtHarness, CatchesAnOutOfBoundsWrite) {
 }
 
 TEST(SimtHarness, CatchesABarrierNotEveryThreadReaches) {
-  EXPECT_THROW(simt::launch({1, 1}, 64, 0, [] {
-                 if (simt::thread_index() < 32) simt::sync_block();
-               }),
+  EXPECT_THROW(simt::launch({1, 1}, 64, 0,
+                            [] {
+                              if (simt::thread_index() < 32) simt::sync_block();
+                            }),
                std::runtime_error);
 }
 

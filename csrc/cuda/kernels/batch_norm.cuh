@@ -8,8 +8,8 @@
 // partials in slice order and finishes: the same result for any block order.
 #pragma once
 
-#include "cuda/simt.h"
 #include "batch_norm_math.h"
+#include "cuda/simt.h"
 
 #include <cstdint>
 
@@ -53,8 +53,8 @@ struct RunningUpdate {
     const acc_t factor = momentum >= 0 ? static_cast<acc_t>(momentum)
                                        : acc_t(1) / static_cast<acc_t>(*num_batches_tracked);
     mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(mean[c]), batch.mean, factor));
-    var[c] = static_cast<param_t>(running_update(static_cast<acc_t>(var[c]),
-                                                 unbiased_var(batch.m2, batch.count), factor));
+    var[c] = static_cast<param_t>(
+        running_update(static_cast<acc_t>(var[c]), unbiased_var(batch.m2, batch.count), factor));
   }
 };
 
@@ -247,8 +247,8 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const D
   const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
                         static_cast<index_t>(v.inner);
   const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
-  for (index_t i = static_cast<index_t>(simt::block_x()) * simt::block_size() +
-                   simt::thread_index();
+  for (index_t i =
+           static_cast<index_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
        i < numel; i += stride) {
     const index_t c = channel_of(v, i);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
@@ -267,17 +267,17 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
   const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
                         static_cast<index_t>(v.inner);
   const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
-  for (index_t i = static_cast<index_t>(simt::block_x()) * simt::block_size() +
-                   simt::thread_index();
+  for (index_t i =
+           static_cast<index_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
        i < numel; i += stride) {
     const index_t c = channel_of(v, i);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
     const GradInputCoefficients<acc_t> k =
         training ? grad_input_coefficients_training(invstd[c], w, sum_dy[c], sum_dy_xmu[c], count)
                  : grad_input_coefficients_eval(invstd[c], w);
-    grad_input[i] = static_cast<scalar_t>(::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]),
-                                                        static_cast<acc_t>(x[i]), mean[c],
-                                                        k.dy_mean, k.a, k.b));
+    grad_input[i] = static_cast<scalar_t>(
+        ::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]), static_cast<acc_t>(x[i]),
+                                mean[c], k.dy_mean, k.a, k.b));
   }
 }
 
@@ -288,16 +288,17 @@ CUSTOM_BN_DEVICE void merge_rank_stats(const acc_t* means, const acc_t* m2s, con
                                        acc_t* invstd_out, double eps,
                                        const RunningUpdate<param_t>& running) {
   const int64_t stride = static_cast<int64_t>(simt::grid_x()) * simt::block_size();
-  for (int64_t c = static_cast<int64_t>(simt::block_x()) * simt::block_size() +
-                   simt::thread_index();
+  for (int64_t c =
+           static_cast<int64_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
        c < channels; c += stride) {
     WelfordStats<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t r = 0; r < ranks; ++r) {
-      total = welford_merge(total, WelfordStats<acc_t>{counts[r], means[r * channels + c],
-                                                       m2s[r * channels + c]});
+      total = welford_merge(
+          total, WelfordStats<acc_t>{counts[r], means[r * channels + c], m2s[r * channels + c]});
     }
     mean_out[c] = total.mean;
-    invstd_out[c] = total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0);
+    invstd_out[c] =
+        total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0);
     running.apply(c, total);
   }
 }
