@@ -130,11 +130,17 @@ TYPE_CASES = {
 @pytest.mark.parametrize("name", TYPE_CASES)
 def test_error_types_match_torch(name):
     x, rm, rv, w, b, training = TYPE_CASES[name]
-    with pytest.raises(Exception) as theirs:
+    try:
         torch.nn.functional.batch_norm(x, rm, rv, w, b, training)
+    except Exception as error:  # noqa: BLE001  (any type: it is what we compare)
+        theirs = pytest.ExceptionInfo.from_exc_info((type(error), error, error.__traceback__))
+    else:
+        pytest.skip(f"torch {torch.__version__} accepts this call (later versions reject it)")
     with pytest.raises(Exception) as ours:
         ops.batch_norm(x, w, b, rm, rv, training, 0.1, 1e-5)
-    assert type(ours.value) is type(theirs.value), f"{ours.value!r} vs torch's {theirs.value!r}"
+    # What catches torch's error catches ours (torch 2.11 raises NotImplementedError for a
+    # non-floating input, torch 2.6 its base class RuntimeError).
+    assert isinstance(ours.value, type(theirs.value)), f"{ours.value!r} vs torch's {theirs.value!r}"
 
 
 @pytest.mark.parametrize("module, shape", [("BatchNorm1d", (4, 3, 2)), ("BatchNorm2d", (4, 3, 2, 2)),
@@ -151,6 +157,6 @@ def test_module_errors_match_torch(module, shape):
             torch_module(bad)
         with pytest.raises(Exception) as ours:
             ours_module(bad)
-        assert type(ours.value) is type(theirs.value), f"{ours.value!r} vs {theirs.value!r}"
+        assert isinstance(ours.value, type(theirs.value)), f"{ours.value!r} vs {theirs.value!r}"
         for key, value in ours_module.state_dict().items():
             assert torch.equal(value, before[key]), f"{key} changed by a failed call"
