@@ -134,6 +134,18 @@ inline Sample make_sample(const std::vector<int64_t>& shape, DtypePair dtype, La
   return s;
 }
 
+// The same values in float64 (gradients enabled on input, weight and bias): the reference
+// for sums that reduced-precision kernels, torch's included, cannot resolve.
+inline Sample widened(const Sample& s) {
+  auto wide = [](const torch::Tensor& t, bool grad) {
+    return t.defined() ? t.detach().to(torch::kDouble).requires_grad_(grad) : torch::Tensor();
+  };
+  return {wide(s.input, true),         wide(s.weight, true),       wide(s.bias, true),
+          wide(s.running_mean, false), wide(s.running_var, false),
+          s.num_batches_tracked.defined() ? s.num_batches_tracked.clone() : torch::Tensor(),
+          s.training,                  s.momentum,                 s.eps};
+}
+
 // torch::batch_norm with torch::nn::BatchNorm's bookkeeping of num_batches_tracked.
 inline torch::Tensor reference_batch_norm(Sample& s) {
   double momentum = s.momentum.value_or(0.0);
