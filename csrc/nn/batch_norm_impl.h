@@ -77,17 +77,24 @@ torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input)
                                updates ? detail::if_defined(num_batches_tracked) : std::nullopt);
 }
 
-template <size_t D, typename Derived>
-void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
-  stream << std::boolalpha << "custom_bn::BatchNorm" << D << "d(" << options.num_features()
-         << ", eps=" << options.eps() << ", momentum=";
+// "<num_features>, eps=..., momentum=..., affine=..., track_running_stats=...": the options
+// as torch::nn prints them, shared by every module here.
+inline void print_options(std::ostream& stream, const BatchNormOptions& options) {
+  stream << std::boolalpha << options.num_features() << ", eps=" << options.eps() << ", momentum=";
   if (options.momentum().has_value()) {
     stream << *options.momentum();
   } else {
     stream << "None";
   }
   stream << ", affine=" << options.affine()
-         << ", track_running_stats=" << options.track_running_stats() << ')';
+         << ", track_running_stats=" << options.track_running_stats();
+}
+
+template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::pretty_print(std::ostream& stream) const {
+  stream << "custom_bn::BatchNorm" << D << "d(";
+  print_options(stream, options);
+  stream << ')';
 }
 
 }  // namespace custom_bn

@@ -99,16 +99,9 @@ torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
 }
 
 void SyncBatchNormImpl::pretty_print(std::ostream& stream) const {
-  stream << std::boolalpha << "custom_bn::SyncBatchNorm(" << options.num_features()
-         << ", eps=" << options.eps() << ", momentum=";
-  if (options.momentum().has_value()) {
-    stream << *options.momentum();
-  } else {
-    stream << "None";
-  }
-  stream << ", affine=" << options.affine()
-         << ", track_running_stats=" << options.track_running_stats()
-         << ", ranks=" << (process_group ? process_group->getSize() : 1) << ')';
+  stream << "custom_bn::SyncBatchNorm(";
+  print_options(stream, options);
+  stream << ", ranks=" << (process_group ? process_group->getSize() : 1) << ')';
 }
 
 void SyncBatchNormImpl::check_input_dim(const torch::Tensor& input) const {
