@@ -7,6 +7,8 @@
 #define CUSTOM_BN_DECLARE_BACKEND_OPS                                                             \
   decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                                   \
   decltype(::custom_bn::batch_norm_backward) batch_norm_backward;                                 \
+  decltype(::custom_bn::batch_norm_relu_forward) batch_norm_relu_forward;                         \
+  decltype(::custom_bn::batch_norm_relu_backward) batch_norm_relu_backward;                       \
   decltype(::custom_bn::batch_norm_stats) batch_norm_stats;                                       \
   decltype(::custom_bn::batch_norm_gather_stats_with_counts) batch_norm_gather_stats_with_counts; \
   decltype(::custom_bn::batch_norm_elemt) batch_norm_elemt;                                       \
@@ -33,6 +35,8 @@ CUSTOM_BN_DECLARE_BACKEND_OPS
   do {                                                                            \
     (m).impl("batch_norm_forward", TORCH_FN(batch_norm_forward));                 \
     (m).impl("batch_norm_backward", TORCH_FN(batch_norm_backward));               \
+    (m).impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward));       \
+    (m).impl("batch_norm_relu_backward", TORCH_FN(batch_norm_relu_backward));     \
     (m).impl("batch_norm_stats", TORCH_FN(batch_norm_stats));                     \
     (m).impl("batch_norm_gather_stats_with_counts",                               \
              TORCH_FN(batch_norm_gather_stats_with_counts));                      \

@@ -6,6 +6,7 @@
 // alpha) cancel catastrophically when |mean| * invstd is large (a near-constant channel).
 //   running:   running = (1 - m) * running + m * batch   (running_var takes the unbiased variance)
 //   merge:     parallel Welford (Chan et al.) of (count, mean, M2) triples
+//   fused:     z = relu(y + residual); its gradient dz = dy where z > 0, else 0, then as above
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -58,6 +59,18 @@ C10_HOST_DEVICE inline T normalize(T x, T mean, T alpha, T bias) {
 template <typename T>
 C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, T dy_mean, T a, T b) {
   return a * (dy - dy_mean) + b * (x - mean);
+}
+
+// The fused epilogue's activation. NaN passes through, as in torch.relu.
+template <typename T>
+C10_HOST_DEVICE inline T relu(T v) {
+  return v < T(0) ? T(0) : v;
+}
+
+// ReLU's gradient from its output (as torch's threshold_backward): dy where output > 0.
+template <typename T>
+C10_HOST_DEVICE inline T relu_grad(T dy, T output) {
+  return output > T(0) ? dy : T(0);
 }
 
 // Per-channel coefficients of the input gradient: grad_x = a * (dy - dy_mean) + b * (x - mean).

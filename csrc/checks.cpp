@@ -95,14 +95,18 @@ void check_stat(const char* op, const char* name, const at::Tensor& stat, const 
   check_same_device(op, name, stat, input);
 }
 
+void check_like_input(const char* op, const char* name, const at::Tensor& t,
+                      const at::Tensor& input) {
+  TORCH_CHECK(t.defined(), op, ": expected ", name, " to be a tensor, but got None");
+  TORCH_CHECK(same_shape(t, input), op, ": expected ", name, " of the input's shape ",
+              input.sym_sizes(), ", but got shape ", t.sym_sizes());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), op, ": expected ", name,
+              " of the input's dtype ", input.scalar_type(), ", but got ", t.scalar_type());
+  check_same_device(op, name, t, input);
+}
+
 void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.defined(), op, ": expected grad_output to be a tensor, but got None");
-  TORCH_CHECK(same_shape(grad_output, input), op, ": expected grad_output of the input's shape ",
-              input.sym_sizes(), ", but got shape ", grad_output.sym_sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(), op,
-              ": expected grad_output of the input's dtype ", input.scalar_type(), ", but got ",
-              grad_output.scalar_type());
-  check_same_device(op, "grad_output", grad_output, input);
+  check_like_input(op, "grad_output", grad_output, input);
 }
 
 void check_running_update(const char* op, const at::Tensor& like,
@@ -150,8 +154,7 @@ void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var,
                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool training) {
-  const char* op = "custom_bn::batch_norm_backward";
+                               bool training, const char* op) {
   check_input(op, input);
   check_grad_output(op, grad_output, input);
   check_channel_params(op, input, weight, std::nullopt, running_mean, running_var);

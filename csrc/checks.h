@@ -26,6 +26,10 @@ void check_channel_params(const char* op, const at::Tensor& input,
 void check_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input,
                 const c10::SymInt& channels, at::ScalarType dtype);
 
+// A tensor that must have the input's shape, dtype and device (grad_output, residual, output).
+void check_like_input(const char* op, const char* name, const at::Tensor& t,
+                      const at::Tensor& input);
+
 // grad_output: the input's shape, dtype and device.
 void check_grad_output(const char* op, const at::Tensor& grad_output, const at::Tensor& input);
 
@@ -50,7 +54,7 @@ void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var,
                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool training);
+                               bool training, const char* op = "custom_bn::batch_norm_backward");
 
 // batch_norm_elemt and the input side of the backward stage ops: mean and invstd are
 // per-channel statistics of the statistics dtype.

@@ -48,6 +48,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
                      training, eps, output_mask);
 }
 
+at::Tensor batch_norm_relu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, bool training,
+                           std::optional<double> momentum, double eps,
+                           const std::optional<at::Tensor>& num_batches_tracked,
+                           const std::optional<at::Tensor>& residual) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu);
+  return handle.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     num_batches_tracked, residual);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_forward);
+  return handle.call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+                     training, momentum, eps);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_backward);
+  return handle.call(grad_output, output, input, weight, running_mean, running_var, save_mean,
+                     save_invstd, training, eps, output_mask);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
   CUSTOM_BN_OP_HANDLE(batch_norm_stats);
   return handle.call(input);

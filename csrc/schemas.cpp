@@ -15,6 +15,21 @@ TORCH_LIBRARY(custom_bn, m) {
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
       "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
       "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  // Fused: relu(batch_norm(input) + residual). The backward takes the forward's output,
+  // whose sign is the ReLU mask, so nothing beyond batch_norm's saved tensors is kept.
+  m.def(
+      "batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
+      "Tensor(c!)? num_batches_tracked=None, Tensor? residual=None) -> Tensor");
+  m.def(
+      "batch_norm_relu_forward(Tensor input, Tensor? weight, Tensor? bias, "
+      "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
+      "Tensor? residual, bool training, float? momentum, float eps) "
+      "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  m.def(
+      "batch_norm_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, "
+      "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_invstd, "
+      "bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def(
       "batch_norm_gather_stats_with_counts(Tensor mean, Tensor m2, Tensor counts, "

@@ -1,10 +1,10 @@
 // Autograd for batch_norm: forward through batch_norm_forward, backward through
 // batch_norm_backward. With create_graph (double backward), the backward is instead written
 // with differentiable ATen ops so autograd can take its gradient.
+#include "autograd/common.h"
+
 #include <custom_bn/ops.h>
 
-#include <ATen/TensorOperators.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -13,59 +13,7 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-at::Tensor value_or_undefined(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? *t : at::Tensor();
-}
-
-std::optional<at::Tensor> as_optional(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
-std::optional<at::Tensor> defined_or_none(const std::optional<at::Tensor>& t) {
-  return t.has_value() && t->defined() ? t : std::nullopt;
-}
-
-// The backward written with ATen ops. The batch statistics are recomputed from input rather
-// than taken from the saved ones, so that their dependence on input is part of the graph:
-// second-order gradients need it.
-std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
-                                                  const at::Tensor& input, const at::Tensor& weight,
-                                                  const at::Tensor& running_mean,
-                                                  const at::Tensor& running_var, bool training,
-                                                  double eps, std::array<bool, 3> output_mask) {
-  const at::ScalarType stat = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  std::vector<int64_t> reduce_dims{0};
-  c10::SymDimVector channel_shape(input.dim(), 1);
-  channel_shape[1] = input.sym_size(1);
-  for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
-
-  const at::Tensor x = input.to(stat);
-  const at::Tensor dy = grad_output.to(stat);
-  at::Tensor mean, invstd;
-  if (training) {
-    mean = x.mean(reduce_dims, /*keepdim=*/true);
-    invstd = ((x - mean).square().mean(reduce_dims, /*keepdim=*/true) + eps).rsqrt();
-  } else {
-    mean = running_mean.to(stat).reshape_symint(channel_shape);
-    invstd = (running_var.to(stat).reshape_symint(channel_shape) + eps).rsqrt();
-  }
-  const at::Tensor x_hat = (x - mean) * invstd;
-  const at::Tensor scale =
-      weight.defined() ? weight.to(stat).reshape_symint(channel_shape) * invstd : invstd;
-  const at::ScalarType param_dtype = weight.defined() ? weight.scalar_type() : input.scalar_type();
-
-  std::array<at::Tensor, 3> grads;
-  if (output_mask[0]) {
-    at::Tensor grad_input = training ? scale * (dy - dy.mean(reduce_dims, true) -
-                                                x_hat * (dy * x_hat).mean(reduce_dims, true))
-                                     : dy * scale;
-    grads[0] = grad_input.to(input.scalar_type());
-  }
-  if (output_mask[1]) grads[1] = (dy * x_hat).sum(reduce_dims).to(param_dtype);
-  if (output_mask[2]) grads[2] = dy.sum(reduce_dims).to(param_dtype);
-  return grads;
-}
+using namespace custom_bn::autograd;
 
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:

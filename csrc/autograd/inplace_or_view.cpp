@@ -34,6 +34,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_inplace_or_vie
   return result;
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_inplace_or_view(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps) {
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
+                                   num_batches_tracked, residual, training, momentum, eps);
+  }();
+  if (training && has(running_mean)) {
+    bump_versions({&running_mean, &running_var, &num_batches_tracked});
+  }
+  return result;
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_stats_inplace_or_view(
     const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -52,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> gather_stats_inplace_or_view(
 
 TORCH_LIBRARY_IMPL(custom_bn, ADInplaceOrView, m) {
   m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward_inplace_or_view));
+  m.impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward_inplace_or_view));
   m.impl("batch_norm_gather_stats_with_counts", TORCH_FN(gather_stats_inplace_or_view));
 }
 

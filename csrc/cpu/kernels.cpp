@@ -70,6 +70,21 @@ inline void store_pair(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& low,
   }
 }
 
+// ReLU and its gradient for vectors; for scalars, the shared definitions.
+using custom_bn::relu;
+using custom_bn::relu_grad;
+
+template <typename T>
+inline Vectorized<T> relu(const Vectorized<T>& v) {
+  return at::vec::maximum(v, Vectorized<T>(T(0)));  // propagates NaN, as relu(T) does
+}
+
+template <typename T>
+inline Vectorized<T> relu_grad(const Vectorized<T>& dy, const Vectorized<T>& output) {
+  const Vectorized<T> zero(T(0));
+  return Vectorized<T>::blendv(zero, dy, output > zero);
+}
+
 // Horizontal sum in a fixed lane order.
 template <typename T>
 inline double lane_sum(const Vectorized<T>& v) {
@@ -121,15 +136,16 @@ inline std::array<opmath_t<scalar_t>, I> scalar_inputs(const std::array<const sc
 
 // ---- Reductions: per channel, sum K terms of each element -----------------------------------
 // `terms(inputs, params)` is generic over Vectorized<opmath> and opmath scalars and returns
-// std::array<same type, K>.
+// std::array<same type, K + E>: K terms to sum, then E (0 or 1) values to write to `emit` at
+// the element's offset, so an elementwise result comes out of the same pass.
 
 // Channels-first. An item is a group of whole runs (n, c) of one channel, or one piece of a
 // long run; item totals are added per channel in item order.
-template <int I, int K, int P, typename scalar_t, typename Terms>
+template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels_first(const std::array<const scalar_t*, I>& in,
                            const std::array<const opmath_t<scalar_t>*, P>& params,
                            const ChannelView& view, const Terms& terms,
-                           const std::array<opmath_t<scalar_t>*, K>& out) {
+                           const std::array<opmath_t<scalar_t>*, K>& out, scalar_t* emit) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
   const int64_t N = view.outer, C = view.channels, S = view.inner;
@@ -155,8 +171,9 @@ void reduce_channels_first(const std::array<const scalar_t*, I>& in,
         partial.fill(Vec(opmath(0)));
         int64_t i = 0, steps = 0;
         for (; i + Vec::size() <= length; i += Vec::size()) {
-          const std::array<Vec, K> t = terms(load_inputs<I>(in, base + i), pv);
+          const std::array<Vec, K + E> t = terms(load_inputs<I>(in, base + i), pv);
           for (int k = 0; k < K; ++k) partial[k] += t[k];
+          if constexpr (E == 1) store_vec(emit + base + i, t[K]);
           if (++steps == kFlushEvery) {
             for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
             partial.fill(Vec(opmath(0)));
@@ -165,8 +182,9 @@ void reduce_channels_first(const std::array<const scalar_t*, I>& in,
         }
         for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
         for (; i < length; ++i) {
-          const std::array<opmath, K> t = terms(scalar_inputs<I>(in, base + i), p);
+          const std::array<opmath, K + E> t = terms(scalar_inputs<I>(in, base + i), p);
           for (int k = 0; k < K; ++k) totals[k] += t[k];
+          if constexpr (E == 1) emit[base + i] = static_cast<scalar_t>(t[K]);
         }
       }
       item_totals[item] = totals;
@@ -184,11 +202,11 @@ void reduce_channels_first(const std::array<const scalar_t*, I>& in,
 
 // Channels-last. An item is a block of rows; it keeps float sums per channel, flushed into
 // its own double totals, and item totals are added per channel in item order.
-template <int I, int K, int P, typename scalar_t, typename Terms>
+template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels_last(const std::array<const scalar_t*, I>& in,
                           const std::array<const opmath_t<scalar_t>*, P>& params,
                           const ChannelView& view, const Terms& terms,
-                          const std::array<opmath_t<scalar_t>*, K>& out) {
+                          const std::array<opmath_t<scalar_t>*, K>& out, scalar_t* emit) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
   const int64_t M = view.outer, C = view.channels;
@@ -207,16 +225,18 @@ void reduce_channels_last(const std::array<const scalar_t*, I>& in,
       for (int64_t row = item * rows_per_item; row < row_end; ++row) {
         const int64_t base = row * C;
         for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          const std::array<Vec, K> t =
+          const std::array<Vec, K + E> t =
               terms(load_inputs<I>(in, base + c), load_params<P>(params, c));
           for (int k = 0; k < K; ++k) {
             (Vec::loadu(&partial[k * C + c]) + t[k]).store(&partial[k * C + c]);
           }
+          if constexpr (E == 1) store_vec(emit + base + c, t[K]);
         }
         for (int64_t c = vec_end; c < C; ++c) {
-          const std::array<opmath, K> t =
+          const std::array<opmath, K + E> t =
               terms(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c));
           for (int k = 0; k < K; ++k) partial[k * C + c] += t[k];
+          if constexpr (E == 1) emit[base + c] = static_cast<scalar_t>(t[K]);
         }
         if (++rows_since_flush == kFlushEveryRow || row + 1 == row_end) {
           for (int64_t j = 0; j < K * C; ++j) totals[j] += partial[j];
@@ -236,15 +256,15 @@ void reduce_channels_last(const std::array<const scalar_t*, I>& in,
   }
 }
 
-template <int I, int K, int P, typename scalar_t, typename Terms>
+template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels(const std::array<const scalar_t*, I>& in,
                      const std::array<const opmath_t<scalar_t>*, P>& params,
                      const ChannelView& view, const Terms& terms,
-                     const std::array<opmath_t<scalar_t>*, K>& out) {
+                     const std::array<opmath_t<scalar_t>*, K>& out, scalar_t* emit = nullptr) {
   if (view.layout == Layout::kChannelsLast) {
-    reduce_channels_last<I, K, P>(in, params, view, terms, out);
+    reduce_channels_last<I, K, P, E>(in, params, view, terms, out, emit);
   } else {
-    reduce_channels_first<I, K, P>(in, params, view, terms, out);
+    reduce_channels_first<I, K, P, E>(in, params, view, terms, out, emit);
   }
 }
 
@@ -330,7 +350,7 @@ void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor&
               static_cast<opmath>(x_ptr[view.layout == Layout::kChannelsLast ? c : c * view.inner]);
         }
         opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
-        reduce_channels<1, 1, 1>(
+        reduce_channels<1, 1, 1, 0>(
             x, {shift.data()}, view,
             [](const auto& v, const auto& p) { return std::array{v[0] - p[0]}; },
             std::array<opmath*, 1>{mean_ptr});
@@ -338,7 +358,7 @@ void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor&
         for (int64_t c = 0; c < view.channels; ++c) {
           mean_ptr[c] = static_cast<opmath>(shift[c] + static_cast<double>(mean_ptr[c]) / count);
         }
-        reduce_channels<1, 1, 1>(
+        reduce_channels<1, 1, 1, 0>(
             x, {mean_ptr}, view,
             [](const auto& v, const auto& p) {
               const auto deviation = v[0] - p[0];
@@ -360,12 +380,37 @@ void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Te
       });
 }
 
+void apply_affine_relu(const at::Tensor& input, const at::Tensor& residual, const ChannelView& view,
+                       const at::Tensor& mean, const at::Tensor& alpha, const at::Tensor& bias,
+                       at::Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "apply_affine_relu", [&] {
+        const std::array<const opmath_t<scalar_t>*, 3> params{
+            stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        scalar_t* out = output.mutable_data_ptr<scalar_t>();
+        if (residual.defined()) {
+          map_channels<2, 3>(
+              std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()}, params, view,
+              [](const auto& v, const auto& p) {
+                return relu(normalize(v[0], p[0], p[1], p[2]) + v[1]);
+              },
+              out);
+        } else {
+          map_channels<1, 3>(
+              std::array<const scalar_t*, 1>{x}, params, view,
+              [](const auto& v, const auto& p) { return relu(normalize(v[0], p[0], p[1], p[2])); },
+              out);
+        }
+      });
+}
+
 void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const ChannelView& view,
                  const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad", [&] {
         using opmath = opmath_t<scalar_t>;
-        reduce_channels<2, 2, 1>(
+        reduce_channels<2, 2, 1, 0>(
             std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
                                            input.const_data_ptr<scalar_t>()},
             {stat_ptr<scalar_t>(mean)}, view,
@@ -374,6 +419,28 @@ void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const C
             },
             std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
                                    sum_dy_xmu.mutable_data_ptr<opmath>()});
+      });
+}
+
+void reduce_grad_relu(const at::Tensor& grad_output, const at::Tensor& output,
+                      const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad_relu", [&] {
+        using opmath = opmath_t<scalar_t>;
+        // dz is dy or 0: written back to scalar_t exactly.
+        reduce_channels<3, 2, 1, 1>(
+            std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
+                                           output.const_data_ptr<scalar_t>(),
+                                           input.const_data_ptr<scalar_t>()},
+            {stat_ptr<scalar_t>(mean)}, view,
+            [](const auto& v, const auto& p) {
+              const auto dz = relu_grad(v[0], v[1]);
+              return std::array{dz, dz * (v[2] - p[0]), dz};
+            },
+            std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
+                                   sum_dy_xmu.mutable_data_ptr<opmath>()},
+            grad_masked.mutable_data_ptr<scalar_t>());
       });
 }
 
@@ -398,7 +465,8 @@ void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{collect_stats, apply_affine, reduce_grad, apply_grad_input};
+  static const KernelTable table{collect_stats, apply_affine,     apply_affine_relu,
+                                 reduce_grad,   reduce_grad_relu, apply_grad_input};
   return table;
 }
 

@@ -31,11 +31,20 @@ struct KernelTable {
   // output = (input - mean) * alpha + bias.
   void (*apply_affine)(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
                        const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
+  // output = relu((input - mean) * alpha + bias + residual); residual may be undefined.
+  void (*apply_affine_relu)(const at::Tensor& input, const at::Tensor& residual,
+                            const ChannelView& view, const at::Tensor& mean,
+                            const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input,
                       const ChannelView& view, const at::Tensor& mean, at::Tensor& sum_dy,
                       at::Tensor& sum_dy_xmu);
-  // grad_input = a * (dy - dy_mean) + b * (x - mean).
+  // The same sums of dz = relu_grad(dy, output), which is also written to grad_masked: the
+  // ReLU's backward fused into the reduction pass.
+  void (*reduce_grad_relu)(const at::Tensor& grad_output, const at::Tensor& output,
+                           const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                           at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
+  // grad_input = a * (dy - dy_mean) + b * (x - mean); grad_input may be grad_output itself.
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
                            const ChannelView& view, const at::Tensor& mean,
                            const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,

@@ -32,21 +32,30 @@ inline at::Tensor empty_result_like(const at::Tensor& input) {
   return result;
 }
 
-// The result of an elementwise pass over `input`, allocated as torch allocates it: in the
-// input's suggested memory format. run(out) writes a tensor strided like dense.tensor; when
-// the result's strides differ (a permuted or non-dense input), it is copied over.
+// A fresh result allocated as torch allocates it (in the input's suggested memory format),
+// and the buffer the kernels write, strided like dense.tensor: the result itself unless the
+// strides differ (a permuted or non-dense input), when finish() copies the buffer over.
+struct ResultBuffer {
+  at::Tensor result;
+  at::Tensor buffer;
+
+  ResultBuffer(const at::Tensor& input, const DenseTensor& dense)
+      : result(empty_result_like(input)) {
+    buffer = result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+  }
+  at::Tensor finish() {
+    if (!buffer.is_same(result)) result.copy_(buffer);
+    return result;
+  }
+};
+
+// The result of an elementwise pass over `input`: run(out) writes a tensor strided like
+// dense.tensor.
 template <typename Run>
 at::Tensor elementwise_result(const at::Tensor& input, const DenseTensor& dense, const Run& run) {
-  at::Tensor result = empty_result_like(input);
-  if (input.numel() == 0) return result;
-  if (result.strides() == dense.tensor.strides()) {
-    run(result);
-  } else {
-    at::Tensor out_dense = at::empty_like(dense.tensor);
-    run(out_dense);
-    result.copy_(out_dense);
-  }
-  return result;
+  ResultBuffer out(input, dense);
+  if (input.numel() > 0) run(out.buffer);
+  return out.finish();
 }
 
 }  // namespace custom_bn::cpu

@@ -33,12 +33,21 @@ std::pair<at::Tensor, at::Tensor> channel_stats(const DenseTensor& dense) {
   return {mean, m2};
 }
 
+// The output pass: (input - mean) * invstd * weight + bias, or with `relu`,
+// relu(that + residual) (residual may be undefined).
 at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at::Tensor& mean,
                      const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, bool relu = false,
+                     const std::optional<at::Tensor>& residual = std::nullopt) {
   const auto [alpha, shift] = affine_coefficients(invstd, weight, bias);
   return elementwise_result(input, dense, [&](at::Tensor& out) {
-    kernels().apply_affine(dense.tensor, dense.view, mean, alpha, shift, out);
+    if (relu) {
+      kernels().apply_affine_relu(dense.tensor,
+                                  has(residual) ? align_to(*residual, dense) : at::Tensor(),
+                                  dense.view, mean, alpha, shift, out);
+    } else {
+      kernels().apply_affine(dense.tensor, dense.view, mean, alpha, shift, out);
+    }
   });
 }
 
@@ -76,6 +85,46 @@ at::Tensor as_param_grad(const at::Tensor& grad, const at::Tensor& input,
                  /*copy=*/true);
 }
 
+// The forward of batch_norm_forward and (relu = true) batch_norm_relu_forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, bool relu,
+    const std::optional<at::Tensor>& residual) {
+  check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                           training, momentum);
+  if (has(residual)) check_like_input(op, "residual", *residual, input);
+  const DenseTensor dense = make_dense(input);
+  if (!training) {
+    const at::Tensor mean = channel_param(running_mean, input.size(1), stat_options(input), 0.0);
+    const at::Tensor invstd = invstd_from_var(*running_var, stat_options(input), eps);
+    return {normalize(input, dense, mean, invstd, weight, bias, relu, residual),
+            at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
+  }
+  const auto [mean, m2] = channel_stats(dense);
+  const double count = static_cast<double>(values_per_channel(input));
+  const at::Tensor invstd = invstd_from_m2(m2, count, eps);
+  at::Tensor output = normalize(input, dense, mean, invstd, weight, bias, relu, residual);
+  update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
+  return {output, mean, invstd};
+}
+
+// (mean, invstd) the backward uses: saved (training) or from the running stats (eval).
+std::pair<at::Tensor, at::Tensor> backward_stats(const at::Tensor& input,
+                                                 const std::optional<at::Tensor>& running_mean,
+                                                 const std::optional<at::Tensor>& running_var,
+                                                 const at::Tensor& save_mean,
+                                                 const at::Tensor& save_invstd, bool training,
+                                                 double eps) {
+  if (training) {
+    return {save_mean.reshape({-1}).contiguous(), save_invstd.reshape({-1}).contiguous()};
+  }
+  return {channel_param(running_mean, input.size(1), stat_options(input), 0.0),
+          invstd_from_var(*running_var, stat_options(input), eps)};
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
@@ -84,21 +133,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps) {
-  check_batch_norm_forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean,
-                           running_var, num_batches_tracked, training, momentum);
-  const DenseTensor dense = make_dense(input);
-  if (!training) {
-    const at::Tensor mean = channel_param(running_mean, input.size(1), stat_options(input), 0.0);
-    const at::Tensor invstd = invstd_from_var(*running_var, stat_options(input), eps);
-    return {normalize(input, dense, mean, invstd, weight, bias),
-            at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
-  }
-  const auto [mean, m2] = channel_stats(dense);
-  const double count = static_cast<double>(values_per_channel(input));
-  const at::Tensor invstd = invstd_from_m2(m2, count, eps);
-  at::Tensor output = normalize(input, dense, mean, invstd, weight, bias);
-  update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
-  return {output, mean, invstd};
+  return forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean, running_var,
+                 num_batches_tracked, training, momentum, eps, /*relu=*/false, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps) {
+  return forward("custom_bn::batch_norm_relu_forward", input, weight, bias, running_mean,
+                 running_var, num_batches_tracked, training, momentum, eps, /*relu=*/true,
+                 residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -108,11 +155,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     std::array<bool, 3> output_mask) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
-  const at::Tensor mean =
-      training ? save_mean.reshape({-1}).contiguous()
-               : channel_param(running_mean, input.size(1), stat_options(input), 0.0);
-  const at::Tensor invstd = training ? save_invstd.reshape({-1}).contiguous()
-                                     : invstd_from_var(*running_var, stat_options(input), eps);
+  at::Tensor mean, invstd;
+  std::tie(mean, invstd) =
+      backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);
   const DenseTensor dense = make_dense(input);
   const bool need_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
   at::Tensor sum_dy, sum_dy_xmu;
@@ -127,6 +172,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   if (output_mask[1]) grad_weight = as_param_grad(sum_dy_xmu * invstd, input, weight);
   if (output_mask[2]) grad_bias = as_param_grad(sum_dy, input, weight);
   return {grad_input, grad_weight, grad_bias};
+}
+
+// ReLU's backward fused into the reduction pass, which writes dz = relu_grad(dy, output) and
+// its sums; then batch_norm's input gradient of dz, written over dz unless dz is also
+// wanted as grad_residual. Two passes, as batch_norm_backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
+  const char* op = "custom_bn::batch_norm_relu_backward";
+  check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                            save_invstd, training, op);
+  check_like_input(op, "output", output, input);
+  at::Tensor mean, invstd;
+  std::tie(mean, invstd) =
+      backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const DenseTensor dense = make_dense(input);
+  const int64_t channels = input.size(1);
+  at::Tensor sum_dy = at::zeros({channels}, mean.options());
+  at::Tensor sum_dy_xmu = at::zeros({channels}, mean.options());
+  ResultBuffer masked(input, dense);
+  if (input.numel() > 0) {
+    kernels().reduce_grad_relu(align_to(grad_output, dense), align_to(output, dense), dense.tensor,
+                               dense.view, mean, sum_dy, sum_dy_xmu, masked.buffer);
+  }
+
+  at::Tensor grad_input, grad_residual;
+  if (output_mask[3]) grad_residual = masked.finish();
+  if (output_mask[0]) {
+    // Without grad_residual, dz is dead after this pass: each element is read, then
+    // overwritten by its gradient.
+    ResultBuffer out = output_mask[3] ? ResultBuffer(input, dense) : masked;
+    if (input.numel() > 0) {
+      const GradInputCoefficientTensors k =
+          grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu,
+                                  static_cast<double>(values_per_channel(input)));
+      kernels().apply_grad_input(masked.buffer, dense.tensor, dense.view, mean, k.dy_mean, k.a, k.b,
+                                 out.buffer);
+    }
+    grad_input = out.finish();
+  }
+  return {grad_input,
+          output_mask[1] ? as_param_grad(sum_dy_xmu * invstd, input, weight) : at::Tensor(),
+          output_mask[2] ? as_param_grad(sum_dy, input, weight) : at::Tensor(), grad_residual};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {

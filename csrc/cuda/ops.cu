@@ -35,9 +35,9 @@ __global__ void reduce_channels_kernel(Acc acc, kernels::DeviceView view, acc_t*
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* x, scalar_t* y, kernels::DeviceView view,
                                  const acc_t* mean, const acc_t* invstd, const param_t* weight,
-                                 const param_t* bias) {
+                                 const param_t* bias, bool apply_relu, const scalar_t* residual) {
   kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(x, y, view, mean, invstd, weight,
-                                                                 bias);
+                                                                 bias, apply_relu, residual);
 }
 
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
@@ -134,15 +134,19 @@ void collect_stats(const cpu::DenseTensor& dense, at::Tensor& mean, at::Tensor& 
   }
 }
 
+// The output pass; with apply_relu, relu(normalized + residual) (residual optional).
 template <typename scalar_t, typename param_t>
 at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense, const at::Tensor& mean,
                      const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias) {
+                     const std::optional<at::Tensor>& bias, bool apply_relu = false,
+                     const std::optional<at::Tensor>& residual = std::nullopt) {
   using acc_t = at::opmath_type<scalar_t>;
   at::Tensor result = at::empty_like(input, input.suggest_memory_format());
   if (input.numel() == 0) return result;
   at::Tensor out =
       result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+  const at::Tensor aligned_residual =
+      has(residual) ? cpu::align_to(*residual, dense) : at::Tensor();
   const kernels::DeviceView view = device_view(dense.view);
   const auto launch = [&](auto index) {
     using index_t = decltype(index);
@@ -150,7 +154,8 @@ at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense, con
         <<<elementwise_blocks(input.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
             dense.tensor.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), view,
             mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-            data_or_null<param_t>(weight), data_or_null<param_t>(bias));
+            data_or_null<param_t>(weight), data_or_null<param_t>(bias), apply_relu,
+            aligned_residual.defined() ? aligned_residual.const_data_ptr<scalar_t>() : nullptr);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   needs_64bit_index(input) ? launch(int64_t{}) : launch(int32_t{});
@@ -158,9 +163,13 @@ at::Tensor normalize(const at::Tensor& input, const cpu::DenseTensor& dense, con
   return result;
 }
 
+// (sum_dy, sum_dy_xmu). Given the output of batch_norm_relu (aligned to dense), dy is
+// masked by ReLU's gradient first, and the masked dy written to grad_masked.
 template <typename scalar_t>
 std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output,
-                                            const cpu::DenseTensor& dense, const at::Tensor& mean) {
+                                            const cpu::DenseTensor& dense, const at::Tensor& mean,
+                                            const at::Tensor& relu_output = {},
+                                            at::Tensor* grad_masked = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = dense.tensor.size(1);
   at::Tensor sum_dy = at::zeros({channels}, mean.options());
@@ -168,9 +177,13 @@ std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output,
   if (dense.tensor.numel() == 0) return {sum_dy, sum_dy_xmu};
   const at::Tensor dy = cpu::align_to(grad_output, dense);
   const kernels::GradAccumulator<scalar_t, acc_t> acc{
-      dy.const_data_ptr<scalar_t>(), dense.tensor.const_data_ptr<scalar_t>(),
-      mean.const_data_ptr<acc_t>(), sum_dy.mutable_data_ptr<acc_t>(),
-      sum_dy_xmu.mutable_data_ptr<acc_t>()};
+      dy.const_data_ptr<scalar_t>(),
+      dense.tensor.const_data_ptr<scalar_t>(),
+      mean.const_data_ptr<acc_t>(),
+      sum_dy.mutable_data_ptr<acc_t>(),
+      sum_dy_xmu.mutable_data_ptr<acc_t>(),
+      relu_output.defined() ? relu_output.const_data_ptr<scalar_t>() : nullptr,
+      grad_masked != nullptr ? grad_masked->mutable_data_ptr<scalar_t>() : nullptr};
   if (needs_64bit_index(dense.tensor)) {
     launch_reduction<decltype(acc), acc_t, int64_t>(acc, dense);
   } else {
@@ -235,6 +248,71 @@ struct RunningStats {
   }
 };
 
+// (mean, invstd) the backward uses: saved (training) or from the running stats (eval).
+std::pair<at::Tensor, at::Tensor> backward_stats(const at::Tensor& input,
+                                                 const std::optional<at::Tensor>& running_mean,
+                                                 const std::optional<at::Tensor>& running_var,
+                                                 const at::Tensor& save_mean,
+                                                 const at::Tensor& save_invstd, bool training,
+                                                 double eps) {
+  const int64_t channels = input.size(1);
+  const at::ScalarType stat = stat_dtype(input.scalar_type());
+  if (training) {
+    return {save_mean.reshape({channels}).contiguous(),
+            save_invstd.reshape({channels}).contiguous()};
+  }
+  return {running_mean->reshape({channels}).to(stat).contiguous(),
+          (running_var->reshape({channels}).to(stat) + eps).rsqrt()};
+}
+
+// The forward of batch_norm_forward and (apply_relu) batch_norm_relu_forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, bool training,
+    std::optional<double> momentum, double eps, bool apply_relu,
+    const std::optional<at::Tensor>& residual) {
+  check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
+                           training, momentum);
+  if (has(residual)) check_like_input(op, "residual", *residual, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cpu::DenseTensor dense = cpu::make_dense(input);
+  const int64_t channels = input.size(1);
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "forward", [&] {
+    with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
+      using param_t = decltype(param);
+      if (!training) {
+        const at::Tensor mean =
+            running_mean->reshape({channels}).to(stat_dtype(input.scalar_type())).contiguous();
+        const at::Tensor invstd =
+            (running_var->reshape({channels}).to(mean.scalar_type()) + eps).rsqrt();
+        result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias, apply_relu,
+                                               residual),
+                  at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
+        return;
+      }
+      at::Tensor mean = at::zeros({channels}, stat_options(input));
+      at::Tensor m2 = at::zeros({channels}, stat_options(input));
+      at::Tensor invstd = at::zeros({channels}, stat_options(input));
+      const bool updates = has(running_mean);
+      // Counted on the device; the statistics kernel reads it for momentum = None.
+      if (updates && has(num_batches_tracked)) num_batches_tracked->add_(1);
+      RunningStats running(updates ? running_mean : std::nullopt, running_var);
+      if (input.numel() > 0) {
+        collect_stats<scalar_t, param_t>(dense, mean, m2, invstd, eps,
+                                         running.update<param_t>(num_batches_tracked, momentum));
+      }
+      running.finish();
+      result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias, apply_relu,
+                                             residual),
+                mean, invstd};
+    });
+  });
+  return result;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
@@ -243,43 +321,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps) {
-  check_batch_norm_forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean,
-                           running_var, num_batches_tracked, training, momentum);
-  const c10::cuda::CUDAGuard guard(input.device());
-  const cpu::DenseTensor dense = cpu::make_dense(input);
-  const int64_t channels = input.size(1);
-  std::tuple<at::Tensor, at::Tensor, at::Tensor> result;
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_forward", [&] {
-        with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
-          using param_t = decltype(param);
-          if (!training) {
-            const at::Tensor mean =
-                running_mean->reshape({channels}).to(stat_dtype(input.scalar_type())).contiguous();
-            const at::Tensor invstd =
-                (running_var->reshape({channels}).to(mean.scalar_type()) + eps).rsqrt();
-            result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias),
-                      at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
-            return;
-          }
-          at::Tensor mean = at::zeros({channels}, stat_options(input));
-          at::Tensor m2 = at::zeros({channels}, stat_options(input));
-          at::Tensor invstd = at::zeros({channels}, stat_options(input));
-          const bool updates = has(running_mean);
-          // Counted on the device; the statistics kernel reads it for momentum = None.
-          if (updates && has(num_batches_tracked)) num_batches_tracked->add_(1);
-          RunningStats running(updates ? running_mean : std::nullopt, running_var);
-          if (input.numel() > 0) {
-            collect_stats<scalar_t, param_t>(
-                dense, mean, m2, invstd, eps,
-                running.update<param_t>(num_batches_tracked, momentum));
-          }
-          running.finish();
-          result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias), mean,
-                    invstd};
-        });
-      });
-  return result;
+  return forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean, running_var,
+                 num_batches_tracked, training, momentum, eps, /*apply_relu=*/false, std::nullopt);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps) {
+  return forward("custom_bn::batch_norm_relu_forward", input, weight, bias, running_mean,
+                 running_var, num_batches_tracked, training, momentum, eps, /*apply_relu=*/true,
+                 residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -290,12 +344,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
   const c10::cuda::CUDAGuard guard(input.device());
-  const int64_t channels = input.size(1);
-  const at::ScalarType stat = stat_dtype(input.scalar_type());
-  const at::Tensor mean = training ? save_mean.reshape({channels}).contiguous()
-                                   : running_mean->reshape({channels}).to(stat).contiguous();
-  const at::Tensor invstd = training ? save_invstd.reshape({channels}).contiguous()
-                                     : (running_var->reshape({channels}).to(stat) + eps).rsqrt();
+  at::Tensor mean, invstd;
+  std::tie(mean, invstd) =
+      backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);
   const cpu::DenseTensor dense = cpu::make_dense(input);
   at::Tensor grad_in, grad_weight, grad_bias;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -318,6 +369,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
         });
       });
   return {grad_in, grad_weight, grad_bias};
+}
+
+// ReLU's backward fused into the reduction pass (it writes the masked dy), then batch_norm's
+// input gradient of the masked dy.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
+  const char* op = "custom_bn::batch_norm_relu_backward";
+  check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                            save_invstd, training, op);
+  check_like_input(op, "output", output, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor mean, invstd;
+  std::tie(mean, invstd) =
+      backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);
+  const cpu::DenseTensor dense = cpu::make_dense(input);
+  at::Tensor grad_masked = at::empty_like(dense.tensor);
+  at::Tensor grad_in, grad_weight, grad_bias, grad_residual;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_relu_backward", [&] {
+        with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
+          using param_t = decltype(param);
+          const auto [sum_dy, sum_dy_xmu] = grad_sums<scalar_t>(
+              grad_output, dense, mean, cpu::align_to(output, dense), &grad_masked);
+          if (output_mask[0]) {
+            grad_in = grad_input<scalar_t, param_t>(training, grad_masked, input, dense, mean,
+                                                    invstd, weight, sum_dy, sum_dy_xmu,
+                                                    static_cast<double>(values_per_channel(input)));
+          }
+          const at::ScalarType param_dtype =
+              has(weight) ? weight->scalar_type() : input.scalar_type();
+          if (output_mask[1]) grad_weight = (sum_dy_xmu * invstd).to(param_dtype);
+          if (output_mask[2]) grad_bias = sum_dy.to(param_dtype, false, /*copy=*/true);
+        });
+      });
+  if (output_mask[3]) {
+    grad_residual = at::empty_like(input, input.suggest_memory_format());
+    if (grad_residual.strides() == grad_masked.strides()) {
+      grad_residual = grad_masked;
+    } else {
+      grad_residual.copy_(grad_masked);
+    }
+  }
+  return {grad_in, grad_weight, grad_bias, grad_residual};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {

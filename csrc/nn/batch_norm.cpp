@@ -15,8 +15,29 @@ void BatchNorm3dImpl::check_input_dim(const torch::Tensor& input) const {
   TORCH_CHECK(input.dim() == 5, "expected 5D input (got ", input.dim(), "D input)");
 }
 
+torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
+                                           const torch::Tensor& residual) {
+  check_input_dim(input);
+  const StateArguments state = state_arguments();
+  return custom_bn::batch_norm_relu(input, detail::if_defined(weight), detail::if_defined(bias),
+                                    state.running_mean, state.running_var, state.use_batch_stats,
+                                    options.momentum(), options.eps(), state.num_batches_tracked,
+                                    detail::if_defined(residual));
+}
+
+void BatchNormReLU2dImpl::check_input_dim(const torch::Tensor& input) const {
+  TORCH_CHECK(input.dim() == 4, "expected 4D input (got ", input.dim(), "D input)");
+}
+
+void BatchNormReLU2dImpl::pretty_print(std::ostream& stream) const {
+  stream << "custom_bn::BatchNormReLU2d(";
+  print_options(stream, options);
+  stream << ')';
+}
+
 template class BatchNormImplBase<1, BatchNorm1dImpl>;
 template class BatchNormImplBase<2, BatchNorm2dImpl>;
 template class BatchNormImplBase<3, BatchNorm3dImpl>;
+template class BatchNormImplBase<2, BatchNormReLU2dImpl>;
 
 }  // namespace custom_bn

@@ -64,17 +64,22 @@ void BatchNormImplBase<D, Derived>::reset_parameters() {
 }
 
 template <size_t D, typename Derived>
+typename BatchNormImplBase<D, Derived>::StateArguments
+BatchNormImplBase<D, Derived>::state_arguments() const {
+  const bool training = this->is_training();
+  const bool updates = training && options.track_running_stats();
+  return {detail::if_defined(running_mean), detail::if_defined(running_var),
+          training || !running_mean.defined(),
+          updates ? detail::if_defined(num_batches_tracked) : std::nullopt};
+}
+
+template <size_t D, typename Derived>
 torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input) {
   check_input_dim(input);
-  // As torch::nn::BatchNorm: batch statistics when training or without running stats; the
-  // op updates the running stats and num_batches_tracked when training with them.
-  const bool training = this->is_training();
-  const bool use_batch_stats = training || !running_mean.defined();
-  const bool updates = training && options.track_running_stats();
+  const StateArguments state = state_arguments();
   return custom_bn::batch_norm(input, detail::if_defined(weight), detail::if_defined(bias),
-                               detail::if_defined(running_mean), detail::if_defined(running_var),
-                               use_batch_stats, options.momentum(), options.eps(),
-                               updates ? detail::if_defined(num_batches_tracked) : std::nullopt);
+                               state.running_mean, state.running_var, state.use_batch_stats,
+                               options.momentum(), options.eps(), state.num_batches_tracked);
 }
 
 // "<num_features>, eps=..., momentum=..., affine=..., track_running_stats=...": the options

@@ -5,6 +5,8 @@
 
 #include <torch/arg.h>
 #include <torch/nn/cloneable.h>
+#include <torch/nn/modules/common.h>
+#include <torch/nn/modules/container/any_value.h>
 #include <torch/nn/pimpl.h>
 #include <torch/types.h>
 
@@ -52,6 +54,17 @@ class BatchNormImplBase : public torch::nn::Cloneable<Derived> {
 
  protected:
   virtual void check_input_dim(const torch::Tensor& input) const = 0;
+
+  /// The op's statistics arguments for this module's state and mode, as torch::nn::BatchNorm
+  /// decides them: batch statistics when training or without running stats, which are
+  /// updated (with num_batches_tracked) when training with them.
+  struct StateArguments {
+    std::optional<torch::Tensor> running_mean;
+    std::optional<torch::Tensor> running_var;
+    bool use_batch_stats;
+    std::optional<torch::Tensor> num_batches_tracked;
+  };
+  StateArguments state_arguments() const;
 };
 
 class BatchNorm1dImpl : public BatchNormImplBase<1, BatchNorm1dImpl> {
@@ -81,8 +94,27 @@ class BatchNorm3dImpl : public BatchNormImplBase<3, BatchNorm3dImpl> {
 };
 TORCH_MODULE(BatchNorm3d);
 
+/// relu(BatchNorm2d(input) + residual) as one fused op, custom_bn::batch_norm_relu: one pass
+/// forward, one backward, no activation saved beyond the output. Options, parameters and
+/// buffers are BatchNorm2d's (a torch::save of either loads into the other).
+class BatchNormReLU2dImpl : public BatchNormImplBase<2, BatchNormReLU2dImpl> {
+ public:
+  using BatchNormImplBase::BatchNormImplBase;
+
+  /// residual (optional, the input's shape and dtype) is added before the ReLU.
+  torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& residual = {});
+
+  void pretty_print(std::ostream& stream) const override;
+
+ protected:
+  void check_input_dim(const torch::Tensor& input) const override;
+  FORWARD_HAS_DEFAULT_ARGS({1, torch::nn::AnyValue(torch::Tensor())})
+};
+TORCH_MODULE(BatchNormReLU2d);
+
 extern template class BatchNormImplBase<1, BatchNorm1dImpl>;
 extern template class BatchNormImplBase<2, BatchNorm2dImpl>;
 extern template class BatchNormImplBase<3, BatchNorm3dImpl>;
+extern template class BatchNormImplBase<2, BatchNormReLU2dImpl>;
 
 }  // namespace custom_bn

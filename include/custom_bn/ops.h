@@ -36,6 +36,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
     std::array<bool, 3> output_mask);
 
+// relu(batch_norm(input) + residual) in one pass forward and one backward; residual (the
+// input's shape and dtype) is optional. Arguments otherwise as batch_norm.
+at::Tensor batch_norm_relu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias,
+                           const std::optional<at::Tensor>& running_mean,
+                           const std::optional<at::Tensor>& running_var, bool training,
+                           std::optional<double> momentum, double eps,
+                           const std::optional<at::Tensor>& num_batches_tracked = std::nullopt,
+                           const std::optional<at::Tensor>& residual = std::nullopt);
+
+// Returns (output, save_mean, save_invstd), as batch_norm_forward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps);
+
+// Returns (grad_input, grad_weight, grad_bias, grad_residual) from grad_output and the
+// forward's output (its sign is the ReLU mask); a gradient masked out is undefined.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask);
+
 // Stage ops, for statistics that span processes (SyncBatchNorm). Statistics are float32
 // (float64 for float64 input).
 

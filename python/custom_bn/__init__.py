@@ -9,13 +9,20 @@ from ._library import library_path, load
 load()
 
 from . import functional  # noqa: E402
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, convert_batchnorm  # noqa: E402
+from .modules import (  # noqa: E402
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchNormReLU2d,
+    convert_batchnorm,
+)
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormReLU2d",
     "convert_batchnorm",
     "functional",
     "library_path",

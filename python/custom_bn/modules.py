@@ -1,31 +1,37 @@
 """Drop-ins for torch.nn.BatchNorm{1,2,3}d: same constructor, state_dict and behaviour; the
 forward is one call of torch.ops.custom_bn.batch_norm."""
 
+from typing import Optional, Tuple
+
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class _CustomBatchNorm(_BatchNorm):
-    def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+    def _state_arguments(
+        self,
+    ) -> Tuple[Optional[Tensor], Optional[Tensor], bool, Optional[Tensor]]:
+        """(running_mean, running_var, training, num_batches_tracked) for the op."""
         # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics when training or
         # without running stats; the op updates the running stats and num_batches_tracked
         # (momentum=None: the cumulative average) when training with them.
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         use_running_stats = not self.training or self.track_running_stats
         updates = self.training and self.track_running_stats
-        return torch.ops.custom_bn.batch_norm(
-            input,
-            self.weight,
-            self.bias,
+        return (
             self.running_mean if use_running_stats else None,
             self.running_var if use_running_stats else None,
             use_batch_stats,
-            self.momentum,
-            self.eps,
             self.num_batches_tracked if updates else None,
         )
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, training, num_batches_tracked = self._state_arguments()
+        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, running_mean,
+                                              running_var, training, self.momentum, self.eps,
+                                              num_batches_tracked)
 
 
 class BatchNorm1d(_CustomBatchNorm):
@@ -50,6 +56,19 @@ class BatchNorm3d(_CustomBatchNorm):
     def _check_input_dim(self, input):
         if input.dim() != 5:
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
+
+
+class BatchNormReLU2d(BatchNorm2d):
+    """relu(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
+    one pass forward, one backward, and no activation saved beyond the output. The state is
+    BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d)."""
+
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+        self._check_input_dim(input)
+        running_mean, running_var, training, num_batches_tracked = self._state_arguments()
+        return torch.ops.custom_bn.batch_norm_relu(input, self.weight, self.bias, running_mean,
+                                                   running_var, training, self.momentum,
+                                                   self.eps, num_batches_tracked, residual)
 
 
 _REPLACEMENTS = {

@@ -36,3 +36,38 @@ def test_stage_ops_on_cuda_match_the_cpu():
     out = ops.batch_norm_elemt(x.cuda(), None, None, *merged)
     torch.testing.assert_close(out.cpu(), torch.batch_norm(x, None, None, None, None, True, 0.1,
                                                            1e-5, False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64", "bfloat16", "bfloat16+float32"])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_relu_on_cuda_matches_the_cpu(layout, dtype_name, training):
+    """The fused op on the device against the CPU kernels (themselves held to torch); the
+    backward of both takes the device's output, so the ReLU masks are the same."""
+    s = make_sample((4, 6, 5, 7), dtype_name, layout, training=training)
+    residual = torch.randn_like(s.input)
+    cpu, gpu = s.clone(), s.clone()
+    for name in ("input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+        setattr(gpu, name, getattr(gpu, name).cuda())
+    fwd_cpu = ops.batch_norm_relu_forward(cpu.input, cpu.weight, cpu.bias, cpu.running_mean,
+                                          cpu.running_var, cpu.num_batches_tracked, residual,
+                                          training, 0.1, 1e-5)
+    fwd_gpu = ops.batch_norm_relu_forward(gpu.input, gpu.weight, gpu.bias, gpu.running_mean,
+                                          gpu.running_var, gpu.num_batches_tracked,
+                                          residual.cuda(), training, 0.1, 1e-5)
+    tol = {"rtol": 3e-2, "atol": 3e-2} if "bfloat16" in dtype_name else {}
+    for a, b in zip(fwd_cpu, fwd_gpu):
+        torch.testing.assert_close(b.cpu(), a, **tol)
+    assert fwd_gpu[0].stride() == fwd_cpu[0].stride()
+    torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var, **tol)
+    out = fwd_gpu[0].cpu()
+    grad = torch.randn_like(out)
+    mask = [True, True, True, True]
+    back_cpu = ops.batch_norm_relu_backward(grad, out, cpu.input, cpu.weight, cpu.running_mean,
+                                            cpu.running_var, fwd_cpu[1], fwd_cpu[2], training,
+                                            1e-5, mask)
+    back_gpu = ops.batch_norm_relu_backward(grad.cuda(), fwd_gpu[0], gpu.input, gpu.weight,
+                                            gpu.running_mean, gpu.running_var, fwd_gpu[1],
+                                            fwd_gpu[2], training, 1e-5, mask)
+    for a, b in zip(back_cpu, back_gpu):
+        torch.testing.assert_close(b.cpu(), a, **tol)

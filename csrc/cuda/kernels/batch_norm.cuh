@@ -111,7 +111,9 @@ struct GradSums {
   acc_t sum_dy_xmu;
 };
 
-// The backward sums: sum(dy) and sum(dy * (x - mean)).
+// The backward sums: sum(dy) and sum(dy * (x - mean)). Given the output of a fused
+// batch_norm_relu, dy is first masked by ReLU's gradient, and the masked dy is written to
+// grad_masked (when not null): the ReLU backward fused into the reduction.
 template <typename scalar_t, typename acc_t>
 struct GradAccumulator {
   using value_t = GradSums<acc_t>;
@@ -121,11 +123,15 @@ struct GradAccumulator {
   const acc_t* mean;
   acc_t* sum_dy;
   acc_t* sum_dy_xmu;
+  const scalar_t* output = nullptr;
+  scalar_t* grad_masked = nullptr;
 
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0)}; }
   template <typename index_t>
   CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t c) const {
-    const acc_t dy = static_cast<acc_t>(grad_output[offset]);
+    acc_t dy = static_cast<acc_t>(grad_output[offset]);
+    if (output != nullptr) dy = relu_grad(dy, static_cast<acc_t>(output[offset]));
+    if (grad_masked != nullptr) grad_masked[offset] = static_cast<scalar_t>(dy);  // dy or 0: exact
     s.sum_dy += dy;
     s.sum_dy_xmu += dy * (static_cast<acc_t>(x[offset]) - mean[c]);
   }
@@ -239,11 +245,14 @@ CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const DeviceView& v, acc_t
 
 // ---- elementwise ----------------------------------------------------------------------------
 
-// y = (x - mean) * invstd * weight + bias over every element (grid-stride loop).
+// y = (x - mean) * invstd * weight + bias over every element (grid-stride loop); with
+// apply_relu, y = relu(that + residual), residual optional (null).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const DeviceView& v,
                                          const acc_t* mean, const acc_t* invstd,
-                                         const param_t* weight, const param_t* bias) {
+                                         const param_t* weight, const param_t* bias,
+                                         bool apply_relu = false,
+                                         const scalar_t* residual = nullptr) {
   const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
                         static_cast<index_t>(v.inner);
   const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
@@ -253,7 +262,9 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const D
     const index_t c = channel_of(v, i);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
     const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
-    y[i] = static_cast<scalar_t>(normalize(static_cast<acc_t>(x[i]), mean[c], invstd[c] * w, b));
+    acc_t value = normalize(static_cast<acc_t>(x[i]), mean[c], invstd[c] * w, b);
+    if (residual != nullptr) value += static_cast<acc_t>(residual[i]);
+    y[i] = static_cast<scalar_t>(apply_relu ? relu(value) : value);
   }
 }
 
