@@ -28,11 +28,21 @@ FULL_SHAPES = [((32, c, s, s), layout) for c, s in RESNET for layout in ("NCHW",
 FULL_SHAPES += [((4096, 1024), "NC"), ((4, 64, 16, 56, 56), "NCDHW")]
 QUICK_SHAPES = [((32, 256, 56, 56), "NCHW"), ((32, 256, 56, 56), "NHWC"), ((4096, 1024), "NC")]
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
+# The fused op, batch_norm_relu, against torch's batch norm then ReLU (with and without a
+# residual added before it), in the mode the fusion is for: a training step.
+FUSED_KINDS = ("bn_relu", "bn_add_relu")
+FUSED_MODES = ("train_fwd_bwd",)
+FUSED_SHAPES = [((32, c, s, s), layout) for c, s in RESNET for layout in ("NCHW", "NHWC")]
+QUICK_FUSED_SHAPES = [((32, 256, 56, 56), "NCHW")]
 
 # Passes over memory each mode makes in custom_bn, in tensors of the input's size:
 # train forward reads x for the mean, again for M2, and once more to write y; the backward
 # reads (dy, x) to reduce and (dy, x) to write dx. Eval reads x and writes y.
 TRAFFIC = {"train_fwd": 4, "train_fwd_bwd": 4 + 2 + 3, "eval_fwd": 2}
+# batch_norm_relu: the forward reads x twice for the statistics, then x (and the residual)
+# to write z; the backward reads (dz, z, x) and writes the masked gradient (which is the
+# residual's gradient), then reads (it, x) and writes dx.
+FUSED_TRAFFIC = {"bn_relu": 4 + 4 + 3, "bn_add_relu": 5 + 4 + 3}
 
 
 def make_input(shape, layout, dtype, device):
@@ -81,6 +91,38 @@ def callables(x, mode):
     }
 
 
+def fused_callables(x, kind):
+    """The training step of relu(batch_norm(x) [+ residual]): ours fused, torch eager, and
+    torch.compile of the same composition."""
+    channels = x.shape[1]
+    w = torch.rand(channels, requires_grad=True, device=x.device)
+    b = torch.randn(channels, requires_grad=True, device=x.device)
+    rm, rv = torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)
+    xg = x.detach().requires_grad_()
+    residual = (torch.randn_like(x).requires_grad_() if kind == "bn_add_relu" else None)
+    grad = torch.randn_like(x)
+
+    def reference(x, w, b, rm, rv, residual):
+        y = F.batch_norm(x, rm, rv, w, b, True)
+        return F.relu(y + residual if residual is not None else y)
+
+    compiled = torch.compile(reference, dynamic=False)
+
+    def step(forward):
+        def run():
+            forward().backward(grad)
+            if x.device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    return {
+        "custom_bn": step(lambda: ops.batch_norm_relu(xg, w, b, rm, rv, True, 0.1, 1e-5, None,
+                                                      residual)),
+        "torch": step(lambda: reference(xg, w, b, rm, rv, residual)),
+        "compile": step(lambda: compiled(xg, w, b, rm, rv, residual)),
+    }
+
+
 def measure(fns, repeats, warmup=3):
     """Median seconds per call of each function, timed interleaved (round-robin)."""
     for fn in fns.values():
@@ -101,7 +143,7 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['device']} {r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
+    labels = [f"{r['device']} {r['op']} {r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r["vs_torch"] for r in rows], 0.4, label="vs torch eager")
@@ -131,38 +173,47 @@ def main():
     bandwidth = copy_bandwidth(repeats)
     print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write of 256 MB)")
-    header = (f"{'device':6s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
+    header = (f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
               f"{'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} {'GB/s':>6s} "
               f"{'% copy':>6s}")
     print(header)
     rows = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device, (shape, layout) in ((d, s) for d in devices for s in shapes):
+    fused_shapes = QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES
+    configs = [(d, shape, layout, "bn", mode) for d in devices for shape, layout in shapes
+               for mode in MODES]
+    configs += [(d, shape, layout, kind, mode) for d in devices for shape, layout in fused_shapes
+                for kind in FUSED_KINDS for mode in FUSED_MODES]
+    for device, shape, layout, kind, mode in configs:
         for dtype in (torch.float32, torch.bfloat16):
             x = make_input(shape, layout, dtype, device)
-            for mode in MODES:
-                seconds = measure(callables(x, mode), repeats)
-                moved = TRAFFIC[mode] * x.numel() * x.element_size()
-                gbs = moved / seconds["custom_bn"] / 1e9
-                row = {
-                    "device": device, "shape": "x".join(map(str, shape)), "layout": layout,
-                    "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-                    "ours_ms": 1e3 * seconds["custom_bn"], "torch_ms": 1e3 * seconds["torch"],
-                    "compile_ms": 1e3 * seconds["compile"],
-                    "vs_torch": seconds["torch"] / seconds["custom_bn"],
-                    "vs_compile": seconds["compile"] / seconds["custom_bn"],
-                    "gb_per_s": gbs, "copy_fraction": gbs / bandwidth,
-                }
-                rows.append(row)
-                print(f"{device:6s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} {mode:14s} "
-                      f"{row['ours_ms']:8.2f} {row['torch_ms']:8.2f} {row['compile_ms']:8.2f} "
-                      f"{row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x {gbs:6.1f} "
-                      f"{100 * row['copy_fraction']:5.0f}%", flush=True)
-    geo = {k: math.exp(statistics.mean(math.log(r[k]) for r in rows))
-           for k in ("vs_torch", "vs_compile")}
-    print(f"geometric mean: {geo['vs_torch']:.2f}x vs torch eager, "
-          f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
-          f"{min(r['vs_torch'] for r in rows):.2f}x")
+            fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
+            seconds = measure(fns, repeats)
+            passes = TRAFFIC[mode] if kind == "bn" else FUSED_TRAFFIC[kind]
+            gbs = passes * x.numel() * x.element_size() / seconds["custom_bn"] / 1e9
+            row = {
+                "device": device, "op": kind, "shape": "x".join(map(str, shape)),
+                "layout": layout, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
+                "ours_ms": 1e3 * seconds["custom_bn"], "torch_ms": 1e3 * seconds["torch"],
+                "compile_ms": 1e3 * seconds["compile"],
+                "vs_torch": seconds["torch"] / seconds["custom_bn"],
+                "vs_compile": seconds["compile"] / seconds["custom_bn"],
+                "gb_per_s": gbs, "copy_fraction": gbs / bandwidth,
+            }
+            rows.append(row)
+            print(f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
+                  f"{mode:14s} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
+                  f"{row['compile_ms']:8.2f} {row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x "
+                  f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%", flush=True)
+    for name, selected in (("batch_norm", [r for r in rows if r["op"] == "bn"]),
+                           ("batch_norm_relu", [r for r in rows if r["op"] != "bn"])):
+        if not selected:
+            continue
+        geo = {k: math.exp(statistics.mean(math.log(r[k]) for r in selected))
+               for k in ("vs_torch", "vs_compile")}
+        print(f"{name}: geometric mean {geo['vs_torch']:.2f}x vs torch eager, "
+              f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
+              f"{min(r['vs_torch'] for r in selected):.2f}x ({len(selected)} rows)")
 
     with open(args.out_dir / "batch_norm.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

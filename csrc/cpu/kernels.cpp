@@ -140,118 +140,167 @@ inline std::array<opmath_t<scalar_t>, I> scalar_inputs(const std::array<const sc
 // the element's offset, so an elementwise result comes out of the same pass.
 
 // Channels-first. An item is a group of whole runs (n, c) of one channel, or one piece of a
-// long run; item totals are added per channel in item order.
+// long run: at most kItemElements values, so a second pass over an item reads the cache.
+struct FirstItems {
+  int64_t segments, segment_length, runs_per_item, per_channel;
+
+  explicit FirstItems(const ChannelView& view)
+      : segments(ceil_div(view.inner, kItemElements)),
+        segment_length(ceil_div(view.inner, segments)),
+        runs_per_item(segments > 1 ? 1 : std::max<int64_t>(1, kItemElements / view.inner)),
+        per_channel(ceil_div(view.outer, runs_per_item) * segments) {}
+
+  struct Span {
+    int64_t channel, n_begin, n_end, s0, length;
+    int64_t count() const { return (n_end - n_begin) * length; }
+  };
+  Span span(const ChannelView& view, int64_t item) const {
+    const int64_t group = (item % per_channel) / segments;
+    const int64_t s0 = (item % segments) * segment_length;
+    return {item / per_channel, group * runs_per_item,
+            std::min(view.outer, (group + 1) * runs_per_item), s0,
+            std::min(segment_length, view.inner - s0)};
+  }
+};
+
+// The K sums of one channels-first item, with the channel's parameters p.
+template <int I, int K, int P, int E, typename scalar_t, typename Terms>
+std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I>& in,
+                                        const std::array<opmath_t<scalar_t>, P>& p,
+                                        const ChannelView& view, const FirstItems::Span& span,
+                                        const Terms& terms, scalar_t* emit) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  const std::array<Vec, P> pv = broadcast<P>(p);
+  std::array<double, K> totals{};
+  for (int64_t n = span.n_begin; n < span.n_end; ++n) {
+    const int64_t base = (n * view.channels + span.channel) * view.inner + span.s0;
+    std::array<Vec, K> partial;
+    partial.fill(Vec(opmath(0)));
+    int64_t i = 0, steps = 0;
+    for (; i + Vec::size() <= span.length; i += Vec::size()) {
+      const std::array<Vec, K + E> t = terms(load_inputs<I>(in, base + i), pv);
+      for (int k = 0; k < K; ++k) partial[k] += t[k];
+      if constexpr (E == 1) store_vec(emit + base + i, t[K]);
+      if (++steps == kFlushEvery) {
+        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+        partial.fill(Vec(opmath(0)));
+        steps = 0;
+      }
+    }
+    for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+    for (; i < span.length; ++i) {
+      const std::array<opmath, K + E> t = terms(scalar_inputs<I>(in, base + i), p);
+      for (int k = 0; k < K; ++k) totals[k] += t[k];
+      if constexpr (E == 1) emit[base + i] = static_cast<scalar_t>(t[K]);
+    }
+  }
+  return totals;
+}
+
+// Item totals are added per channel in item order.
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels_first(const std::array<const scalar_t*, I>& in,
                            const std::array<const opmath_t<scalar_t>*, P>& params,
                            const ChannelView& view, const Terms& terms,
                            const std::array<opmath_t<scalar_t>*, K>& out, scalar_t* emit) {
-  using opmath = opmath_t<scalar_t>;
-  using Vec = Vectorized<opmath>;
-  const int64_t N = view.outer, C = view.channels, S = view.inner;
-  const int64_t segments = ceil_div(S, kItemElements);
-  const int64_t segment_length = ceil_div(S, segments);
-  const int64_t runs_per_item = segments > 1 ? 1 : std::max<int64_t>(1, kItemElements / S);
-  const int64_t items_per_channel = ceil_div(N, runs_per_item) * segments;
-  std::vector<std::array<double, K>> item_totals(C * items_per_channel);
-
-  at::parallel_for(0, C * items_per_channel, 1, [&](int64_t begin, int64_t end) {
+  const FirstItems items(view);
+  const int64_t C = view.channels;
+  std::vector<std::array<double, K>> item_totals(C * items.per_channel);
+  at::parallel_for(0, C * items.per_channel, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t c = item / items_per_channel;
-      const int64_t group = (item % items_per_channel) / segments;
-      const int64_t s0 = (item % segments) * segment_length;
-      const int64_t length = std::min(segment_length, S - s0);
-      const std::array<opmath, P> p = scalar_params<P>(params, c);
-      const std::array<Vec, P> pv = broadcast<P>(p);
-      std::array<double, K> totals{};
-      const int64_t n_end = std::min(N, (group + 1) * runs_per_item);
-      for (int64_t n = group * runs_per_item; n < n_end; ++n) {
-        const int64_t base = (n * C + c) * S + s0;
-        std::array<Vec, K> partial;
-        partial.fill(Vec(opmath(0)));
-        int64_t i = 0, steps = 0;
-        for (; i + Vec::size() <= length; i += Vec::size()) {
-          const std::array<Vec, K + E> t = terms(load_inputs<I>(in, base + i), pv);
-          for (int k = 0; k < K; ++k) partial[k] += t[k];
-          if constexpr (E == 1) store_vec(emit + base + i, t[K]);
-          if (++steps == kFlushEvery) {
-            for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
-            partial.fill(Vec(opmath(0)));
-            steps = 0;
-          }
-        }
-        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
-        for (; i < length; ++i) {
-          const std::array<opmath, K + E> t = terms(scalar_inputs<I>(in, base + i), p);
-          for (int k = 0; k < K; ++k) totals[k] += t[k];
-          if constexpr (E == 1) emit[base + i] = static_cast<scalar_t>(t[K]);
-        }
-      }
-      item_totals[item] = totals;
+      const FirstItems::Span span = items.span(view, item);
+      item_totals[item] = reduce_first_item<I, K, P, E>(in, scalar_params<P>(params, span.channel),
+                                                        view, span, terms, emit);
     }
   });
-
   for (int64_t c = 0; c < C; ++c) {
     std::array<double, K> sum{};
-    for (int64_t j = 0; j < items_per_channel; ++j) {
-      for (int k = 0; k < K; ++k) sum[k] += item_totals[c * items_per_channel + j][k];
+    for (int64_t j = 0; j < items.per_channel; ++j) {
+      for (int k = 0; k < K; ++k) sum[k] += item_totals[c * items.per_channel + j][k];
     }
-    for (int k = 0; k < K; ++k) out[k][c] = static_cast<opmath>(sum[k]);
+    for (int k = 0; k < K; ++k) out[k][c] = static_cast<opmath_t<scalar_t>>(sum[k]);
   }
 }
 
-// Channels-last. An item is a block of rows; it keeps float sums per channel, flushed into
-// its own double totals, and item totals are added per channel in item order.
+// Channels-last. An item is a block of rows (about 4 * kItemElements values).
+int64_t rows_per_last_item(const ChannelView& view) {
+  return std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / view.channels);
+}
+
+// Adds the K sums of one channels-last item (rows [row_begin, row_end)) to totals[K * C]:
+// float sums per channel in `partial` (K * C, scratch), flushed every kFlushEveryRow rows.
+// kRowsAtOnce rows share each load and store of the partial sums.
+constexpr int64_t kRowsAtOnce = 4;
+
+template <int I, int K, int P, int E, typename scalar_t, typename Terms>
+void reduce_last_item(const std::array<const scalar_t*, I>& in,
+                      const std::array<const opmath_t<scalar_t>*, P>& params,
+                      const ChannelView& view, int64_t row_begin, int64_t row_end,
+                      const Terms& terms, opmath_t<scalar_t>* partial, double* totals,
+                      scalar_t* emit) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  static_assert(kFlushEveryRow % kRowsAtOnce == 0);
+  const int64_t C = view.channels;
+  const int64_t vec_end = C - C % Vec::size();
+  std::fill(partial, partial + K * C, opmath(0));
+  int64_t rows_since_flush = 0;
+  for (int64_t row = row_begin; row < row_end; row += kRowsAtOnce) {
+    const int64_t rows = std::min(kRowsAtOnce, row_end - row);
+    for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+      const std::array<Vec, P> pv = load_params<P>(params, c);
+      std::array<Vec, K> acc;
+      for (int k = 0; k < K; ++k) acc[k] = Vec::loadu(partial + k * C + c);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (row + r) * C + c;
+        const std::array<Vec, K + E> t = terms(load_inputs<I>(in, offset), pv);
+        for (int k = 0; k < K; ++k) acc[k] += t[k];
+        if constexpr (E == 1) store_vec(emit + offset, t[K]);
+      }
+      for (int k = 0; k < K; ++k) acc[k].store(partial + k * C + c);
+    }
+    for (int64_t c = vec_end; c < C; ++c) {
+      const std::array<opmath, P> p = scalar_params<P>(params, c);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (row + r) * C + c;
+        const std::array<opmath, K + E> t = terms(scalar_inputs<I>(in, offset), p);
+        for (int k = 0; k < K; ++k) partial[k * C + c] += t[k];
+        if constexpr (E == 1) emit[offset] = static_cast<scalar_t>(t[K]);
+      }
+    }
+    rows_since_flush += rows;
+    if (rows_since_flush == kFlushEveryRow || row + rows == row_end) {
+      for (int64_t j = 0; j < K * C; ++j) totals[j] += partial[j];
+      std::fill(partial, partial + K * C, opmath(0));
+      rows_since_flush = 0;
+    }
+  }
+}
+
+// Item totals are added per channel in item order.
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels_last(const std::array<const scalar_t*, I>& in,
                           const std::array<const opmath_t<scalar_t>*, P>& params,
                           const ChannelView& view, const Terms& terms,
                           const std::array<opmath_t<scalar_t>*, K>& out, scalar_t* emit) {
-  using opmath = opmath_t<scalar_t>;
-  using Vec = Vectorized<opmath>;
   const int64_t M = view.outer, C = view.channels;
-  const int64_t rows_per_item = std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / C);
+  const int64_t rows_per_item = rows_per_last_item(view);
   const int64_t items = ceil_div(M, rows_per_item);
-  const int64_t vec_end = C - C % Vec::size();
   std::vector<double> item_totals(items * K * C, 0.0);
-
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<opmath> partial(K * C);
+    std::vector<opmath_t<scalar_t>> partial(K * C);
     for (int64_t item = begin; item < end; ++item) {
-      double* totals = item_totals.data() + item * K * C;
-      std::fill(partial.begin(), partial.end(), opmath(0));
-      const int64_t row_end = std::min(M, (item + 1) * rows_per_item);
-      int64_t rows_since_flush = 0;
-      for (int64_t row = item * rows_per_item; row < row_end; ++row) {
-        const int64_t base = row * C;
-        for (int64_t c = 0; c < vec_end; c += Vec::size()) {
-          const std::array<Vec, K + E> t =
-              terms(load_inputs<I>(in, base + c), load_params<P>(params, c));
-          for (int k = 0; k < K; ++k) {
-            (Vec::loadu(&partial[k * C + c]) + t[k]).store(&partial[k * C + c]);
-          }
-          if constexpr (E == 1) store_vec(emit + base + c, t[K]);
-        }
-        for (int64_t c = vec_end; c < C; ++c) {
-          const std::array<opmath, K + E> t =
-              terms(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c));
-          for (int k = 0; k < K; ++k) partial[k * C + c] += t[k];
-          if constexpr (E == 1) emit[base + c] = static_cast<scalar_t>(t[K]);
-        }
-        if (++rows_since_flush == kFlushEveryRow || row + 1 == row_end) {
-          for (int64_t j = 0; j < K * C; ++j) totals[j] += partial[j];
-          std::fill(partial.begin(), partial.end(), opmath(0));
-          rows_since_flush = 0;
-        }
-      }
+      reduce_last_item<I, K, P, E>(in, params, view, item * rows_per_item,
+                                   std::min(M, (item + 1) * rows_per_item), terms, partial.data(),
+                                   item_totals.data() + item * K * C, emit);
     }
   });
-
   for (int64_t c = 0; c < C; ++c) {
     for (int k = 0; k < K; ++k) {
       double sum = 0;
       for (int64_t item = 0; item < items; ++item) sum += item_totals[(item * K + k) * C + c];
-      out[k][c] = static_cast<opmath>(sum);
+      out[k][c] = static_cast<opmath_t<scalar_t>>(sum);
     }
   }
 }
@@ -335,37 +384,128 @@ const opmath_t<scalar_t>* stat_ptr(const at::Tensor& t) {
   return t.const_data_ptr<opmath_t<scalar_t>>();
 }
 
+// Per item, two passes while the item is in cache: the mean of x - shift (shift: the
+// channel's first value, so no cancellation when the mean is large against the spread, and
+// exact zeros for constant channels), then the squared deviations from the item's mean. Items
+// merge by parallel Welford in double, in item order. Memory is read once, accuracy is that
+// of two passes.
+template <typename scalar_t>
+struct StatsPasses {
+  using opmath = opmath_t<scalar_t>;
+  static constexpr auto shifted = [](const auto& v, const auto& p) {
+    return std::array{v[0] - p[0]};
+  };
+  static constexpr auto squared_deviation = [](const auto& v, const auto& p) {
+    const auto deviation = v[0] - p[0];
+    return std::array{deviation * deviation};
+  };
+  // (mean, M2) of count values from their shifted sum and their squared deviations from
+  // the rounded mean used in the second pass (corrected to the exact mean).
+  static WelfordStats<double> item(double count, double shift, double shifted_sum,
+                                   opmath rounded_mean, double squared_sum) {
+    const double mean = shift + shifted_sum / count;
+    const double offset = mean - static_cast<double>(rounded_mean);
+    return {count, mean, std::max(0.0, squared_sum - count * offset * offset)};
+  }
+};
+
+template <typename scalar_t>
+void collect_stats_first(const scalar_t* x, const ChannelView& view,
+                         const std::vector<opmath_t<scalar_t>>& shift, opmath_t<scalar_t>* mean,
+                         opmath_t<scalar_t>* m2) {
+  using Passes = StatsPasses<scalar_t>;
+  using opmath = opmath_t<scalar_t>;
+  const FirstItems items(view);
+  const std::array<const scalar_t*, 1> in{x};
+  std::vector<WelfordStats<double>> item_stats(view.channels * items.per_channel);
+  at::parallel_for(0, view.channels * items.per_channel, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const FirstItems::Span span = items.span(view, item);
+      const double count = static_cast<double>(span.count());
+      const opmath s = shift[span.channel];
+      const double shifted_sum = reduce_first_item<1, 1, 1, 0>(
+          in, std::array<opmath, 1>{s}, view, span, Passes::shifted, (scalar_t*)nullptr)[0];
+      const opmath rounded_mean = static_cast<opmath>(s + shifted_sum / count);
+      const double squared_sum =
+          reduce_first_item<1, 1, 1, 0>(in, std::array<opmath, 1>{rounded_mean}, view, span,
+                                        Passes::squared_deviation, (scalar_t*)nullptr)[0];
+      item_stats[item] = Passes::item(count, s, shifted_sum, rounded_mean, squared_sum);
+    }
+  });
+  for (int64_t c = 0; c < view.channels; ++c) {
+    WelfordStats<double> total{0, 0, 0};
+    for (int64_t j = 0; j < items.per_channel; ++j) {
+      total = welford_merge(total, item_stats[c * items.per_channel + j]);
+    }
+    mean[c] = static_cast<opmath>(total.mean);
+    m2[c] = static_cast<opmath>(total.m2);
+  }
+}
+
+template <typename scalar_t>
+void collect_stats_last(const scalar_t* x, const ChannelView& view,
+                        const std::vector<opmath_t<scalar_t>>& shift, opmath_t<scalar_t>* mean,
+                        opmath_t<scalar_t>* m2) {
+  using Passes = StatsPasses<scalar_t>;
+  using opmath = opmath_t<scalar_t>;
+  const int64_t M = view.outer, C = view.channels;
+  const int64_t rows_per_item = rows_per_last_item(view);
+  const int64_t items = ceil_div(M, rows_per_item);
+  const std::array<const scalar_t*, 1> in{x};
+  std::vector<WelfordStats<double>> item_stats(items * C);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<opmath> partial(C), rounded_mean(C);
+    std::vector<double> shifted_sum(C), squared_sum(C);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row_begin = item * rows_per_item;
+      const int64_t row_end = std::min(M, row_begin + rows_per_item);
+      const double count = static_cast<double>(row_end - row_begin);
+      std::fill(shifted_sum.begin(), shifted_sum.end(), 0.0);
+      reduce_last_item<1, 1, 1, 0>(in, std::array<const opmath*, 1>{shift.data()}, view, row_begin,
+                                   row_end, Passes::shifted, partial.data(), shifted_sum.data(),
+                                   (scalar_t*)nullptr);
+      for (int64_t c = 0; c < C; ++c) {
+        rounded_mean[c] = static_cast<opmath>(shift[c] + shifted_sum[c] / count);
+      }
+      std::fill(squared_sum.begin(), squared_sum.end(), 0.0);
+      reduce_last_item<1, 1, 1, 0>(in, std::array<const opmath*, 1>{rounded_mean.data()}, view,
+                                   row_begin, row_end, Passes::squared_deviation, partial.data(),
+                                   squared_sum.data(), (scalar_t*)nullptr);
+      for (int64_t c = 0; c < C; ++c) {
+        item_stats[item * C + c] =
+            Passes::item(count, shift[c], shifted_sum[c], rounded_mean[c], squared_sum[c]);
+      }
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    WelfordStats<double> total{0, 0, 0};
+    for (int64_t item = 0; item < items; ++item) {
+      total = welford_merge(total, item_stats[item * C + c]);
+    }
+    mean[c] = static_cast<opmath>(total.mean);
+    m2[c] = static_cast<opmath>(total.m2);
+  }
+}
+
 void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
                    at::Tensor& m2) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats", [&] {
-        using opmath = opmath_t<scalar_t>;
-        const scalar_t* x_ptr = input.const_data_ptr<scalar_t>();
-        const std::array<const scalar_t*, 1> x{x_ptr};
-        // Sums of x - shift, with shift the channel's first value: exact for constant channels,
-        // and no cancellation when the mean is large against the spread.
-        std::vector<opmath> shift(view.channels);
-        for (int64_t c = 0; c < view.channels; ++c) {
-          shift[c] =
-              static_cast<opmath>(x_ptr[view.layout == Layout::kChannelsLast ? c : c * view.inner]);
-        }
-        opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
-        reduce_channels<1, 1, 1, 0>(
-            x, {shift.data()}, view,
-            [](const auto& v, const auto& p) { return std::array{v[0] - p[0]}; },
-            std::array<opmath*, 1>{mean_ptr});
-        const double count = static_cast<double>(view.outer * view.inner);
-        for (int64_t c = 0; c < view.channels; ++c) {
-          mean_ptr[c] = static_cast<opmath>(shift[c] + static_cast<double>(mean_ptr[c]) / count);
-        }
-        reduce_channels<1, 1, 1, 0>(
-            x, {mean_ptr}, view,
-            [](const auto& v, const auto& p) {
-              const auto deviation = v[0] - p[0];
-              return std::array{deviation * deviation};
-            },
-            std::array<opmath*, 1>{m2.mutable_data_ptr<opmath>()});
-      });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "collect_stats",
+                                  [&] {
+                                    using opmath = opmath_t<scalar_t>;
+                                    const scalar_t* x = input.const_data_ptr<scalar_t>();
+                                    std::vector<opmath> shift(view.channels);
+                                    const bool last = view.layout == Layout::kChannelsLast;
+                                    for (int64_t c = 0; c < view.channels; ++c) {
+                                      shift[c] = static_cast<opmath>(x[last ? c : c * view.inner]);
+                                    }
+                                    opmath* mean_ptr = mean.mutable_data_ptr<opmath>();
+                                    opmath* m2_ptr = m2.mutable_data_ptr<opmath>();
+                                    if (last) {
+                                      collect_stats_last(x, view, shift, mean_ptr, m2_ptr);
+                                    } else {
+                                      collect_stats_first(x, view, shift, mean_ptr, m2_ptr);
+                                    }
+                                  });
 }
 
 void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
