@@ -36,13 +36,14 @@ FUSED_SHAPES = [((32, c, s, s), layout) for c, s in RESNET for layout in ("NCHW"
 QUICK_FUSED_SHAPES = [((32, 256, 56, 56), "NCHW")]
 
 # Passes over memory each mode makes in custom_bn, in tensors of the input's size:
-# train forward reads x for the mean, again for M2, and once more to write y; the backward
-# reads (dy, x) to reduce and (dy, x) to write dx. Eval reads x and writes y.
-TRAFFIC = {"train_fwd": 4, "train_fwd_bwd": 4 + 2 + 3, "eval_fwd": 2}
-# batch_norm_relu: the forward reads x twice for the statistics, then x (and the residual)
-# to write z; the backward reads (dz, z, x) and writes the masked gradient (which is the
+# train forward reads x once for the statistics (two passes per cached item) and once more
+# to write y; the backward reads (dy, x) to reduce and (dy, x) to write dx. Eval reads x and
+# writes y.
+TRAFFIC = {"train_fwd": 3, "train_fwd_bwd": 3 + 2 + 3, "eval_fwd": 2}
+# batch_norm_relu: the forward reads x for the statistics, then x (and the residual) to
+# write z; the backward reads (dz, z, x) and writes the masked gradient (which is the
 # residual's gradient), then reads (it, x) and writes dx.
-FUSED_TRAFFIC = {"bn_relu": 4 + 4 + 3, "bn_add_relu": 5 + 4 + 3}
+FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
 
 
 def make_input(shape, layout, dtype, device):

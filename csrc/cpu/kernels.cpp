@@ -139,6 +139,15 @@ inline std::array<opmath_t<scalar_t>, I> scalar_inputs(const std::array<const sc
 // std::array<same type, K + E>: K terms to sum, then E (0 or 1) values to write to `emit` at
 // the element's offset, so an elementwise result comes out of the same pass.
 
+// Calls fn(c) for every channel, in parallel: the per-channel merges of item results, in
+// item order within each channel (so still independent of the thread count).
+template <typename Fn>
+void for_each_channel(int64_t channels, const Fn& fn) {
+  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
+  });
+}
+
 // Channels-first. An item is a group of whole runs (n, c) of one channel, or one piece of a
 // long run: at most kItemElements values, so a second pass over an item reads the cache.
 struct FirstItems {
@@ -173,11 +182,13 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I>& in
   using Vec = Vectorized<opmath>;
   const std::array<Vec, P> pv = broadcast<P>(p);
   std::array<double, K> totals{};
+  // Vector sums run on across the runs of the item (short runs: 49 values at 7x7).
+  std::array<Vec, K> partial;
+  partial.fill(Vec(opmath(0)));
+  int64_t steps = 0;
   for (int64_t n = span.n_begin; n < span.n_end; ++n) {
     const int64_t base = (n * view.channels + span.channel) * view.inner + span.s0;
-    std::array<Vec, K> partial;
-    partial.fill(Vec(opmath(0)));
-    int64_t i = 0, steps = 0;
+    int64_t i = 0;
     for (; i + Vec::size() <= span.length; i += Vec::size()) {
       const std::array<Vec, K + E> t = terms(load_inputs<I>(in, base + i), pv);
       for (int k = 0; k < K; ++k) partial[k] += t[k];
@@ -188,13 +199,13 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I>& in
         steps = 0;
       }
     }
-    for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
     for (; i < span.length; ++i) {
       const std::array<opmath, K + E> t = terms(scalar_inputs<I>(in, base + i), p);
       for (int k = 0; k < K; ++k) totals[k] += t[k];
       if constexpr (E == 1) emit[base + i] = static_cast<scalar_t>(t[K]);
     }
   }
+  for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
   return totals;
 }
 
@@ -214,13 +225,13 @@ void reduce_channels_first(const std::array<const scalar_t*, I>& in,
                                                         view, span, terms, emit);
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
+  for_each_channel(C, [&](int64_t c) {
     std::array<double, K> sum{};
     for (int64_t j = 0; j < items.per_channel; ++j) {
       for (int k = 0; k < K; ++k) sum[k] += item_totals[c * items.per_channel + j][k];
     }
     for (int k = 0; k < K; ++k) out[k][c] = static_cast<opmath_t<scalar_t>>(sum[k]);
-  }
+  });
 }
 
 // Channels-last. An item is a block of rows (about 4 * kItemElements values).
@@ -231,7 +242,7 @@ int64_t rows_per_last_item(const ChannelView& view) {
 // Adds the K sums of one channels-last item (rows [row_begin, row_end)) to totals[K * C]:
 // float sums per channel in `partial` (K * C, scratch), flushed every kFlushEveryRow rows.
 // kRowsAtOnce rows share each load and store of the partial sums.
-constexpr int64_t kRowsAtOnce = 4;
+constexpr int64_t kRowsAtOnce = 8;
 
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_last_item(const std::array<const scalar_t*, I>& in,
@@ -296,13 +307,13 @@ void reduce_channels_last(const std::array<const scalar_t*, I>& in,
                                    item_totals.data() + item * K * C, emit);
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
+  for_each_channel(C, [&](int64_t c) {
     for (int k = 0; k < K; ++k) {
       double sum = 0;
       for (int64_t item = 0; item < items; ++item) sum += item_totals[(item * K + k) * C + c];
       out[k][c] = static_cast<opmath_t<scalar_t>>(sum);
     }
-  }
+  });
 }
 
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
@@ -432,14 +443,14 @@ void collect_stats_first(const scalar_t* x, const ChannelView& view,
       item_stats[item] = Passes::item(count, s, shifted_sum, rounded_mean, squared_sum);
     }
   });
-  for (int64_t c = 0; c < view.channels; ++c) {
+  for_each_channel(view.channels, [&](int64_t c) {
     WelfordStats<double> total{0, 0, 0};
     for (int64_t j = 0; j < items.per_channel; ++j) {
       total = welford_merge(total, item_stats[c * items.per_channel + j]);
     }
     mean[c] = static_cast<opmath>(total.mean);
     m2[c] = static_cast<opmath>(total.m2);
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -477,14 +488,14 @@ void collect_stats_last(const scalar_t* x, const ChannelView& view,
       }
     }
   });
-  for (int64_t c = 0; c < C; ++c) {
+  for_each_channel(C, [&](int64_t c) {
     WelfordStats<double> total{0, 0, 0};
     for (int64_t item = 0; item < items; ++item) {
       total = welford_merge(total, item_stats[item * C + c]);
     }
     mean[c] = static_cast<opmath>(total.mean);
     m2[c] = static_cast<opmath>(total.m2);
-  }
+  });
 }
 
 void collect_stats(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,

@@ -216,7 +216,12 @@ TEST(Readme, CppSnippetRuns) {
   torch::Tensor y = custom_bn::batch_norm(x, weight, bias, running_mean, running_var,
                                           /*training=*/true, /*momentum=*/0.1, /*eps=*/1e-5);
 
+  // Fused relu(batch_norm(x) + residual), with BatchNorm2d's options and state.
+  custom_bn::BatchNormReLU2d bn_relu(16);
+  torch::Tensor z = bn_relu(net->forward(x), /*residual=*/torch::randn({4, 16, 8, 8}));
+
   EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
+  EXPECT_TRUE((z >= 0).all().item<bool>());
   expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
                tolerance(torch::kFloat), "output");
 }
