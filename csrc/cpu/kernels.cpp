@@ -189,11 +189,25 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I>& in
   for (int64_t n = span.n_begin; n < span.n_end; ++n) {
     const int64_t base = (n * view.channels + span.channel) * view.inner + span.s0;
     int64_t i = 0;
+    // Two vectors a step, so that an emitted bfloat16/float16 result is one full store.
+    for (; i + 2 * Vec::size() <= span.length; i += 2 * Vec::size()) {
+      const std::array<Vec, K + E> low = terms(load_inputs<I>(in, base + i), pv);
+      const std::array<Vec, K + E> high = terms(load_inputs<I>(in, base + i + Vec::size()), pv);
+      for (int k = 0; k < K; ++k) partial[k] += low[k];
+      for (int k = 0; k < K; ++k) partial[k] += high[k];
+      if constexpr (E == 1) store_pair(emit + base + i, low[K], high[K]);
+      steps += 2;
+      if (steps >= kFlushEvery) {
+        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+        partial.fill(Vec(opmath(0)));
+        steps = 0;
+      }
+    }
     for (; i + Vec::size() <= span.length; i += Vec::size()) {
       const std::array<Vec, K + E> t = terms(load_inputs<I>(in, base + i), pv);
       for (int k = 0; k < K; ++k) partial[k] += t[k];
       if constexpr (E == 1) store_vec(emit + base + i, t[K]);
-      if (++steps == kFlushEvery) {
+      if (++steps >= kFlushEvery) {
         for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
         partial.fill(Vec(opmath(0)));
         steps = 0;
@@ -259,7 +273,27 @@ void reduce_last_item(const std::array<const scalar_t*, I>& in,
   int64_t rows_since_flush = 0;
   for (int64_t row = row_begin; row < row_end; row += kRowsAtOnce) {
     const int64_t rows = std::min(kRowsAtOnce, row_end - row);
-    for (int64_t c = 0; c < vec_end; c += Vec::size()) {
+    int64_t c = 0;
+    // Two vectors of channels a step: an emitted bfloat16/float16 result is one full store.
+    for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
+      const std::array<Vec, P> pv_low = load_params<P>(params, c);
+      const std::array<Vec, P> pv_high = load_params<P>(params, c + Vec::size());
+      std::array<Vec, K> low, high;
+      for (int k = 0; k < K; ++k) low[k] = Vec::loadu(partial + k * C + c);
+      for (int k = 0; k < K; ++k) high[k] = Vec::loadu(partial + k * C + c + Vec::size());
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t offset = (row + r) * C + c;
+        const std::array<Vec, K + E> t_low = terms(load_inputs<I>(in, offset), pv_low);
+        const std::array<Vec, K + E> t_high =
+            terms(load_inputs<I>(in, offset + Vec::size()), pv_high);
+        for (int k = 0; k < K; ++k) low[k] += t_low[k];
+        for (int k = 0; k < K; ++k) high[k] += t_high[k];
+        if constexpr (E == 1) store_pair(emit + offset, t_low[K], t_high[K]);
+      }
+      for (int k = 0; k < K; ++k) low[k].store(partial + k * C + c);
+      for (int k = 0; k < K; ++k) high[k].store(partial + k * C + c + Vec::size());
+    }
+    for (; c < vec_end; c += Vec::size()) {
       const std::array<Vec, P> pv = load_params<P>(params, c);
       std::array<Vec, K> acc;
       for (int k = 0; k < K; ++k) acc[k] = Vec::loadu(partial + k * C + c);
@@ -271,7 +305,7 @@ void reduce_last_item(const std::array<const scalar_t*, I>& in,
       }
       for (int k = 0; k < K; ++k) acc[k].store(partial + k * C + c);
     }
-    for (int64_t c = vec_end; c < C; ++c) {
+    for (c = vec_end; c < C; ++c) {
       const std::array<opmath, P> p = scalar_params<P>(params, c);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (row + r) * C + c;
@@ -579,19 +613,28 @@ void reduce_grad_relu(const at::Tensor& grad_output, const at::Tensor& output,
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "reduce_grad_relu", [&] {
         using opmath = opmath_t<scalar_t>;
-        // dz is dy or 0: written back to scalar_t exactly.
-        reduce_channels<3, 2, 1, 1>(
-            std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
-                                           output.const_data_ptr<scalar_t>(),
-                                           input.const_data_ptr<scalar_t>()},
-            {stat_ptr<scalar_t>(mean)}, view,
-            [](const auto& v, const auto& p) {
-              const auto dz = relu_grad(v[0], v[1]);
-              return std::array{dz, dz * (v[2] - p[0]), dz};
-            },
-            std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
-                                   sum_dy_xmu.mutable_data_ptr<opmath>()},
-            grad_masked.mutable_data_ptr<scalar_t>());
+        const std::array<const scalar_t*, 3> in{grad_output.const_data_ptr<scalar_t>(),
+                                                output.const_data_ptr<scalar_t>(),
+                                                input.const_data_ptr<scalar_t>()};
+        const std::array<opmath*, 2> sums{sum_dy.mutable_data_ptr<opmath>(),
+                                          sum_dy_xmu.mutable_data_ptr<opmath>()};
+        const auto masked_terms = [](const auto& v, const auto& p) {
+          const auto dz = relu_grad(v[0], v[1]);
+          return std::array{dz, dz * (v[2] - p[0]), dz};
+        };
+        if (grad_masked.defined()) {
+          // dz is dy or 0: written back to scalar_t exactly.
+          reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, view, masked_terms, sums,
+                                      grad_masked.mutable_data_ptr<scalar_t>());
+        } else {
+          reduce_channels<3, 2, 1, 0>(
+              in, {stat_ptr<scalar_t>(mean)}, view,
+              [](const auto& v, const auto& p) {
+                const auto dz = relu_grad(v[0], v[1]);
+                return std::array{dz, dz * (v[2] - p[0])};
+              },
+              sums);
+        }
       });
 }
 
@@ -613,11 +656,32 @@ void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
       });
 }
 
+void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& output,
+                           const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                           const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,
+                           at::Tensor& grad_input) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input_relu", [&] {
+        map_channels<3, 4>(
+            std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
+                                           output.const_data_ptr<scalar_t>(),
+                                           input.const_data_ptr<scalar_t>()},
+            {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
+             stat_ptr<scalar_t>(b)},
+            view,
+            [](const auto& v, const auto& p) {
+              return custom_bn::grad_input(relu_grad(v[0], v[1]), v[2], p[0], p[1], p[2], p[3]);
+            },
+            grad_input.mutable_data_ptr<scalar_t>());
+      });
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{collect_stats, apply_affine,     apply_affine_relu,
-                                 reduce_grad,   reduce_grad_relu, apply_grad_input};
+  static const KernelTable table{collect_stats,        apply_affine,     apply_affine_relu,
+                                 reduce_grad,          reduce_grad_relu, apply_grad_input,
+                                 apply_grad_input_relu};
   return table;
 }
 

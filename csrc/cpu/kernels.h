@@ -39,16 +39,21 @@ struct KernelTable {
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input,
                       const ChannelView& view, const at::Tensor& mean, at::Tensor& sum_dy,
                       at::Tensor& sum_dy_xmu);
-  // The same sums of dz = relu_grad(dy, output), which is also written to grad_masked: the
-  // ReLU's backward fused into the reduction pass.
+  // The same sums of dz = relu_grad(dy, output) (ReLU's backward fused into the reduction
+  // pass); dz is also written to grad_masked unless it is undefined.
   void (*reduce_grad_relu)(const at::Tensor& grad_output, const at::Tensor& output,
                            const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
                            at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
-  // grad_input = a * (dy - dy_mean) + b * (x - mean); grad_input may be grad_output itself.
+  // grad_input = a * (dy - dy_mean) + b * (x - mean).
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
                            const ChannelView& view, const at::Tensor& mean,
                            const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,
                            at::Tensor& grad_input);
+  // The same with dy = relu_grad(grad_output, output).
+  void (*apply_grad_input_relu)(const at::Tensor& grad_output, const at::Tensor& output,
+                                const at::Tensor& input, const ChannelView& view,
+                                const at::Tensor& mean, const at::Tensor& dy_mean,
+                                const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

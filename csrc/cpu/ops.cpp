@@ -174,9 +174,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   return {grad_input, grad_weight, grad_bias};
 }
 
-// ReLU's backward fused into the reduction pass, which writes dz = relu_grad(dy, output) and
-// its sums; then batch_norm's input gradient of dz, written over dz unless dz is also
-// wanted as grad_residual. Two passes, as batch_norm_backward.
+// ReLU's backward fused into both passes of batch_norm's backward: the reduction reads
+// (dy, output, x) and sums dz = relu_grad(dy, output); the elementwise pass computes dx from
+// (dy, output, x). With a residual, whose gradient is dz itself, the reduction writes dz and
+// the elementwise pass reads it instead of (dy, output): one tensor less to read, and dz is
+// an output anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
@@ -191,32 +193,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
       backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);
   const DenseTensor dense = make_dense(input);
   const int64_t channels = input.size(1);
+  const at::Tensor dy = align_to(grad_output, dense);
+  const at::Tensor out = align_to(output, dense);
   at::Tensor sum_dy = at::zeros({channels}, mean.options());
   at::Tensor sum_dy_xmu = at::zeros({channels}, mean.options());
-  ResultBuffer masked(input, dense);
+  std::optional<ResultBuffer> grad_residual;
+  if (output_mask[3]) grad_residual.emplace(input, dense);
   if (input.numel() > 0) {
-    kernels().reduce_grad_relu(align_to(grad_output, dense), align_to(output, dense), dense.tensor,
-                               dense.view, mean, sum_dy, sum_dy_xmu, masked.buffer);
+    at::Tensor no_masked_output;
+    kernels().reduce_grad_relu(dy, out, dense.tensor, dense.view, mean, sum_dy, sum_dy_xmu,
+                               grad_residual ? grad_residual->buffer : no_masked_output);
   }
 
-  at::Tensor grad_input, grad_residual;
-  if (output_mask[3]) grad_residual = masked.finish();
+  at::Tensor grad_input;
   if (output_mask[0]) {
-    // Without grad_residual, dz is dead after this pass: each element is read, then
-    // overwritten by its gradient.
-    ResultBuffer out = output_mask[3] ? ResultBuffer(input, dense) : masked;
-    if (input.numel() > 0) {
-      const GradInputCoefficientTensors k =
-          grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu,
-                                  static_cast<double>(values_per_channel(input)));
-      kernels().apply_grad_input(masked.buffer, dense.tensor, dense.view, mean, k.dy_mean, k.a, k.b,
-                                 out.buffer);
-    }
-    grad_input = out.finish();
+    const GradInputCoefficientTensors k =
+        grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu,
+                                static_cast<double>(values_per_channel(input)));
+    grad_input = elementwise_result(input, dense, [&](at::Tensor& result) {
+      if (grad_residual) {
+        kernels().apply_grad_input(grad_residual->buffer, dense.tensor, dense.view, mean, k.dy_mean,
+                                   k.a, k.b, result);
+      } else {
+        kernels().apply_grad_input_relu(dy, out, dense.tensor, dense.view, mean, k.dy_mean, k.a,
+                                        k.b, result);
+      }
+    });
   }
   return {grad_input,
           output_mask[1] ? as_param_grad(sum_dy_xmu * invstd, input, weight) : at::Tensor(),
-          output_mask[2] ? as_param_grad(sum_dy, input, weight) : at::Tensor(), grad_residual};
+          output_mask[2] ? as_param_grad(sum_dy, input, weight) : at::Tensor(),
+          grad_residual ? grad_residual->finish() : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
