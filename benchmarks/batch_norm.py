@@ -129,13 +129,18 @@ def fused_callables(x, kind):
     }
 
 
-def measure(fns, repeats, warmup=3):
-    """Median seconds per call of each function, timed interleaved (round-robin)."""
+def measure(fns, repeats, seconds_per_row, warmup=3):
+    """Median seconds per call of each function, timed interleaved (round-robin): at least
+    `repeats` rounds, more for fast calls so that each row runs for about seconds_per_row
+    (sub-millisecond calls are the noisiest)."""
+    start = time.perf_counter()
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    per_round = (time.perf_counter() - start) / warmup
+    rounds = max(repeats, min(1000, int(seconds_per_row / max(per_round, 1e-9))))
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
@@ -194,7 +199,7 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             x = make_input(shape, layout, dtype, device)
             fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
-            seconds = measure(fns, repeats)
+            seconds = measure(fns, repeats, 0.3 if args.quick else 1.0)
             passes = TRAFFIC[mode] if kind == "bn" else FUSED_TRAFFIC[kind]
             gbs = passes * x.numel() * x.element_size() / seconds["custom_bn"] / 1e9
             row = {
