@@ -33,6 +33,15 @@ C10_HOST_DEVICE inline WelfordStats<T> welford_merge(const WelfordStats<T>& a,
   return {count, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
+// A part's contribution to the M2 of a whole with mean whole_mean (the law of total
+// variance): M2 of the whole = sum over its parts of m2_about(...). Needs the whole's mean
+// first, but no division per part, unlike welford_merge.
+template <typename T>
+C10_HOST_DEVICE inline T m2_about(T part_m2, T part_count, T part_mean, T whole_mean) {
+  const T offset = part_mean - whole_mean;
+  return part_m2 + part_count * offset * offset;
+}
+
 template <typename T>
 C10_HOST_DEVICE inline T invstd_from_var(T biased_var, double eps) {
   return T(1) / ::sqrt(biased_var + static_cast<T>(eps));

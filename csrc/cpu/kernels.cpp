@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <array>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -477,13 +478,21 @@ void collect_stats_first(const scalar_t* x, const ChannelView& view,
       item_stats[item] = Passes::item(count, s, shifted_sum, rounded_mean, squared_sum);
     }
   });
+  // The channel's mean from its items' sums, then each item's M2 about it: no division per
+  // item (a chain of welford_merge calls costs one each).
   for_each_channel(view.channels, [&](int64_t c) {
-    WelfordStats<double> total{0, 0, 0};
+    const WelfordStats<double>* parts = item_stats.data() + c * items.per_channel;
+    double count = 0, sum = 0, total_m2 = 0;
     for (int64_t j = 0; j < items.per_channel; ++j) {
-      total = welford_merge(total, item_stats[c * items.per_channel + j]);
+      count += parts[j].count;
+      sum += parts[j].count * parts[j].mean;
     }
-    mean[c] = static_cast<opmath>(total.mean);
-    m2[c] = static_cast<opmath>(total.m2);
+    const double total_mean = sum / count;
+    for (int64_t j = 0; j < items.per_channel; ++j) {
+      total_m2 += m2_about(parts[j].m2, parts[j].count, parts[j].mean, total_mean);
+    }
+    mean[c] = static_cast<opmath>(total_mean);
+    m2[c] = static_cast<opmath>(total_m2);
   });
 }
 
@@ -497,7 +506,11 @@ void collect_stats_last(const scalar_t* x, const ChannelView& view,
   const int64_t rows_per_item = rows_per_last_item(view);
   const int64_t items = ceil_div(M, rows_per_item);
   const std::array<const scalar_t*, 1> in{x};
-  std::vector<WelfordStats<double>> item_stats(items * C);
+  // Per item and channel: mean and M2, as rows [item][C] so that the combination below runs
+  // along channels in vectors.
+  // Every element is written below: no zero-filling.
+  const std::unique_ptr<double[]> item_mean(new double[items * C]);
+  const std::unique_ptr<double[]> item_m2(new double[items * C]);
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath> partial(C), rounded_mean(C);
     std::vector<double> shifted_sum(C), squared_sum(C);
@@ -517,18 +530,37 @@ void collect_stats_last(const scalar_t* x, const ChannelView& view,
                                    row_begin, row_end, Passes::squared_deviation, partial.data(),
                                    squared_sum.data(), (scalar_t*)nullptr);
       for (int64_t c = 0; c < C; ++c) {
-        item_stats[item * C + c] =
+        const WelfordStats<double> stats =
             Passes::item(count, shift[c], shifted_sum[c], rounded_mean[c], squared_sum[c]);
+        item_mean[item * C + c] = stats.mean;
+        item_m2[item * C + c] = stats.m2;
       }
     }
   });
-  for_each_channel(C, [&](int64_t c) {
-    WelfordStats<double> total{0, 0, 0};
+  // Each channel's mean from its items' sums, then each item's M2 about it (no division per
+  // item), in item order; channels in blocks, items outer so the inner loop is a vector one.
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(end - begin, 0.0), total_m2(end - begin, 0.0);
     for (int64_t item = 0; item < items; ++item) {
-      total = welford_merge(total, item_stats[item * C + c]);
+      const double count =
+          static_cast<double>(std::min(M, (item + 1) * rows_per_item) - item * rows_per_item);
+      const double* means = item_mean.get() + item * C;
+      for (int64_t c = begin; c < end; ++c) sum[c - begin] += count * means[c];
     }
-    mean[c] = static_cast<opmath>(total.mean);
-    m2[c] = static_cast<opmath>(total.m2);
+    for (int64_t c = begin; c < end; ++c) sum[c - begin] /= static_cast<double>(M);
+    for (int64_t item = 0; item < items; ++item) {
+      const double count =
+          static_cast<double>(std::min(M, (item + 1) * rows_per_item) - item * rows_per_item);
+      const double* means = item_mean.get() + item * C;
+      const double* m2s = item_m2.get() + item * C;
+      for (int64_t c = begin; c < end; ++c) {
+        total_m2[c - begin] += m2_about(m2s[c], count, means[c], sum[c - begin]);
+      }
+    }
+    for (int64_t c = begin; c < end; ++c) {
+      mean[c] = static_cast<opmath>(sum[c - begin]);
+      m2[c] = static_cast<opmath>(total_m2[c - begin]);
+    }
   });
 }
 
