@@ -58,6 +58,10 @@ struct KernelTable {
 
 const KernelTable& kernels();
 
+// "avx512", "avx2" or "default": the variant kernels() returns (CUSTOM_BN_CPU_CAPABILITY may
+// ask for a narrower one than the CPU supports).
+const char* kernel_capability();
+
 namespace DEFAULT {
 const KernelTable& kernel_table();
 }

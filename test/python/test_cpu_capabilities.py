@@ -1,0 +1,70 @@
+"""Every CPU kernel variant, not only the widest this CPU runs: the parity suites again in a
+process that CUSTOM_BN_CPU_CAPABILITY points at the baseline (SSE2) and AVX2 kernels."""
+
+import ctypes
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import custom_bn
+
+HERE = pathlib.Path(__file__).parent
+
+
+def cpu_flags() -> set:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+SUPPORTED = {
+    "default": True,
+    "avx2": {"avx2", "fma", "f16c"} <= cpu_flags(),
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= cpu_flags(),
+}
+
+
+def environment(capability):
+    return dict(os.environ, CUSTOM_BN_CPU_CAPABILITY=capability,
+                PYTHONPATH=str(ROOT / "python"), CUSTOM_BN_LIBRARY=custom_bn.library_path())
+
+
+def capability_in_subprocess(capability) -> str:
+    script = ("import ctypes, custom_bn\n"
+              "f = ctypes.CDLL(custom_bn.library_path()).custom_bn_cpu_capability\n"
+              "f.restype = ctypes.c_char_p\n"
+              "print(f().decode())\n")
+    result = subprocess.run([sys.executable, "-c", script], env=environment(capability),
+                            capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def test_this_process_runs_the_widest_variant():
+    f = ctypes.CDLL(custom_bn.library_path()).custom_bn_cpu_capability
+    f.restype = ctypes.c_char_p
+    widest = "avx512" if SUPPORTED["avx512"] else "avx2" if SUPPORTED["avx2"] else "default"
+    expected = os.environ.get("CUSTOM_BN_CPU_CAPABILITY") or widest
+    assert f().decode() == expected
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_parity_suites_pass_on_variant(capability):
+    if not SUPPORTED[capability]:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
+    assert capability_in_subprocess(capability) == capability
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         str(HERE / "test_batch_norm.py"), str(HERE / "test_batch_norm_relu.py"),
+         str(HERE / "test_stage_ops.py"), "-k", "not compile"],
+        env=environment(capability), capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout
