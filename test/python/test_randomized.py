@@ -164,3 +164,55 @@ def test_randomized_parity_with_torch(sample):
             assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
                          getattr(same, name).grad,
                          torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
+
+
+@given(samples(), st.booleans())
+def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
+    """batch_norm_relu on the same draws, against relu(torch.batch_norm(...) + residual).
+    Where the pre-activation is within rounding of 0 the ReLU may go either way, so the mask
+    is checked away from 0 and the gradients against the backward of our mask."""
+    note(f"{sample!r}, eps={sample.eps}, residual={with_residual}")
+    dtype = sample.input.dtype
+    residual = torch.randn(sample.input.shape).to(dtype) if with_residual else None
+    values_per_channel = sample.input.numel() // sample.input.shape[1]
+    if sample.training and values_per_channel == 1:
+        before = sample.clone()
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            ops.batch_norm_relu(*sample.args(), residual)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(before, name) is not None:
+                assert torch.equal(getattr(before, name), getattr(sample, name))
+        return
+
+    ours = sample.clone(requires_grad=True)
+    our_residual = residual.clone().requires_grad_() if with_residual else None
+    exact, same = reference_sample(sample, torch.float64), reference_sample(sample, None)
+    exact_residual = residual.double().requires_grad_() if with_residual else None
+    out = ops.batch_norm_relu(*ours.args(), our_residual)
+    pre_exact, pre_same = reference_batch_norm(exact), reference_batch_norm(same)
+    if with_residual:
+        pre_exact, pre_same = pre_exact + exact_residual, pre_same + residual
+    assert_close(out, torch.relu(pre_exact), torch.relu(pre_same), dtype, "output")
+    for name in ("running_mean", "running_var"):
+        if getattr(ours, name) is not None:
+            assert_close(getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name)
+
+    if out.numel() > 0:
+        rtol, atol = TOLERANCES[dtype]
+        margin = 4 * (atol + rtol * pre_exact.detach().abs().max().item())
+        clear = pre_exact.detach().abs() > margin
+        assert torch.equal((out > 0)[clear], (pre_exact > 0)[clear]), "ReLU mask"
+
+    grad = torch.randn_like(out)
+    masked = grad * (out > 0).to(grad.dtype)
+    out.backward(grad)
+    pre_exact.backward(masked.double())
+    pre_same.backward(masked.contiguous())
+    if with_residual:
+        assert torch.equal(our_residual.grad, masked), "grad residual is the masked grad"
+    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
+    for name in ("weight", "bias"):
+        if getattr(ours, name) is not None:
+            assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
+                         getattr(same, name).grad,
+                         torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
