@@ -132,7 +132,8 @@ void check_batch_norm_forward(const char* op, const at::Tensor& input,
                               const std::optional<at::Tensor>& running_mean,
                               const std::optional<at::Tensor>& running_var,
                               const std::optional<at::Tensor>& num_batches_tracked, bool training,
-                              std::optional<double> momentum) {
+                              std::optional<double> momentum,
+                              const std::optional<at::Tensor>& residual) {
   check_input(op, input);
   check_channel_params(op, input, weight, bias, running_mean, running_var);
   TORCH_CHECK(training || has(running_mean), op,
@@ -147,6 +148,7 @@ void check_batch_norm_forward(const char* op, const at::Tensor& input,
                       input.sym_sizes());
   }
   check_running_update(op, input, num_batches_tracked, momentum, training && has(running_mean));
+  if (has(residual)) check_like_input(op, "residual", *residual, input);
 }
 
 void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
@@ -154,9 +156,11 @@ void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var,
                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool training, const char* op) {
+                               bool training, const char* op,
+                               const std::optional<at::Tensor>& relu_output) {
   check_input(op, input);
   check_grad_output(op, grad_output, input);
+  if (relu_output.has_value()) check_like_input(op, "output", *relu_output, input);
   check_channel_params(op, input, weight, std::nullopt, running_mean, running_var);
   if (training) {
     const at::ScalarType dtype = stat_dtype(input.scalar_type());

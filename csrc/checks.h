@@ -40,21 +40,25 @@ void check_running_update(const char* op, const at::Tensor& like,
                           std::optional<double> momentum, bool updates_running_stats);
 
 // All checks of batch_norm / batch_norm_forward, including "more than 1 value per channel
-// when training" and "running_mean must be defined in evaluation mode".
+// when training" and "running_mean must be defined in evaluation mode"; for
+// batch_norm_relu_forward also the residual (the input's shape, dtype and device).
 void check_batch_norm_forward(const char* op, const at::Tensor& input,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& running_mean,
                               const std::optional<at::Tensor>& running_var,
                               const std::optional<at::Tensor>& num_batches_tracked, bool training,
-                              std::optional<double> momentum);
+                              std::optional<double> momentum,
+                              const std::optional<at::Tensor>& residual = std::nullopt);
 
+// batch_norm_backward's checks; for batch_norm_relu_backward also the forward's output.
 void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& running_mean,
                                const std::optional<at::Tensor>& running_var,
                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool training, const char* op = "custom_bn::batch_norm_backward");
+                               bool training, const char* op = "custom_bn::batch_norm_backward",
+                               const std::optional<at::Tensor>& relu_output = std::nullopt);
 
 // batch_norm_elemt and the input side of the backward stage ops: mean and invstd are
 // per-channel statistics of the statistics dtype.

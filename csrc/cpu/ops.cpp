@@ -94,8 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     std::optional<double> momentum, double eps, bool relu,
     const std::optional<at::Tensor>& residual) {
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                           training, momentum);
-  if (has(residual)) check_like_input(op, "residual", *residual, input);
+                           training, momentum, residual);
   const DenseTensor dense = make_dense(input);
   if (!training) {
     const at::Tensor mean = channel_param(running_mean, input.size(1), stat_options(input), 0.0);
@@ -186,8 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
   const char* op = "custom_bn::batch_norm_relu_backward";
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op);
-  check_like_input(op, "output", output, input);
+                            save_invstd, training, op, output);
   at::Tensor mean, invstd;
   std::tie(mean, invstd) =
       backward_stats(input, running_mean, running_var, save_mean, save_invstd, training, eps);

@@ -274,8 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     std::optional<double> momentum, double eps, bool apply_relu,
     const std::optional<at::Tensor>& residual) {
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                           training, momentum);
-  if (has(residual)) check_like_input(op, "residual", *residual, input);
+                           training, momentum, residual);
   const c10::cuda::CUDAGuard guard(input.device());
   const cpu::DenseTensor dense = cpu::make_dense(input);
   const int64_t channels = input.size(1);
@@ -380,8 +379,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
   const char* op = "custom_bn::batch_norm_relu_backward";
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op);
-  check_like_input(op, "output", output, input);
+                            save_invstd, training, op, output);
   const c10::cuda::CUDAGuard guard(input.device());
   at::Tensor mean, invstd;
   std::tie(mean, invstd) =

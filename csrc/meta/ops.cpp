@@ -65,8 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     bool training, std::optional<double> momentum, double eps) {
   const char* op = "custom_bn::batch_norm_relu_forward";
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                           training, momentum);
-  if (has(residual)) check_like_input(op, "residual", *residual, input);
+                           training, momentum, residual);
   const at::ScalarType dtype = stat_dtype(input.scalar_type());
   const c10::SymInt stat_size = training ? input.sym_size(1) : c10::SymInt(0);
   return {empty_result_like(input), empty_stat(input, stat_size, dtype),
@@ -80,8 +79,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
   const char* op = "custom_bn::batch_norm_relu_backward";
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op);
-  check_like_input(op, "output", output, input);
+                            save_invstd, training, op, output);
   return {output_mask[0] ? empty_result_like(input) : at::Tensor(),
           output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
           output_mask[2] ? empty_param_grad(input, weight) : at::Tensor(),
