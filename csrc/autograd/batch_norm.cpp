@@ -29,45 +29,24 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
     auto [output, save_mean, save_invstd] =
         batch_norm_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, eps);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
-    // Eval reads the running stats in backward; training mutates them and needs only save_*.
-    ctx->save_for_backward({input, value_or_undefined(weight),
-                            training ? at::Tensor() : value_or_undefined(running_mean),
-                            training ? at::Tensor() : value_or_undefined(running_var), save_mean,
-                            save_invstd});
+    save_batch_norm_context(ctx, input, weight, bias.has_value(), running_mean, running_var,
+                            training, eps, save_mean, save_invstd);
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& running_mean = saved[2];
-    const at::Tensor& running_var = saved[3];
-    const bool training = ctx->saved_data["training"].toBool();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const BatchNormContext c = load_batch_norm_context(ctx);
     const at::Tensor& grad_output = grad_outputs[0];
-
-    // One gradient per forward argument; absent optionals have no graph edge, so the edge of
-    // bias is 1 or 2.
-    variable_list grads(9);
+    variable_list grads(9);  // one per forward argument
     if (!grad_output.defined()) return grads;
-    const std::array<bool, 3> output_mask{ctx->needs_input_grad(0),
-                                          has_weight && ctx->needs_input_grad(1),
-                                          has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     if (at::GradMode::is_enabled()) {
-      const auto g = differentiable_backward(grad_output, input, weight, running_mean, running_var,
-                                             training, eps, output_mask);
+      const auto g = differentiable_backward(grad_output, c.input, c.weight, c.running_mean,
+                                             c.running_var, c.training, c.eps, c.output_mask);
       std::copy(g.begin(), g.end(), grads.begin());
     } else {
       std::tie(grads[0], grads[1], grads[2]) = batch_norm_backward(
-          grad_output, input, as_optional(weight), as_optional(running_mean),
-          as_optional(running_var), saved[4], saved[5], training, eps, output_mask);
+          grad_output, c.input, as_optional(c.weight), as_optional(c.running_mean),
+          as_optional(c.running_var), c.save_mean, c.save_invstd, c.training, c.eps, c.output_mask);
     }
     return grads;
   }

@@ -34,56 +34,38 @@ class BatchNormReluFunction : public torch::autograd::Function<BatchNormReluFunc
     auto [output, save_mean, save_invstd] =
         batch_norm_relu_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
                                 residual, training, momentum, eps);
-    ctx->saved_data["training"] = training;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_weight"] = weight.has_value();
-    ctx->saved_data["has_bias"] = bias.has_value();
     // Graph edges exist for the tensors given, in argument order: residual's is the last.
     ctx->saved_data["residual_edge"] =
         residual.has_value()
             ? int64_t{1} + weight.has_value() + bias.has_value() + running_mean.has_value() +
                   running_var.has_value() + num_batches_tracked.has_value()
             : int64_t{-1};
-    ctx->save_for_backward({input, value_or_undefined(weight),
-                            training ? at::Tensor() : value_or_undefined(running_mean),
-                            training ? at::Tensor() : value_or_undefined(running_var), save_mean,
-                            save_invstd, output});
+    save_batch_norm_context(ctx, input, weight, bias.has_value(), running_mean, running_var,
+                            training, eps, save_mean, save_invstd, {output});
     return output;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& input = saved[0];
-    const at::Tensor& weight = saved[1];
-    const at::Tensor& running_mean = saved[2];
-    const at::Tensor& running_var = saved[3];
-    const at::Tensor& output = saved[6];
-    const bool training = ctx->saved_data["training"].toBool();
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
-    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const BatchNormContext c = load_batch_norm_context(ctx);
+    const at::Tensor& output = c.extra[0];
     const int64_t residual_edge = ctx->saved_data["residual_edge"].toInt();
     const at::Tensor& grad_output = grad_outputs[0];
-
     variable_list grads(kArguments);
     if (!grad_output.defined()) return grads;
-    const std::array<bool, 4> output_mask{
-        ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
-        has_bias && ctx->needs_input_grad(has_weight ? 2 : 1),
-        residual_edge >= 0 && ctx->needs_input_grad(residual_edge)};
+    const bool residual_needs_grad = residual_edge >= 0 && ctx->needs_input_grad(residual_edge);
     if (at::GradMode::is_enabled()) {
       // ReLU's second derivative is zero almost everywhere: the mask is a constant of the
       // graph, and batch_norm's differentiable backward does the rest.
       const at::Tensor grad_masked = grad_output * (output > 0).to(grad_output.scalar_type());
-      const auto g =
-          differentiable_backward(grad_masked, input, weight, running_mean, running_var, training,
-                                  eps, {output_mask[0], output_mask[1], output_mask[2]});
+      const auto g = differentiable_backward(grad_masked, c.input, c.weight, c.running_mean,
+                                             c.running_var, c.training, c.eps, c.output_mask);
       std::copy(g.begin(), g.end(), grads.begin());
-      if (output_mask[3]) grads[kResidual] = grad_masked;
+      if (residual_needs_grad) grads[kResidual] = grad_masked;
     } else {
       std::tie(grads[0], grads[1], grads[2], grads[kResidual]) = batch_norm_relu_backward(
-          grad_output, output, input, as_optional(weight), as_optional(running_mean),
-          as_optional(running_var), saved[4], saved[5], training, eps, output_mask);
+          grad_output, output, c.input, as_optional(c.weight), as_optional(c.running_mean),
+          as_optional(c.running_var), c.save_mean, c.save_invstd, c.training, c.eps,
+          {c.output_mask[0], c.output_mask[1], c.output_mask[2], residual_needs_grad});
     }
     return grads;
   }

@@ -6,6 +6,43 @@
 
 namespace custom_bn::autograd {
 
+void save_batch_norm_context(torch::autograd::AutogradContext* ctx, const at::Tensor& input,
+                             const std::optional<at::Tensor>& weight, bool has_bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, bool training,
+                             double eps, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                             const std::vector<at::Tensor>& extra) {
+  ctx->saved_data["training"] = training;
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["has_weight"] = weight.has_value();
+  ctx->saved_data["has_bias"] = has_bias;
+  std::vector<at::Tensor> saved{input,
+                                value_or_undefined(weight),
+                                training ? at::Tensor() : value_or_undefined(running_mean),
+                                training ? at::Tensor() : value_or_undefined(running_var),
+                                save_mean,
+                                save_invstd};
+  saved.insert(saved.end(), extra.begin(), extra.end());
+  ctx->save_for_backward(saved);
+}
+
+BatchNormContext load_batch_norm_context(torch::autograd::AutogradContext* ctx) {
+  const torch::autograd::variable_list saved = ctx->get_saved_variables();
+  const bool has_weight = ctx->saved_data["has_weight"].toBool();
+  const bool has_bias = ctx->saved_data["has_bias"].toBool();
+  return {saved[0],
+          saved[1],
+          saved[2],
+          saved[3],
+          saved[4],
+          saved[5],
+          std::vector<at::Tensor>(saved.begin() + 6, saved.end()),
+          ctx->saved_data["training"].toBool(),
+          ctx->saved_data["eps"].toDouble(),
+          {ctx->needs_input_grad(0), has_weight && ctx->needs_input_grad(1),
+           has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)}};
+}
+
 std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
                                                   const at::Tensor& input, const at::Tensor& weight,
                                                   const at::Tensor& running_mean,
