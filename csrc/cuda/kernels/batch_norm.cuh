@@ -245,6 +245,23 @@ CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const DeviceView& v, acc_t
 
 // ---- elementwise ----------------------------------------------------------------------------
 
+// Calls body(i) for every i in [0, count), spread over the whole grid (a grid-stride loop).
+template <typename index_t, typename Body>
+CUSTOM_BN_DEVICE void for_grid_stride(index_t count, const Body& body) {
+  const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
+  for (index_t i =
+           static_cast<index_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
+       i < count; i += stride) {
+    body(i);
+  }
+}
+
+template <typename index_t>
+CUSTOM_BN_DEVICE index_t element_count(const DeviceView& v) {
+  return static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
+         static_cast<index_t>(v.inner);
+}
+
 // y = (x - mean) * invstd * weight + bias over every element (grid-stride loop); with
 // apply_relu, y = relu(that + residual), residual optional (null).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
@@ -253,19 +270,14 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const D
                                          const param_t* weight, const param_t* bias,
                                          bool apply_relu = false,
                                          const scalar_t* residual = nullptr) {
-  const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
-                        static_cast<index_t>(v.inner);
-  const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
-  for (index_t i =
-           static_cast<index_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
-       i < numel; i += stride) {
+  for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
     const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
     acc_t value = normalize(static_cast<acc_t>(x[i]), mean[c], invstd[c] * w, b);
     if (residual != nullptr) value += static_cast<acc_t>(residual[i]);
     y[i] = static_cast<scalar_t>(apply_relu ? relu(value) : value);
-  }
+  });
 }
 
 // grad_input from the per-channel sums (training) or from invstd alone (eval).
@@ -275,12 +287,7 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
                                           const acc_t* mean, const acc_t* invstd,
                                           const param_t* weight, const acc_t* sum_dy,
                                           const acc_t* sum_dy_xmu, acc_t count, bool training) {
-  const index_t numel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
-                        static_cast<index_t>(v.inner);
-  const index_t stride = static_cast<index_t>(simt::grid_x()) * simt::block_size();
-  for (index_t i =
-           static_cast<index_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
-       i < numel; i += stride) {
+  for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
     const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
     const GradInputCoefficients<acc_t> k =
@@ -289,7 +296,7 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
     grad_input[i] = static_cast<scalar_t>(
         ::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]), static_cast<acc_t>(x[i]),
                                 mean[c], k.dy_mean, k.a, k.b));
-  }
+  });
 }
 
 // Merges per-rank (count, mean, M2) by parallel Welford, rank by rank: one thread a channel.
@@ -298,10 +305,7 @@ CUSTOM_BN_DEVICE void merge_rank_stats(const acc_t* means, const acc_t* m2s, con
                                        int64_t ranks, int64_t channels, acc_t* mean_out,
                                        acc_t* invstd_out, double eps,
                                        const RunningUpdate<param_t>& running) {
-  const int64_t stride = static_cast<int64_t>(simt::grid_x()) * simt::block_size();
-  for (int64_t c =
-           static_cast<int64_t>(simt::block_x()) * simt::block_size() + simt::thread_index();
-       c < channels; c += stride) {
+  for_grid_stride(channels, [&](int64_t c) {
     WelfordStats<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t r = 0; r < ranks; ++r) {
       total = welford_merge(
@@ -311,7 +315,7 @@ CUSTOM_BN_DEVICE void merge_rank_stats(const acc_t* means, const acc_t* m2s, con
     invstd_out[c] =
         total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0);
     running.apply(c, total);
-  }
+  });
 }
 
 }  // namespace custom_bn::kernels
