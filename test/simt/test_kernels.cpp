@@ -39,6 +39,67 @@ std::string name(const ::testing::TestParamInfo<Config>& info) {
 
 uint64_t fresh_seed() { return std::random_device{}(); }
 
+// A tensor of the config's shape in its layout.
+torch::Tensor in_layout(const Config& cfg, const torch::Tensor& t) {
+  if (!cfg.channels_last) return t;
+  return t.contiguous(cfg.shape.size() == 4 ? at::MemoryFormat::ChannelsLast
+                                            : at::MemoryFormat::ChannelsLast3d);
+}
+
+// (outer, C, inner) of the config's shape and layout, as the CUDA launcher passes it.
+DeviceView device_view(const Config& cfg) {
+  const int64_t N = cfg.shape[0], C = cfg.shape[1];
+  int64_t S = 1;
+  for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
+  return cfg.channels_last ? DeviceView{true, N * S, C, 1} : DeviceView{false, N, C, S};
+}
+
+// Channel groups of the reduction grid: one per channel, or one per block of channels.
+int channel_groups(const Config& cfg) {
+  const int64_t C = cfg.shape[1];
+  return cfg.channels_last ? static_cast<int>((C + cfg.threads - 1) / cfg.threads)
+                           : static_cast<int>(C);
+}
+
+double tolerance(torch::Dtype dtype) {
+  return dtype == torch::kDouble  ? 1e-9
+         : dtype == torch::kFloat ? 1e-4
+         : dtype == torch::kHalf  ? 4e-3
+                                  : 3e-2;
+}
+
+void expect_close(const torch::Tensor& a, const torch::Tensor& b, double tol, const char* what) {
+  const torch::Tensor a64 = a.to(torch::kDouble), b64 = b.to(torch::kDouble);
+  EXPECT_TRUE(torch::allclose(a64, b64, tol, tol))
+      << what << ": max abs difference " << (a64 - b64).abs().max().item<double>();
+}
+
+// Calls run(scalar_t{}, param_t{}, index_t{}) with the config's types.
+template <typename Run>
+void dispatch(const Config& cfg, const Run& run) {
+  const auto with_scalar = [&](auto scalar) {
+    using scalar_t = decltype(scalar);
+    const auto with_param = [&](auto param) {
+      cfg.index64 ? run(scalar, param, int64_t{}) : run(scalar, param, int32_t{});
+    };
+    if (cfg.param_dtype == torch::kFloat && !std::is_same_v<scalar_t, float>) {
+      with_param(float{});
+    } else {
+      with_param(scalar);
+    }
+  };
+  switch (cfg.input_dtype) {
+    case torch::kFloat:
+      return with_scalar(float{});
+    case torch::kDouble:
+      return with_scalar(double{});
+    case torch::kBFloat16:
+      return with_scalar(c10::BFloat16{});
+    default:
+      return with_scalar(c10::Half{});
+  }
+}
+
 // Runs the kernels like the CUDA launcher: statistics with the fused running update, the
 // normalize pass, then the backward sums and the input gradient.
 template <typename scalar_t, typename param_t, typename index_t>
@@ -49,16 +110,9 @@ void run_and_compare(const Config& cfg) {
   torch::manual_seed(seed);
   SCOPED_TRACE("seed " + std::to_string(seed));
 
-  torch::Tensor x = (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype);
-  if (cfg.channels_last) {
-    x = x.contiguous(cfg.shape.size() == 4 ? at::MemoryFormat::ChannelsLast
-                                           : at::MemoryFormat::ChannelsLast3d);
-  }
-  const int64_t N = cfg.shape[0], C = cfg.shape[1];
-  int64_t S = 1;
-  for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
-  const DeviceView view =
-      cfg.channels_last ? DeviceView{true, N * S, C, 1} : DeviceView{false, N, C, S};
+  const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
+  const DeviceView view = device_view(cfg);
+  const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
   torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
   torch::Tensor running_mean = torch::randn({C}).to(cfg.param_dtype);
@@ -67,8 +121,7 @@ void run_and_compare(const Config& cfg) {
   torch::Tensor nbt = torch::tensor(4, torch::kLong);  // already incremented for this step
 
   // Statistics, with momentum = None read from num_batches_tracked on the "device".
-  const int groups = cfg.channels_last ? static_cast<int>((C + cfg.threads - 1) / cfg.threads)
-                                       : static_cast<int>(C);
+  const int groups = channel_groups(cfg);
   auto opts = torch::TensorOptions().dtype(acc_dtype);
   torch::Tensor mean = torch::empty({C}, opts), m2 = torch::empty({C}, opts),
                 invstd = torch::empty({C}, opts);
@@ -107,17 +160,9 @@ void run_and_compare(const Config& cfg) {
   torch::Tensor w_ref = weight.detach().clone().requires_grad_();
   torch::Tensor y_ref =
       torch::batch_norm(x_ref, w_ref, bias, ref_mean, ref_var, true, 0.25, 1e-5, false);
-  const double tol = cfg.input_dtype == torch::kDouble  ? 1e-9
-                     : cfg.input_dtype == torch::kFloat ? 1e-4
-                     : cfg.input_dtype == torch::kHalf  ? 4e-3
-                                                        : 3e-2;
+  const double tol = tolerance(cfg.input_dtype);
   auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what,
-                   double scale = 1.0) {
-    EXPECT_TRUE(
-        torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol * scale, tol * scale))
-        << what << ": max abs difference "
-        << (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
-  };
+                   double scale = 1.0) { expect_close(a, b, tol * scale, what); };
   close(y, y_ref, "output");
   close(running_mean, ref_mean, "running_mean");
   close(running_var, ref_var, "running_var");
@@ -144,8 +189,8 @@ void run_and_compare(const Config& cfg) {
         kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
             grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
             view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(), static_cast<acc_t>(N * S),
-            true);
+            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
+            static_cast<acc_t>(values_per_channel), true);
       },
       seed + 3);
   close(grad_input, x_ref.grad(), "grad input");
@@ -158,7 +203,7 @@ void run_and_compare(const Config& cfg) {
         kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
             grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input_eval.data_ptr<scalar_t>(),
             view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-            nullptr, nullptr, static_cast<acc_t>(N * S), false);
+            nullptr, nullptr, static_cast<acc_t>(values_per_channel), false);
       },
       seed + 4);
   std::vector<int64_t> channel_shape(cfg.shape.size(), 1);
@@ -177,29 +222,10 @@ void run_and_compare(const Config& cfg) {
 
 class SimtKernels : public ::testing::TestWithParam<Config> {};
 
-template <typename scalar_t>
-void dispatch_params(const Config& cfg) {
-  if (cfg.param_dtype == torch::kFloat && !std::is_same_v<scalar_t, float>) {
-    cfg.index64 ? run_and_compare<scalar_t, float, int64_t>(cfg)
-                : run_and_compare<scalar_t, float, int32_t>(cfg);
-  } else {
-    cfg.index64 ? run_and_compare<scalar_t, scalar_t, int64_t>(cfg)
-                : run_and_compare<scalar_t, scalar_t, int32_t>(cfg);
-  }
-}
-
 TEST_P(SimtKernels, MatchTorch) {
-  const Config& cfg = GetParam();
-  switch (cfg.input_dtype) {
-    case torch::kFloat:
-      return dispatch_params<float>(cfg);
-    case torch::kDouble:
-      return dispatch_params<double>(cfg);
-    case torch::kBFloat16:
-      return dispatch_params<c10::BFloat16>(cfg);
-    default:
-      return dispatch_params<c10::Half>(cfg);
-  }
+  dispatch(GetParam(), [](auto scalar, auto param, auto index) {
+    run_and_compare<decltype(scalar), decltype(param), decltype(index)>(GetParam());
+  });
 }
 
 std::vector<Config> configs() {
@@ -231,18 +257,10 @@ void run_fused_and_compare(const Config& cfg) {
   const uint64_t seed = fresh_seed();
   torch::manual_seed(seed);
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const auto layout = [&](torch::Tensor t) {
-    if (!cfg.channels_last) return t;
-    return t.contiguous(cfg.shape.size() == 4 ? at::MemoryFormat::ChannelsLast
-                                              : at::MemoryFormat::ChannelsLast3d);
-  };
-  const torch::Tensor x = layout((torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
-  const torch::Tensor residual = layout(torch::randn(cfg.shape).to(cfg.input_dtype));
-  const int64_t N = cfg.shape[0], C = cfg.shape[1];
-  int64_t S = 1;
-  for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
-  const DeviceView view =
-      cfg.channels_last ? DeviceView{true, N * S, C, 1} : DeviceView{false, N, C, S};
+  const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
+  const torch::Tensor residual = in_layout(cfg, torch::randn(cfg.shape).to(cfg.input_dtype));
+  const DeviceView view = device_view(cfg);
+  const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
   const torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   const torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
   std::vector<int64_t> reduce_dims{0};
@@ -262,14 +280,9 @@ void run_fused_and_compare(const Config& cfg) {
       },
       seed);
 
-  const double tol = cfg.input_dtype == torch::kDouble  ? 1e-9
-                     : cfg.input_dtype == torch::kFloat ? 1e-4
-                     : cfg.input_dtype == torch::kHalf  ? 4e-3
-                                                        : 3e-2;
+  const double tol = tolerance(cfg.input_dtype);
   auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what) {
-    EXPECT_TRUE(torch::allclose(a.to(torch::kDouble), b.to(torch::kDouble), tol, tol))
-        << what << ": max abs difference "
-        << (a.to(torch::kDouble) - b.to(torch::kDouble)).abs().max().item<double>();
+    expect_close(a, b, tol, what);
   };
   // float64 reference from the same values: relu(batch_norm(x) + residual).
   const torch::Tensor x_ref = x.to(torch::kDouble).requires_grad_();
@@ -282,8 +295,7 @@ void run_fused_and_compare(const Config& cfg) {
 
   const torch::Tensor grad = torch::randn_like(y);
   const torch::Tensor masked_expected = grad * (y > 0).to(grad.scalar_type());
-  const int groups = cfg.channels_last ? static_cast<int>((C + cfg.threads - 1) / cfg.threads)
-                                       : static_cast<int>(C);
+  const int groups = channel_groups(cfg);
   auto opts = torch::TensorOptions().dtype(acc_dtype);
   torch::Tensor partials = torch::empty({C * cfg.slices * 2}, opts);
   torch::Tensor arrivals = torch::zeros({groups}, torch::kInt);
@@ -311,7 +323,7 @@ void run_fused_and_compare(const Config& cfg) {
             grad_masked.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
             grad_input.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
             weight.data_ptr<param_t>(), sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
-            static_cast<acc_t>(N * S), true);
+            static_cast<acc_t>(values_per_channel), true);
       },
       seed + 2);
   // The reference's backward of the same mask (ours): elements within rounding of 0 may
@@ -322,27 +334,9 @@ void run_fused_and_compare(const Config& cfg) {
 }
 
 TEST_P(SimtKernels, FusedReluMatchesTorch) {
-  const Config& cfg = GetParam();
-  auto run = [&](auto scalar) {
-    using scalar_t = decltype(scalar);
-    if (cfg.param_dtype == torch::kFloat && !std::is_same_v<scalar_t, float>) {
-      cfg.index64 ? run_fused_and_compare<scalar_t, float, int64_t>(cfg)
-                  : run_fused_and_compare<scalar_t, float, int32_t>(cfg);
-    } else {
-      cfg.index64 ? run_fused_and_compare<scalar_t, scalar_t, int64_t>(cfg)
-                  : run_fused_and_compare<scalar_t, scalar_t, int32_t>(cfg);
-    }
-  };
-  switch (cfg.input_dtype) {
-    case torch::kFloat:
-      return run(float{});
-    case torch::kDouble:
-      return run(double{});
-    case torch::kBFloat16:
-      return run(c10::BFloat16{});
-    default:
-      return run(c10::Half{});
-  }
+  dispatch(GetParam(), [](auto scalar, auto param, auto index) {
+    run_fused_and_compare<decltype(scalar), decltype(param), decltype(index)>(GetParam());
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SimtKernels, ::testing::ValuesIn(configs()), name);
