@@ -1,14 +1,13 @@
 #include "cpu/layout.h"
 
+#include "cpu/result_memory.h"
+
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty_like.h>
 
-#include <sys/mman.h>
-
 #include <cstdint>
-#include <cstdlib>
 #include <numeric>
 #include <optional>
-#include <string>
 #include <vector>
 
 namespace custom_bn::cpu {
@@ -40,22 +39,10 @@ DenseTensor make_dense(const at::Tensor& input) {
   return {dense, *view};
 }
 
-void advise_huge_pages(const at::Tensor& fresh) {
-#if defined(MADV_HUGEPAGE)
-  // CUSTOM_BN_HUGE_PAGES=0 turns the advice off: huge-page faults trade a lower median for
-  // rare slow calls on some machines (docs/perf.md).
-  static const bool enabled = [] {
-    const char* setting = std::getenv("CUSTOM_BN_HUGE_PAGES");
-    return setting == nullptr || std::string(setting) != "0";
-  }();
-  constexpr uintptr_t kHugePage = uintptr_t(2) << 20;
-  if (!enabled || fresh.nbytes() < 4 * kHugePage) return;
-  const auto begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t last = (begin + fresh.nbytes()) & ~(kHugePage - 1);
-  // Advice only: failure (huge pages off, say) changes nothing but speed.
-  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
+at::Tensor empty_result_like(const at::Tensor& input) {
+  return at::detail::empty_generic(input.sizes(), &result_allocator(),
+                                   c10::DispatchKeySet(c10::DispatchKey::CPU), input.scalar_type(),
+                                   input.suggest_memory_format());
 }
 
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense) {

@@ -20,17 +20,9 @@ DenseTensor make_dense(const at::Tensor& input);
 // `t` with exactly the strides of `dense` (copied only when they differ).
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense);
 
-// Asks the kernel to back a fresh, untouched buffer with 2 MB pages where it can: a large
-// output is otherwise written through one page fault per 4 KB, which costs more than the
-// batch norm itself. A no-op for small tensors and where transparent huge pages are off.
-void advise_huge_pages(const at::Tensor& fresh);
-
-// at::empty_like(input, input.suggest_memory_format()): what torch's batch norm returns.
-inline at::Tensor empty_result_like(const at::Tensor& input) {
-  at::Tensor result = at::empty_like(input, input.suggest_memory_format());
-  advise_huge_pages(result);
-  return result;
-}
+// Like at::empty_like(input, input.suggest_memory_format()), what torch's batch norm returns,
+// but from result_allocator(): large results reuse freed memory (cpu/result_memory.h).
+at::Tensor empty_result_like(const at::Tensor& input);
 
 // A fresh result allocated as torch allocates it (in the input's suggested memory format),
 // and the buffer the kernels write, strided like dense.tensor: the result itself unless the

@@ -1,0 +1,128 @@
+#include "cpu/result_memory.h"
+
+#include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace custom_bn::cpu {
+namespace {
+
+constexpr size_t kHugePage = size_t(2) << 20;
+
+size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// The value of an environment variable, or fallback when it is unset or empty.
+std::string setting(const char* name, const char* fallback) {
+  const char* value = std::getenv(name);
+  return value == nullptr || *value == '\0' ? fallback : value;
+}
+
+}  // namespace
+
+ResultAllocator::ResultAllocator(size_t cache_limit, bool huge_pages)
+    : cache_limit_(cache_limit), huge_pages_(huge_pages) {}
+
+c10::DataPtr ResultAllocator::allocate(size_t n) {
+  if (n < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
+  const size_t capacity = round_up(n, kHugePage);
+  {
+    // The smallest cached block that fits, if it wastes at most a quarter of itself.
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto best = cached_.end();
+    for (auto it = cached_.begin(); it != cached_.end(); ++it) {
+      const size_t have = (*it)->capacity;
+      if (have >= capacity && have <= capacity + capacity / 4 &&
+          (best == cached_.end() || have < (*best)->capacity)) {
+        best = it;
+      }
+    }
+    if (best != cached_.end()) {
+      Block* block = *best;
+      cached_.erase(best);
+      cached_bytes_ -= block->capacity;
+      return {block->data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+    }
+  }
+  void* data = std::aligned_alloc(kHugePage, capacity);
+  if (data == nullptr) {
+    release_cached();
+    data = std::aligned_alloc(kHugePage, capacity);
+  }
+  TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "custom_bn: could not allocate ", capacity,
+                   " bytes for a result");
+#if defined(MADV_HUGEPAGE)
+  // Advice only: where huge pages are off it changes nothing.
+  if (huge_pages_) (void)madvise(data, capacity, MADV_HUGEPAGE);
+#endif
+  auto* block = new Block{data, capacity, this};
+  return {data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+}
+
+void ResultAllocator::copy_data(void* dest, const void* src, std::size_t count) const {
+  std::memcpy(dest, src, count);
+}
+
+size_t ResultAllocator::cached_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cached_bytes_;
+}
+
+void ResultAllocator::release_cached() {
+  std::vector<Block*> released;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    released.swap(cached_);
+    cached_bytes_ = 0;
+  }
+  for (Block* block : released) {
+    std::free(block->data);
+    delete block;
+  }
+}
+
+void ResultAllocator::give_back(void* block) {
+  auto* b = static_cast<Block*>(block);
+  b->owner->cache_or_free(b);
+}
+
+// The freed block joins the cache; the oldest blocks leave it while it holds more than the
+// limit (so a block larger than the limit is freed at once).
+void ResultAllocator::cache_or_free(Block* block) {
+  std::vector<Block*> evicted;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    cached_.push_back(block);
+    cached_bytes_ += block->capacity;
+    auto keep = cached_.begin();
+    while (cached_bytes_ > cache_limit_) {
+      cached_bytes_ -= (*keep)->capacity;
+      evicted.push_back(*keep++);
+    }
+    cached_.erase(cached_.begin(), keep);
+  }
+  for (Block* b : evicted) {
+    std::free(b->data);
+    delete b;
+  }
+}
+
+ResultAllocator& result_allocator() {
+  static ResultAllocator* const allocator = [] {
+    const std::string cache_mb = setting("CUSTOM_BN_RESULT_CACHE_MB", "1024");
+    char* end = nullptr;
+    const unsigned long long megabytes = std::strtoull(cache_mb.c_str(), &end, 10);
+    TORCH_CHECK(*end == '\0' && cache_mb[0] != '-',
+                "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got '", cache_mb, "'");
+    return new ResultAllocator(static_cast<size_t>(megabytes) << 20,
+                               setting("CUSTOM_BN_HUGE_PAGES", "1") != "0");
+  }();
+  return *allocator;
+}
+
+}  // namespace custom_bn::cpu

@@ -1,0 +1,56 @@
+// Memory for the large CPU results (outputs and input gradients).
+//
+// A result of 100 MB from the default allocator is a fresh mapping: the kernel faults and
+// zeroes every page when the op first writes it, which costs more than the batch norm itself
+// (docs/perf.md). A training or inference loop frees a result of the same size every step, so
+// the allocator below keeps a few freed blocks and hands them out again: already-mapped pages,
+// no faults, no zeroing. New blocks are 2 MB-aligned and advised to use 2 MB pages.
+#pragma once
+
+#include <c10/core/Allocator.h>
+
+#include <cstddef>
+#include <mutex>
+#include <vector>
+
+namespace custom_bn::cpu {
+
+class ResultAllocator final : public c10::Allocator {
+ public:
+  // Blocks of at least this many bytes are cached (and huge-page advised); smaller requests go
+  // to torch's CPU allocator, which reuses small blocks well on its own.
+  static constexpr size_t kMinCachedBytes = size_t(8) << 20;
+
+  // Keeps at most cache_limit bytes of freed blocks (0: none); huge_pages: advise 2 MB pages.
+  ResultAllocator(size_t cache_limit, bool huge_pages);
+
+  c10::DataPtr allocate(size_t n) override;
+  void copy_data(void* dest, const void* src, std::size_t count) const override;
+
+  // Freed blocks held for reuse, in bytes.
+  size_t cached_bytes() const;
+  // Frees every cached block.
+  void release_cached();
+
+ private:
+  struct Block {
+    void* data;
+    size_t capacity;
+    ResultAllocator* owner;
+  };
+  static void give_back(void* block);
+  void cache_or_free(Block* block);
+
+  const size_t cache_limit_;
+  const bool huge_pages_;
+  mutable std::mutex mutex_;
+  std::vector<Block*> cached_;  // oldest first
+  size_t cached_bytes_ = 0;
+};
+
+// The allocator every CPU result uses. CUSTOM_BN_RESULT_CACHE_MB sets its cache (default 1024;
+// 0 turns caching off), CUSTOM_BN_HUGE_PAGES=0 its huge-page advice. Never destroyed: results
+// may outlive static destruction.
+ResultAllocator& result_allocator();
+
+}  // namespace custom_bn::cpu

@@ -1,0 +1,116 @@
+// The allocator of large CPU results (csrc/cpu/result_memory.h): freed blocks are reused, the
+// cache stays under its limit, and a reused block never leaks a previous result's values.
+#include "cpu/result_memory.h"
+#include "samples.h"
+
+#include <custom_bn/custom_bn.h>
+
+namespace custom_bn::testing {
+namespace {
+
+using cpu::ResultAllocator;
+
+constexpr size_t kMB = size_t(1) << 20;
+
+TEST(ResultMemory, SmallRequestsAreNotCached) {
+  ResultAllocator allocator(64 * kMB, /*huge_pages=*/false);
+  c10::DataPtr small = allocator.allocate(ResultAllocator::kMinCachedBytes - 1);
+  ASSERT_NE(small.get(), nullptr);
+  small.clear();
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
+TEST(ResultMemory, FreedBlockIsReusedForTheSameSize) {
+  ResultAllocator allocator(64 * kMB, /*huge_pages=*/true);
+  c10::DataPtr first = allocator.allocate(9 * kMB);
+  void* const data = first.get();
+  static_cast<char*>(data)[9 * kMB - 1] = 1;  // the whole request is writable
+  first.clear();
+  EXPECT_EQ(allocator.cached_bytes(), 10 * kMB);  // rounded up to 2 MB pages
+  c10::DataPtr second = allocator.allocate(10 * kMB);
+  EXPECT_EQ(second.get(), data);
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
+TEST(ResultMemory, MuchLargerBlocksAreNotHandedToSmallRequests) {
+  ResultAllocator allocator(256 * kMB, /*huge_pages=*/false);
+  c10::DataPtr large = allocator.allocate(40 * kMB);
+  void* const large_data = large.get();
+  large.clear();
+  c10::DataPtr small = allocator.allocate(10 * kMB);
+  EXPECT_NE(small.get(), large_data);
+  EXPECT_EQ(allocator.cached_bytes(), 40 * kMB);
+  // Up to a quarter more than asked for is fine.
+  c10::DataPtr close = allocator.allocate(34 * kMB);
+  EXPECT_EQ(close.get(), large_data);
+}
+
+TEST(ResultMemory, CacheStaysUnderItsLimitDroppingTheOldest) {
+  ResultAllocator allocator(20 * kMB, /*huge_pages=*/false);
+  std::vector<c10::DataPtr> blocks;
+  std::vector<void*> data;
+  for (int i = 0; i < 3; ++i) {
+    blocks.push_back(allocator.allocate(10 * kMB));
+    data.push_back(blocks.back().get());
+  }
+  for (c10::DataPtr& block : blocks) block.clear();
+  EXPECT_EQ(allocator.cached_bytes(), 20 * kMB);
+  // The first freed block was dropped; the other two are handed out again, oldest first.
+  c10::DataPtr again = allocator.allocate(10 * kMB);
+  EXPECT_EQ(again.get(), data[1]);
+  c10::DataPtr last = allocator.allocate(10 * kMB);
+  EXPECT_EQ(last.get(), data[2]);
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+
+  // Larger than the whole limit: freed at once.
+  c10::DataPtr huge = allocator.allocate(32 * kMB);
+  huge.clear();
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
+TEST(ResultMemory, ZeroLimitCachesNothing) {
+  ResultAllocator allocator(0, /*huge_pages=*/false);
+  allocator.allocate(16 * kMB).clear();
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
+TEST(ResultMemory, ReleaseCachedFreesEverything) {
+  ResultAllocator allocator(64 * kMB, /*huge_pages=*/false);
+  allocator.allocate(16 * kMB).clear();
+  allocator.allocate(32 * kMB).clear();
+  EXPECT_EQ(allocator.cached_bytes(), 48 * kMB);
+  allocator.release_cached();
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
+class ResultMemoryOps : public SeededTest {};
+
+// Large outputs and input gradients come from result_allocator(), and a reused block holds
+// the new result only: each call is compared with torch after a call that left other values.
+TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
+  for (bool channels_last : {false, true}) {
+    const auto format =
+        channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
+    for (int step = 0; step < 3; ++step) {
+      torch::Tensor x = torch::randn({8, 32, 96, 96}).contiguous(format).requires_grad_();
+      torch::Tensor w = torch::rand({32});
+      torch::Tensor b = torch::randn({32});
+      torch::Tensor out = custom_bn::batch_norm(x, w, b, {}, {}, true, 0.1, 1e-5);
+      ASSERT_GE(out.nbytes(), ResultAllocator::kMinCachedBytes);
+      EXPECT_EQ(out.storage().allocator(), &cpu::result_allocator());
+      EXPECT_TRUE(out.is_contiguous(format));
+      torch::Tensor grad = torch::randn_like(x);
+      torch::Tensor dx = torch::autograd::grad({out}, {x}, {grad})[0];
+      EXPECT_EQ(dx.storage().allocator(), &cpu::result_allocator());
+
+      torch::Tensor xr = x.detach().requires_grad_();
+      torch::Tensor expected = torch::batch_norm(xr, w, b, {}, {}, true, 0.1, 1e-5, false);
+      expect_close(out, expected, tolerance(torch::kFloat), "output");
+      expect_close(dx, torch::autograd::grad({expected}, {xr}, {grad})[0], tolerance(torch::kFloat),
+                   "grad_input");
+    }
+  }
+}
+
+}  // namespace
+}  // namespace custom_bn::testing

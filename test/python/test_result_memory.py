@@ -1,0 +1,39 @@
+"""CUSTOM_BN_RESULT_CACHE_MB, the cache of freed large results (csrc/cpu/result_memory.h):
+results stay right with the cache off, and a malformed setting is a clear error."""
+
+import os
+import subprocess
+import sys
+
+import custom_bn
+from conftest import ROOT
+
+# Batch norm of a 16 MB input (above the 8 MB the cache starts at), twice, against torch.
+SCRIPT = """
+import torch, custom_bn
+for _ in range(2):
+    x = torch.randn(8, 32, 128, 128)
+    w, b = torch.rand(32), torch.randn(32)
+    out = torch.ops.custom_bn.batch_norm(x, w, b, None, None, True, 0.1, 1e-5)
+    torch.testing.assert_close(out, torch.batch_norm(x, w, b, None, None, True, 0.1, 1e-5, False))
+print("ok")
+"""
+
+
+def run_with(cache_mb):
+    env = dict(os.environ, CUSTOM_BN_RESULT_CACHE_MB=cache_mb, PYTHONPATH=str(ROOT / "python"),
+               CUSTOM_BN_LIBRARY=custom_bn.library_path())
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
+                          text=True)
+
+
+def test_results_are_right_with_the_cache_off():
+    result = run_with("0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_malformed_cache_size_names_the_variable():
+    result = run_with("lots")
+    assert result.returncode != 0
+    assert "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got 'lots'" in result.stderr
