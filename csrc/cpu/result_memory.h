@@ -1,10 +1,12 @@
 // Memory for the large CPU results (outputs and input gradients).
 //
-// A result of 100 MB from the default allocator is a fresh mapping: the kernel faults and
-// zeroes every page when the op first writes it, which costs more than the batch norm itself
-// (docs/perf.md). A training or inference loop frees a result of the same size every step, so
-// the allocator below keeps a few freed blocks and hands them out again: already-mapped pages,
-// no faults, no zeroing. New blocks are 2 MB-aligned and advised to use 2 MB pages.
+// glibc maps every block above 32 MB fresh and unmaps it when freed, so such a result is
+// faulted and zeroed by the kernel page by page when the op first writes it, which costs more
+// than the batch norm itself (docs/perf.md). A training or inference loop frees a result of the
+// same size every step, so the allocator below keeps a few freed blocks of that size and hands
+// them out again: mapped pages, no faults, no zeroing. Its blocks are 2 MB-aligned and advised
+// to use 2 MB pages. Smaller blocks are reused by glibc itself (and stay in cache when they are
+// reused at once); they get only the huge-page advice from 8 MB on.
 #pragma once
 
 #include <c10/core/Allocator.h>
@@ -17,9 +19,10 @@ namespace custom_bn::cpu {
 
 class ResultAllocator final : public c10::Allocator {
  public:
-  // Blocks of at least this many bytes are cached (and huge-page advised); smaller requests go
-  // to torch's CPU allocator, which reuses small blocks well on its own.
-  static constexpr size_t kMinCachedBytes = size_t(8) << 20;
+  // Blocks of at least kMinCachedBytes are cached; smaller requests go to torch's CPU
+  // allocator, with the huge-page advice from kMinAdvisedBytes on.
+  static constexpr size_t kMinCachedBytes = size_t(32) << 20;
+  static constexpr size_t kMinAdvisedBytes = size_t(8) << 20;
 
   // Keeps at most cache_limit bytes of freed blocks (0: none); huge_pages: advise 2 MB pages.
   ResultAllocator(size_t cache_limit, bool huge_pages);
