@@ -175,8 +175,8 @@ struct FirstItems {
 
 // The K sums of one channels-first item, with the channel's parameters p.
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
-std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I>& in,
-                                        const std::array<opmath_t<scalar_t>, P>& p,
+std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
+                                        const std::array<opmath_t<scalar_t>, P> p,
                                         const ChannelView& view, const FirstItems::Span& span,
                                         const Terms& terms, scalar_t* emit) {
   using opmath = opmath_t<scalar_t>;
@@ -260,8 +260,8 @@ int64_t rows_per_last_item(const ChannelView& view) {
 constexpr int64_t kRowsAtOnce = 8;
 
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
-void reduce_last_item(const std::array<const scalar_t*, I>& in,
-                      const std::array<const opmath_t<scalar_t>*, P>& params,
+void reduce_last_item(const std::array<const scalar_t*, I> in,
+                      const std::array<const opmath_t<scalar_t>*, P> params,
                       const ChannelView& view, int64_t row_begin, int64_t row_end,
                       const Terms& terms, opmath_t<scalar_t>* partial, double* totals,
                       scalar_t* emit) {
@@ -365,61 +365,80 @@ void reduce_channels(const std::array<const scalar_t*, I>& in,
 
 // ---- Elementwise: out = fn(inputs, per-channel params) --------------------------------------
 
+// Rows [begin, end) of a channels-last map. Pointers come by value, so they stay in registers
+// (read through references, they are reloaded after every store, which might alias them).
+template <int I, int P, typename scalar_t, typename Fn>
+void map_last_rows(const std::array<const scalar_t*, I> in,
+                   const std::array<const opmath_t<scalar_t>*, P> params, const int64_t C,
+                   const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  const int64_t vec_end = C - C % Vec::size();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t base = row * C;
+    int64_t c = 0;
+    for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
+      store_pair(
+          out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)),
+          fn(load_inputs<I>(in, base + c + Vec::size()), load_params<P>(params, c + Vec::size())));
+    }
+    for (; c < vec_end; c += Vec::size()) {
+      store_vec(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)));
+    }
+    for (; c < C; ++c) {
+      out[base + c] =
+          static_cast<scalar_t>(fn(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c)));
+    }
+  }
+}
+
+// Units [begin, end) of a channels-first map: a unit is one segment of one (n, c) run.
+template <int I, int P, typename scalar_t, typename Fn>
+void map_first_units(const std::array<const scalar_t*, I> in,
+                     const std::array<const opmath_t<scalar_t>*, P> params, const int64_t C,
+                     const int64_t S, const int64_t segments, const int64_t segment_length,
+                     const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out) {
+  using opmath = opmath_t<scalar_t>;
+  using Vec = Vectorized<opmath>;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t run = unit / segments;  // n * C + c
+    const int64_t c = run % C;
+    const int64_t s0 = (unit % segments) * segment_length;
+    const int64_t length = std::min(segment_length, S - s0);
+    const int64_t base = run * S + s0;
+    const std::array<opmath, P> p = scalar_params<P>(params, c);
+    const std::array<Vec, P> pv = broadcast<P>(p);
+    int64_t i = 0;
+    for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
+      store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
+                 fn(load_inputs<I>(in, base + i + Vec::size()), pv));
+    }
+    for (; i + Vec::size() <= length; i += Vec::size()) {
+      store_vec(out + base + i, fn(load_inputs<I>(in, base + i), pv));
+    }
+    for (; i < length; ++i) {
+      out[base + i] = static_cast<scalar_t>(fn(scalar_inputs<I>(in, base + i), p));
+    }
+  }
+}
+
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
                   const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
                   const Fn& fn, scalar_t* out) {
-  using opmath = opmath_t<scalar_t>;
-  using Vec = Vectorized<opmath>;
+  const int64_t C = view.channels;
   if (view.layout == Layout::kChannelsLast) {
-    const int64_t C = view.channels;
-    const int64_t vec_end = C - C % Vec::size();
     const int64_t grain = std::max<int64_t>(1, kItemElements / C);
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t base = row * C;
-        int64_t c = 0;
-        for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
-          store_pair(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)),
-                     fn(load_inputs<I>(in, base + c + Vec::size()),
-                        load_params<P>(params, c + Vec::size())));
-        }
-        for (; c < vec_end; c += Vec::size()) {
-          store_vec(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)));
-        }
-        for (; c < C; ++c) {
-          out[base + c] = static_cast<scalar_t>(
-              fn(scalar_inputs<I>(in, base + c), scalar_params<P>(params, c)));
-        }
-      }
+      map_last_rows<I, P>(in, params, C, begin, end, fn, out);
     });
     return;
   }
-  const int64_t C = view.channels, S = view.inner;
+  const int64_t S = view.inner;
   const int64_t segments = ceil_div(S, kItemElements);
   const int64_t segment_length = ceil_div(S, segments);
   const int64_t grain = std::max<int64_t>(1, kItemElements / segment_length);
   at::parallel_for(0, view.outer * C * segments, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t unit = begin; unit < end; ++unit) {
-      const int64_t run = unit / segments;  // n * C + c
-      const int64_t c = run % C;
-      const int64_t s0 = (unit % segments) * segment_length;
-      const int64_t length = std::min(segment_length, S - s0);
-      const int64_t base = run * S + s0;
-      const std::array<opmath, P> p = scalar_params<P>(params, c);
-      const std::array<Vec, P> pv = broadcast<P>(p);
-      int64_t i = 0;
-      for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
-        store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
-                   fn(load_inputs<I>(in, base + i + Vec::size()), pv));
-      }
-      for (; i + Vec::size() <= length; i += Vec::size()) {
-        store_vec(out + base + i, fn(load_inputs<I>(in, base + i), pv));
-      }
-      for (; i < length; ++i) {
-        out[base + i] = static_cast<scalar_t>(fn(scalar_inputs<I>(in, base + i), p));
-      }
-    }
+    map_first_units<I, P>(in, params, C, S, segments, segment_length, begin, end, fn, out);
   });
 }
 
