@@ -38,23 +38,31 @@ constexpr int64_t kFlushEveryRow = 16;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The first `count` values at p (the rest of the vector is zero; masked where the CPU has masks).
 template <typename scalar_t>
-inline Vectorized<opmath_t<scalar_t>> load_vec(const scalar_t* p) {
+inline Vectorized<opmath_t<scalar_t>> load_vec(
+    const scalar_t* p, int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    Vectorized<float> v;
-    at::vec::load_to_float(p, v);
+    Vec v;
+    if (count == Vec::size()) {
+      at::vec::load_to_float(p, v);
+    } else {
+      v = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
+    }
     return v;
   } else {
-    return Vectorized<scalar_t>::loadu(p);
+    return Vec::loadu(p, count);
   }
 }
 
 template <typename scalar_t>
-inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v) {
+inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v,
+                      int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(v, v).store(p, Vectorized<float>::size());
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
   } else {
-    v.store(p);
+    v.store(p, count);
   }
 }
 
@@ -121,9 +129,10 @@ inline std::array<T, P> scalar_params(const std::array<const T*, P>& params, int
 
 template <int I, typename scalar_t>
 inline std::array<Vectorized<opmath_t<scalar_t>>, I> load_inputs(
-    const std::array<const scalar_t*, I>& in, int64_t offset) {
+    const std::array<const scalar_t*, I>& in, int64_t offset,
+    int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
   std::array<Vectorized<opmath_t<scalar_t>>, I> v;
-  for (int j = 0; j < I; ++j) v[j] = load_vec(in[j] + offset);
+  for (int j = 0; j < I; ++j) v[j] = load_vec(in[j] + offset, count);
   return v;
 }
 
@@ -391,7 +400,9 @@ void map_last_rows(const std::array<const scalar_t*, I> in,
   }
 }
 
-// Units [begin, end) of a channels-first map: a unit is one segment of one (n, c) run.
+// Units [begin, end) of a channels-first map: a unit is one segment of one (n, c) run. The
+// unit's channel and segment advance by counting (a division per unit costs as much as a 7x7
+// run's arithmetic); a run's last partial vector is a masked one.
 template <int I, int P, typename scalar_t, typename Fn>
 void map_first_units(const std::array<const scalar_t*, I> in,
                      const std::array<const opmath_t<scalar_t>*, P> params, const int64_t C,
@@ -399,24 +410,27 @@ void map_first_units(const std::array<const scalar_t*, I> in,
                      const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
+  int64_t run = begin / segments;  // n * C + c
+  int64_t segment = begin % segments;
+  int64_t c = run % C;
   for (int64_t unit = begin; unit < end; ++unit) {
-    const int64_t run = unit / segments;  // n * C + c
-    const int64_t c = run % C;
-    const int64_t s0 = (unit % segments) * segment_length;
+    const int64_t s0 = segment * segment_length;
     const int64_t length = std::min(segment_length, S - s0);
     const int64_t base = run * S + s0;
-    const std::array<opmath, P> p = scalar_params<P>(params, c);
-    const std::array<Vec, P> pv = broadcast<P>(p);
+    const std::array<Vec, P> pv = broadcast<P>(scalar_params<P>(params, c));
     int64_t i = 0;
     for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
       store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
                  fn(load_inputs<I>(in, base + i + Vec::size()), pv));
     }
-    for (; i + Vec::size() <= length; i += Vec::size()) {
-      store_vec(out + base + i, fn(load_inputs<I>(in, base + i), pv));
+    for (; i < length; i += Vec::size()) {
+      const int64_t count = std::min<int64_t>(Vec::size(), length - i);
+      store_vec(out + base + i, fn(load_inputs<I>(in, base + i, count), pv), count);
     }
-    for (; i < length; ++i) {
-      out[base + i] = static_cast<scalar_t>(fn(scalar_inputs<I>(in, base + i), p));
+    if (++segment == segments) {
+      segment = 0;
+      ++run;
+      if (++c == C) c = 0;
     }
   }
 }

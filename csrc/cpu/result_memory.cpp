@@ -6,7 +6,6 @@
 #include <sys/mman.h>
 
 #include <algorithm>
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -19,17 +18,6 @@ constexpr size_t kHugePage = size_t(2) << 20;
 size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // The value of an environment variable, or fallback when it is unset or empty.
-// Asks for 2 MB pages over the whole huge pages inside [data, data + n): advice only, where
-// huge pages are off it changes nothing.
-void advise_huge_pages(void* data, size_t n) {
-#if defined(MADV_HUGEPAGE)
-  const auto begin = reinterpret_cast<uintptr_t>(data);
-  const uintptr_t first = (begin + kHugePage - 1) & ~uintptr_t(kHugePage - 1);
-  const uintptr_t last = (begin + n) & ~uintptr_t(kHugePage - 1);
-  if (last > first) (void)madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 std::string setting(const char* name, const char* fallback) {
   const char* value = std::getenv(name);
   return value == nullptr || *value == '\0' ? fallback : value;
@@ -41,11 +29,7 @@ ResultAllocator::ResultAllocator(size_t cache_limit, bool huge_pages)
     : cache_limit_(cache_limit), huge_pages_(huge_pages) {}
 
 c10::DataPtr ResultAllocator::allocate(size_t n) {
-  if (n < kMinCachedBytes) {
-    c10::DataPtr data = c10::GetDefaultCPUAllocator()->allocate(n);
-    if (huge_pages_ && n >= kMinAdvisedBytes) advise_huge_pages(data.get(), n);
-    return data;
-  }
+  if (n < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
   const size_t capacity = round_up(n, kHugePage);
   {
     // The smallest cached block that fits, if it wastes at most a quarter of itself; of equal
@@ -73,7 +57,10 @@ c10::DataPtr ResultAllocator::allocate(size_t n) {
   }
   TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "custom_bn: could not allocate ", capacity,
                    " bytes for a result");
-  if (huge_pages_) advise_huge_pages(data, capacity);
+#if defined(MADV_HUGEPAGE)
+  // Advice only: where huge pages are off it changes nothing.
+  if (huge_pages_) (void)madvise(data, capacity, MADV_HUGEPAGE);
+#endif
   auto* block = new Block{data, capacity, this};
   return {data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
 }

@@ -1,12 +1,12 @@
 // Memory for the large CPU results (outputs and input gradients).
 //
-// glibc maps every block above 32 MB fresh and unmaps it when freed, so such a result is
-// faulted and zeroed by the kernel page by page when the op first writes it, which costs more
-// than the batch norm itself (docs/perf.md). A training or inference loop frees a result of the
-// same size every step, so the allocator below keeps a few freed blocks of that size and hands
-// them out again: mapped pages, no faults, no zeroing. Its blocks are 2 MB-aligned and advised
-// to use 2 MB pages. Smaller blocks are reused by glibc itself (and stay in cache when they are
-// reused at once); they get only the huge-page advice from 8 MB on.
+// From the default allocator, a result of tens of MB is often a fresh mapping: glibc maps
+// blocks above its mmap threshold (at most 32 MB) fresh and unmaps them when freed, and
+// returns the top of its heap to the kernel. The kernel then faults and zeroes the result page
+// by page when the op first writes it, which costs more than the batch norm itself
+// (docs/perf.md). A training or inference loop frees a result of the same size every step, so
+// the allocator below keeps a few freed blocks and hands them out again: mapped pages, no
+// faults, no zeroing. Its blocks are 2 MB-aligned and advised to use 2 MB pages.
 #pragma once
 
 #include <c10/core/Allocator.h>
@@ -19,10 +19,9 @@ namespace custom_bn::cpu {
 
 class ResultAllocator final : public c10::Allocator {
  public:
-  // Blocks of at least kMinCachedBytes are cached; smaller requests go to torch's CPU
-  // allocator, with the huge-page advice from kMinAdvisedBytes on.
-  static constexpr size_t kMinCachedBytes = size_t(32) << 20;
-  static constexpr size_t kMinAdvisedBytes = size_t(8) << 20;
+  // Requests of at least this many bytes are served here; smaller ones go to torch's CPU
+  // allocator (glibc reuses small blocks well on its own).
+  static constexpr size_t kMinCachedBytes = size_t(8) << 20;
 
   // Keeps at most cache_limit bytes of freed blocks (0: none); huge_pages: advise 2 MB pages.
   ResultAllocator(size_t cache_limit, bool huge_pages);
