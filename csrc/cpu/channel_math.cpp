@@ -11,7 +11,8 @@
 namespace custom_bn::cpu {
 namespace {
 
-// Calls fn(channel) for each channel with typed pointers into contiguous tensors.
+// Typed pointers into contiguous tensors. Take them before a loop over channels: each call
+// checks the dtype, out of line, which costs more than the loop body.
 template <typename T>
 T* data(at::Tensor& t) {
   return t.mutable_data_ptr<T>();
@@ -66,9 +67,10 @@ std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,
   const at::Tensor w = channel_param(weight, channels, invstd.options(), 1.0);
   at::Tensor alpha = empty_like_stat(invstd);
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "affine_coefficients", [&] {
-    for (int64_t c = 0; c < channels; ++c) {
-      data<scalar_t>(alpha)[c] = data<scalar_t>(invstd)[c] * data<scalar_t>(w)[c];
-    }
+    const scalar_t* invstd_data = data<scalar_t>(invstd);
+    const scalar_t* w_data = data<scalar_t>(w);
+    scalar_t* alpha_data = data<scalar_t>(alpha);
+    for (int64_t c = 0; c < channels; ++c) alpha_data[c] = invstd_data[c] * w_data[c];
   });
   return {alpha, channel_param(bias, channels, invstd.options(), 0.0)};
 }
@@ -82,16 +84,22 @@ GradInputCoefficientTensors grad_input_coefficients(bool training, const at::Ten
   GradInputCoefficientTensors out{empty_like_stat(invstd), empty_like_stat(invstd),
                                   empty_like_stat(invstd)};
   AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "grad_input_coefficients", [&] {
+    const scalar_t* invstd_data = data<scalar_t>(invstd);
+    const scalar_t* w_data = data<scalar_t>(w);
+    // The sums exist in training only.
+    const scalar_t* sum_dy_data = training ? data<scalar_t>(sum_dy) : nullptr;
+    const scalar_t* sum_dy_xmu_data = training ? data<scalar_t>(sum_dy_xmu) : nullptr;
+    scalar_t* a = data<scalar_t>(out.a);
+    scalar_t* b = data<scalar_t>(out.b);
+    scalar_t* dy_mean = data<scalar_t>(out.dy_mean);
     for (int64_t c = 0; c < channels; ++c) {
-      const auto k =
-          training ? custom_bn::grad_input_coefficients_training(
-                         data<scalar_t>(invstd)[c], data<scalar_t>(w)[c], data<scalar_t>(sum_dy)[c],
-                         data<scalar_t>(sum_dy_xmu)[c], static_cast<scalar_t>(count))
-                   : custom_bn::grad_input_coefficients_eval(data<scalar_t>(invstd)[c],
-                                                             data<scalar_t>(w)[c]);
-      data<scalar_t>(out.a)[c] = k.a;
-      data<scalar_t>(out.b)[c] = k.b;
-      data<scalar_t>(out.dy_mean)[c] = k.dy_mean;
+      const auto k = training ? custom_bn::grad_input_coefficients_training(
+                                    invstd_data[c], w_data[c], sum_dy_data[c], sum_dy_xmu_data[c],
+                                    static_cast<scalar_t>(count))
+                              : custom_bn::grad_input_coefficients_eval(invstd_data[c], w_data[c]);
+      a[c] = k.a;
+      b[c] = k.b;
+      dy_mean[c] = k.dy_mean;
     }
   });
   return out;
@@ -105,16 +113,20 @@ MergedStats merge_stats(const at::Tensor& mean, const at::Tensor& m2, const at::
                      0.0};
   for (int64_t r = 0; r < ranks; ++r) merged.count += data<double>(counts_d)[r];
   AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "merge_stats", [&] {
+    const double* rank_counts = data<double>(counts_d);
+    const scalar_t* rank_means = data<scalar_t>(mean_c);
+    const scalar_t* rank_m2s = data<scalar_t>(m2_c);
+    scalar_t* merged_mean = data<scalar_t>(merged.mean);
+    scalar_t* merged_m2 = data<scalar_t>(merged.m2);
     for (int64_t c = 0; c < channels; ++c) {
       WelfordStats<double> total{0, 0, 0};
       for (int64_t r = 0; r < ranks; ++r) {
-        total = welford_merge(total,
-                              WelfordStats<double>{data<double>(counts_d)[r],
-                                                   double(data<scalar_t>(mean_c)[r * channels + c]),
-                                                   double(data<scalar_t>(m2_c)[r * channels + c])});
+        total = welford_merge(
+            total, WelfordStats<double>{rank_counts[r], double(rank_means[r * channels + c]),
+                                        double(rank_m2s[r * channels + c])});
       }
-      data<scalar_t>(merged.mean)[c] = static_cast<scalar_t>(total.mean);
-      data<scalar_t>(merged.m2)[c] = static_cast<scalar_t>(total.m2);
+      merged_mean[c] = static_cast<scalar_t>(total.mean);
+      merged_m2[c] = static_cast<scalar_t>(total.m2);
     }
   });
   return merged;
@@ -135,12 +147,13 @@ void update_running_stats(const at::Tensor& batch_mean, const at::Tensor& batch_
   at::Tensor new_var = channel_param(running_var, channels, batch_mean.options(), 0.0);
   AT_DISPATCH_FLOATING_TYPES(batch_mean.scalar_type(), "update_running_stats", [&] {
     const scalar_t m = static_cast<scalar_t>(factor);
+    const scalar_t* mean_data = data<scalar_t>(batch_mean);
+    const scalar_t* m2_data = data<scalar_t>(batch_m2);
+    scalar_t* rm = data<scalar_t>(new_mean);
+    scalar_t* rv = data<scalar_t>(new_var);
     for (int64_t c = 0; c < channels; ++c) {
-      scalar_t& rm = data<scalar_t>(new_mean)[c];
-      scalar_t& rv = data<scalar_t>(new_var)[c];
-      rm = running_update(rm, data<scalar_t>(batch_mean)[c], m);
-      rv = running_update(
-          rv, unbiased_var(data<scalar_t>(batch_m2)[c], static_cast<scalar_t>(count)), m);
+      rm[c] = running_update(rm[c], mean_data[c], m);
+      rv[c] = running_update(rv[c], unbiased_var(m2_data[c], static_cast<scalar_t>(count)), m);
     }
   });
   // copy_ writes through any strides and rounds into the running stats' own dtype.
