@@ -53,10 +53,17 @@ def make_input(shape, layout, dtype, device):
     return x
 
 
+COPY_SOURCE = None
+
+
 def copy_bandwidth(repeats):
     """GB/s of a large out-of-place CPU copy (read + write), the memory roof for the CPU
-    kernels (CUDA rows report GB/s against it too; compare them with the device's own)."""
-    src = torch.randn(64 * 1024 * 1024)  # 256 MB
+    kernels (CUDA rows report GB/s against it too; compare them with the device's own).
+    Measured again before every row: this machine's bandwidth drifts by 1.5x within a run."""
+    global COPY_SOURCE
+    if COPY_SOURCE is None:
+        COPY_SOURCE = torch.randn(64 * 1024 * 1024)  # 256 MB
+    src = COPY_SOURCE
     dst = torch.empty_like(src)
     times = []
     for _ in range(repeats):
@@ -181,9 +188,8 @@ def main():
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                f"{torch.get_num_threads()} torch threads, torch {torch.__version__} "
                f"({torch.backends.cpu.get_cpu_capability()})")
-    bandwidth = copy_bandwidth(repeats)
     print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
-    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write of 256 MB)")
+    print("% copy: of a 256 MB copy (read + write) timed just before the row")
     header = (f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
               f"{'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} {'GB/s':>6s} "
               f"{'% copy':>6s}")
@@ -197,6 +203,7 @@ def main():
                 for kind in FUSED_KINDS for mode in FUSED_MODES]
     for device, shape, layout, kind, mode in configs:
         for dtype in (torch.float32, torch.bfloat16):
+            bandwidth = copy_bandwidth(5)
             x = make_input(shape, layout, dtype, device)
             fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
             seconds = measure(fns, repeats, 0.3 if args.quick else 1.0)
@@ -209,7 +216,7 @@ def main():
                 "compile_ms": 1e3 * seconds["compile"],
                 "vs_torch": seconds["torch"] / seconds["custom_bn"],
                 "vs_compile": seconds["compile"] / seconds["custom_bn"],
-                "gb_per_s": gbs, "copy_fraction": gbs / bandwidth,
+                "gb_per_s": gbs, "copy_gb_per_s": bandwidth, "copy_fraction": gbs / bandwidth,
             }
             rows.append(row)
             print(f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
@@ -226,6 +233,9 @@ def main():
               f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
               f"{min(r['vs_torch'] for r in selected):.2f}x ({len(selected)} rows)")
 
+    copies = [r["copy_gb_per_s"] for r in rows]
+    print(f"copy bandwidth: median {statistics.median(copies):.1f} GB/s, "
+          f"{min(copies):.1f} to {max(copies):.1f} over the rows")
     with open(args.out_dir / "batch_norm.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -14,8 +14,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <cstdint>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -66,16 +69,58 @@ inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v,
   }
 }
 
+// Non-temporal stores of one full vector to an address aligned to its size: the line is
+// written without being read first and without displacing cached data. Where the instruction
+// set has none, stream_vec returns false and the caller stores normally.
+template <typename T>
+inline bool stream_vec(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<T>) != 0) return false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#endif
+  return true;
+#else
+  (void)p;
+  (void)v;
+  return false;
+#endif
+}
+
+// Orders this thread's non-temporal stores before what follows (they are weakly ordered).
+inline void finish_streaming() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
 // Stores two opmath vectors at once: for bfloat16/float16 one full-width store (a store of
 // half a reduced vector goes through a temporary buffer and memcpy in ATen's vec types).
+// With `stream`, through non-temporal stores where p is aligned.
 template <typename scalar_t>
 inline void store_pair(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& low,
-                       const Vectorized<opmath_t<scalar_t>>& high) {
+                       const Vectorized<opmath_t<scalar_t>>& high, bool stream = false) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    at::vec::convert_from_float<scalar_t>(low, high).store(p);
+    const Vectorized<scalar_t> packed = at::vec::convert_from_float<scalar_t>(low, high);
+    if (!(stream && stream_vec(p, packed))) packed.store(p);
   } else {
-    low.store(p);
-    high.store(p + Vectorized<opmath_t<scalar_t>>::size());
+    if (!(stream && stream_vec(p, low))) low.store(p);
+    if (!(stream && stream_vec(p + Vec::size(), high))) high.store(p + Vec::size());
   }
 }
 
@@ -379,7 +424,8 @@ void reduce_channels(const std::array<const scalar_t*, I>& in,
 template <int I, int P, typename scalar_t, typename Fn>
 void map_last_rows(const std::array<const scalar_t*, I> in,
                    const std::array<const opmath_t<scalar_t>*, P> params, const int64_t C,
-                   const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out) {
+                   const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out,
+                   const bool stream) {
   using Vec = Vectorized<opmath_t<scalar_t>>;
   const int64_t vec_end = C - C % Vec::size();
   for (int64_t row = begin; row < end; ++row) {
@@ -388,7 +434,8 @@ void map_last_rows(const std::array<const scalar_t*, I> in,
     for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
       store_pair(
           out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)),
-          fn(load_inputs<I>(in, base + c + Vec::size()), load_params<P>(params, c + Vec::size())));
+          fn(load_inputs<I>(in, base + c + Vec::size()), load_params<P>(params, c + Vec::size())),
+          stream);
     }
     for (; c < vec_end; c += Vec::size()) {
       store_vec(out + base + c, fn(load_inputs<I>(in, base + c), load_params<P>(params, c)));
@@ -407,7 +454,8 @@ template <int I, int P, typename scalar_t, typename Fn>
 void map_first_units(const std::array<const scalar_t*, I> in,
                      const std::array<const opmath_t<scalar_t>*, P> params, const int64_t C,
                      const int64_t S, const int64_t segments, const int64_t segment_length,
-                     const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out) {
+                     const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out,
+                     const bool stream) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
   int64_t run = begin / segments;  // n * C + c
@@ -421,7 +469,7 @@ void map_first_units(const std::array<const scalar_t*, I> in,
     int64_t i = 0;
     for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
       store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
-                 fn(load_inputs<I>(in, base + i + Vec::size()), pv));
+                 fn(load_inputs<I>(in, base + i + Vec::size()), pv), stream);
     }
     for (; i < length; i += Vec::size()) {
       const int64_t count = std::min<int64_t>(Vec::size(), length - i);
@@ -435,15 +483,29 @@ void map_first_units(const std::array<const scalar_t*, I> in,
   }
 }
 
+// Whether an elementwise result of `bytes` is written with non-temporal stores: when it is
+// larger than the last-level cache, it would not stay there for the next op anyway, and
+// skipping the read for ownership saves a third of the traffic (docs/perf.md).
+bool streams_result(int64_t bytes) {
+  static const int64_t cache_bytes = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t(32) << 20;
+  }();
+  return bytes > cache_bytes;
+}
+
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
                   const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
                   const Fn& fn, scalar_t* out) {
   const int64_t C = view.channels;
+  const bool stream =
+      streams_result(view.outer * C * view.inner * static_cast<int64_t>(sizeof(scalar_t)));
   if (view.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, kItemElements / C);
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
-      map_last_rows<I, P>(in, params, C, begin, end, fn, out);
+      map_last_rows<I, P>(in, params, C, begin, end, fn, out, stream);
+      if (stream) finish_streaming();
     });
     return;
   }
@@ -452,7 +514,8 @@ void map_channels(const std::array<const scalar_t*, I>& in,
   const int64_t segment_length = ceil_div(S, segments);
   const int64_t grain = std::max<int64_t>(1, kItemElements / segment_length);
   at::parallel_for(0, view.outer * C * segments, grain, [&](int64_t begin, int64_t end) {
-    map_first_units<I, P>(in, params, C, S, segments, segment_length, begin, end, fn, out);
+    map_first_units<I, P>(in, params, C, S, segments, segment_length, begin, end, fn, out, stream);
+    if (stream) finish_streaming();
   });
 }
 

@@ -5,6 +5,8 @@
 
 #include <custom_bn/custom_bn.h>
 
+#include <unistd.h>
+
 namespace custom_bn::testing {
 namespace {
 
@@ -112,6 +114,57 @@ TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
           torch::autograd::grad({expected}, {x64}, {grad.to(torch::kDouble)})[0];
       expect_close(out, expected.to(torch::kFloat), tolerance(torch::kFloat), "output");
       expect_close(dx, expected_dx.to(torch::kFloat), tolerance(torch::kFloat), "grad_input");
+    }
+  }
+}
+
+// Results larger than the last-level cache are written with non-temporal stores where a
+// vector's address is aligned (csrc/cpu/kernels.cpp, streams_result): runs of 14x14 float32
+// (784 bytes) start aligned and unaligned in turn. Eval mode, so that every sample's expected
+// values follow from it alone: the first, a middle and the last sample are checked in float64.
+TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+  const int64_t target_bytes = (l3 > 0 ? l3 : int64_t(32) << 20) * 5 / 4;
+  struct Case {
+    torch::Dtype dtype;
+    torch::MemoryFormat format;
+    int64_t channels, spatial;
+  };
+  for (const Case& c : {Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 14},
+                        Case{torch::kBFloat16, torch::MemoryFormat::ChannelsLast, 64, 8}}) {
+    const int64_t per_sample = c.channels * c.spatial * c.spatial * c10::elementSize(c.dtype);
+    const int64_t n = (target_bytes + per_sample - 1) / per_sample;
+    // Uniform draws: LibTorch's normal sampler takes seconds at this size.
+    const torch::Tensor x = (torch::rand({n, c.channels, c.spatial, c.spatial}) * 4 - 2)
+                                .to(c.dtype)
+                                .contiguous(c.format)
+                                .requires_grad_();
+    const torch::Tensor w = torch::rand({c.channels});
+    const torch::Tensor b = torch::randn({c.channels});
+    const torch::Tensor rm = torch::randn({c.channels});
+    const torch::Tensor rv = torch::rand({c.channels}) + 0.5;
+    const torch::Tensor grad = torch::rand_like(x) - 0.5;
+    const torch::Tensor out = custom_bn::batch_norm(x, w, b, rm, rv, false, 0.1, 1e-5);
+    const torch::Tensor dx = torch::autograd::grad({out}, {x}, {grad})[0];
+    const torch::Tensor fused =
+        custom_bn::batch_norm_relu(x.detach(), w, b, rm, rv, false, 0.1, 1e-5);
+    ASSERT_GT(out.nbytes(), static_cast<size_t>(target_bytes) * 4 / 5);
+
+    const auto per_channel = [](const torch::Tensor& t) {
+      return t.to(torch::kDouble).view({1, -1, 1, 1});
+    };
+    const torch::Tensor scale = per_channel(w) / (per_channel(rv) + 1e-5).sqrt();
+    for (int64_t i : {int64_t(0), n / 2, n - 1}) {
+      const torch::Tensor xi = x[i].detach().unsqueeze(0).to(torch::kDouble);
+      const torch::Tensor expected = (xi - per_channel(rm)) * scale + per_channel(b);
+      const torch::Tensor expected_dx = grad[i].unsqueeze(0).to(torch::kDouble) * scale;
+      const std::string what = std::string(c10::toString(c.dtype)) + " sample " +
+                               std::to_string(i) + " of " + std::to_string(n);
+      expect_close(out[i].unsqueeze(0), expected.to(c.dtype), tolerance(c.dtype), what + " output");
+      expect_close(dx[i].unsqueeze(0), expected_dx.to(c.dtype), tolerance(c.dtype),
+                   what + " grad_input");
+      expect_close(fused[i].unsqueeze(0), torch::relu(expected).to(c.dtype), tolerance(c.dtype),
+                   what + " batch_norm_relu output");
     }
   }
 }

@@ -1,9 +1,14 @@
-"""CUSTOM_BN_RESULT_CACHE_MB, the cache of freed large results (csrc/cpu/result_memory.h):
-results stay right with the cache off, and a malformed setting is a clear error."""
+"""Large CPU results: CUSTOM_BN_RESULT_CACHE_MB, the cache of freed large results
+(csrc/cpu/result_memory.h), where results stay right with the cache off and a malformed
+setting is a clear error; and results larger than the last-level cache, written with
+non-temporal stores."""
 
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 import custom_bn
 from conftest import ROOT
@@ -37,3 +42,40 @@ def test_malformed_cache_size_names_the_variable():
     result = run_with("lots")
     assert result.returncode != 0
     assert "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got 'lots'" in result.stderr
+
+
+def cache_bytes():
+    try:
+        return os.sysconf("SC_LEVEL3_CACHE_SIZE") or 32 << 20
+    except (ValueError, OSError):
+        return 32 << 20
+
+
+@pytest.mark.parametrize("dtype,memory_format,channels,spatial", [
+    (torch.float32, torch.contiguous_format, 32, 14),  # runs of 784 bytes: aligned or not
+    (torch.bfloat16, torch.channels_last, 64, 8),
+    (torch.float16, torch.contiguous_format, 16, 28),
+])
+def test_results_larger_than_the_cache_are_right(dtype, memory_format, channels, spatial):
+    """Results larger than the last-level cache are written with non-temporal stores
+    (csrc/cpu/kernels.cpp, streams_result). Eval mode, so each sample's expected values follow
+    from it alone: the first, a middle and the last sample are checked in float64."""
+    per_sample = channels * spatial * spatial * torch.finfo(dtype).bits // 8
+    n = -(-cache_bytes() * 5 // 4 // per_sample)
+    x = torch.randn(n, channels, spatial, spatial).to(dtype).contiguous(memory_format=memory_format)
+    w, b = torch.rand(channels), torch.randn(channels)
+    rm, rv = torch.randn(channels), torch.rand(channels) + 0.5
+    xg = x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    out = torch.ops.custom_bn.batch_norm(xg, w, b, rm, rv, False, 0.1, 1e-5)
+    (dx,) = torch.autograd.grad(out, xg, grad)
+    fused = torch.ops.custom_bn.batch_norm_relu(x, w, b, rm, rv, False, 0.1, 1e-5)
+    scale = (w.double() / (rv.double() + 1e-5).sqrt()).view(1, -1, 1, 1)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
+    for i in (0, n // 2, n - 1):
+        expected = (x[i:i + 1].double() - rm.double().view(1, -1, 1, 1)) * scale \
+            + b.double().view(1, -1, 1, 1)
+        torch.testing.assert_close(out[i:i + 1], expected.to(dtype), rtol=tol, atol=tol)
+        torch.testing.assert_close(dx[i:i + 1], (grad[i:i + 1].double() * scale).to(dtype),
+                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(fused[i:i + 1], expected.relu().to(dtype), rtol=tol, atol=tol)
