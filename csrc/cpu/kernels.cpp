@@ -483,9 +483,10 @@ void map_first_units(const std::array<const scalar_t*, I> in,
   }
 }
 
-// Whether an elementwise result of `bytes` is written with non-temporal stores: when it is
-// larger than the last-level cache, it would not stay there for the next op anyway, and
-// skipping the read for ownership saves a third of the traffic (docs/perf.md).
+// Whether an elementwise pass that moves `bytes` (its inputs and its result) writes the result
+// with non-temporal stores: when they do not fit in the last-level cache together, the result
+// would not stay there for the next op anyway, and skipping the read for ownership saves a
+// third of the traffic (docs/perf.md).
 bool streams_result(int64_t bytes) {
   static const int64_t cache_bytes = [] {
     const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
@@ -499,8 +500,8 @@ void map_channels(const std::array<const scalar_t*, I>& in,
                   const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
                   const Fn& fn, scalar_t* out) {
   const int64_t C = view.channels;
-  const bool stream =
-      streams_result(view.outer * C * view.inner * static_cast<int64_t>(sizeof(scalar_t)));
+  const bool stream = streams_result((I + 1) * view.outer * C * view.inner *
+                                     static_cast<int64_t>(sizeof(scalar_t)));
   if (view.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, kItemElements / C);
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
