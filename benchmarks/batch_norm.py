@@ -5,6 +5,7 @@ achieved GB/s against a copy bandwidth measured in the same run; writes CSV and 
 import argparse
 import csv
 import datetime
+import gc
 import math
 import os
 import pathlib
@@ -147,11 +148,18 @@ def measure(fns, repeats, seconds_per_row, warmup=3):
     per_round = (time.perf_counter() - start) / warmup
     rounds = max(repeats, min(1000, int(seconds_per_row / max(per_round, 1e-9))))
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    # As timeit does: no cyclic garbage collection inside the timed calls (a collection costs
+    # as much as a small row, and lands on whichever call happens to trigger it).
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
     return {name: statistics.median(t) for name, t in times.items()}
 
 
