@@ -396,11 +396,20 @@ void reduce_channels_last(const std::array<const scalar_t*, I>& in,
                                    item_totals.data() + item * K * C, emit);
     }
   });
-  for_each_channel(C, [&](int64_t c) {
+  // Channels in blocks, items outer: the inner loop runs along contiguous channels.
+  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+    std::vector<double> sum(K * (end - begin), 0.0);
+    for (int64_t item = 0; item < items; ++item) {
+      for (int k = 0; k < K; ++k) {
+        const double* totals = item_totals.data() + (item * K + k) * C;
+        double* acc = sum.data() + k * (end - begin);
+        for (int64_t c = begin; c < end; ++c) acc[c - begin] += totals[c];
+      }
+    }
     for (int k = 0; k < K; ++k) {
-      double sum = 0;
-      for (int64_t item = 0; item < items; ++item) sum += item_totals[(item * K + k) * C + c];
-      out[k][c] = static_cast<opmath_t<scalar_t>>(sum);
+      for (int64_t c = begin; c < end; ++c) {
+        out[k][c] = static_cast<opmath_t<scalar_t>>(sum[k * (end - begin) + c - begin]);
+      }
     }
   });
 }
