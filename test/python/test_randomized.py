@@ -108,6 +108,16 @@ def assert_close(actual, exact, same_dtype, dtype, what):
         f"largest magnitude {exact.abs().max().item():.3g}")
 
 
+def assert_param_grads_close(ours, exact, same, dtype):
+    """grad weight and grad bias (where the sample has them), as assert_close. They are
+    per-channel sums over many products, so float32 gets float16's tolerance: a few ulps more."""
+    for name in ("weight", "bias"):
+        if getattr(ours, name) is not None:
+            assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
+                         getattr(same, name).grad,
+                         torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
+
+
 def reference_sample(sample, dtype):
     """The draw for torch.batch_norm: the same values, contiguous, in `dtype` (None: the
     sample's own dtypes).
@@ -158,12 +168,7 @@ def test_randomized_parity_with_torch(sample):
     outputs["exact"].backward(grad.double())
     outputs["same"].backward(grad.contiguous())
     assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
-    for name in ("weight", "bias"):
-        if getattr(ours, name) is not None:
-            # Per-channel sums over many products: a few ulps more.
-            assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
-                         getattr(same, name).grad,
-                         torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
+    assert_param_grads_close(ours, exact, same, dtype)
 
 
 @given(samples(), st.booleans())
@@ -211,8 +216,4 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     if with_residual:
         assert torch.equal(our_residual.grad, masked), "grad residual is the masked grad"
     assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
-    for name in ("weight", "bias"):
-        if getattr(ours, name) is not None:
-            assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
-                         getattr(same, name).grad,
-                         torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
+    assert_param_grads_close(ours, exact, same, dtype)
