@@ -14,8 +14,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
-#include <unistd.h>
-
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -237,9 +235,12 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
   using Vec = Vectorized<opmath>;
   const std::array<Vec, P> pv = broadcast<P>(p);
   std::array<double, K> totals{};
-  // Vector sums run on across the runs of the item (short runs: 49 values at 7x7).
-  std::array<Vec, K> partial;
+  // Vector sums run on across the runs of the item (short runs: 49 values at 7x7). Two sets
+  // of them, for the two vectors of a step: one chain of dependent adds would bound the pass
+  // by the add latency rather than by memory.
+  std::array<Vec, K> partial, partial_high;
   partial.fill(Vec(opmath(0)));
+  partial_high.fill(Vec(opmath(0)));
   int64_t steps = 0;
   for (int64_t n = span.n_begin; n < span.n_end; ++n) {
     const int64_t base = (n * view.channels + span.channel) * view.inner + span.s0;
@@ -249,12 +250,13 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
       const std::array<Vec, K + E> low = terms(load_inputs<I>(in, base + i), pv);
       const std::array<Vec, K + E> high = terms(load_inputs<I>(in, base + i + Vec::size()), pv);
       for (int k = 0; k < K; ++k) partial[k] += low[k];
-      for (int k = 0; k < K; ++k) partial[k] += high[k];
+      for (int k = 0; k < K; ++k) partial_high[k] += high[k];
       if constexpr (E == 1) store_pair(emit + base + i, low[K], high[K]);
       steps += 2;
       if (steps >= kFlushEvery) {
-        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
         partial.fill(Vec(opmath(0)));
+        partial_high.fill(Vec(opmath(0)));
         steps = 0;
       }
     }
@@ -263,8 +265,9 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
       for (int k = 0; k < K; ++k) partial[k] += t[k];
       if constexpr (E == 1) store_vec(emit + base + i, t[K]);
       if (++steps >= kFlushEvery) {
-        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+        for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
         partial.fill(Vec(opmath(0)));
+        partial_high.fill(Vec(opmath(0)));
         steps = 0;
       }
     }
@@ -274,7 +277,7 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
       if constexpr (E == 1) emit[base + i] = static_cast<scalar_t>(t[K]);
     }
   }
-  for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k]);
+  for (int k = 0; k < K; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
   return totals;
 }
 
@@ -456,6 +459,24 @@ void map_last_rows(const std::array<const scalar_t*, I> in,
   }
 }
 
+// Values [base, base + length) of one (n, c) run of a channels-first map, with the channel's
+// parameters broadcast in pv; the last partial vector is a masked one.
+template <int I, int P, typename scalar_t, typename Fn>
+inline void map_run(const std::array<const scalar_t*, I>& in,
+                    const std::array<Vectorized<opmath_t<scalar_t>>, P>& pv, const int64_t base,
+                    const int64_t length, const Fn& fn, scalar_t* const out, const bool stream) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
+    store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
+               fn(load_inputs<I>(in, base + i + Vec::size()), pv), stream);
+  }
+  for (; i < length; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), length - i);
+    store_vec(out + base + i, fn(load_inputs<I>(in, base + i, count), pv), count);
+  }
+}
+
 // Units [begin, end) of a channels-first map: a unit is one segment of one (n, c) run. The
 // unit's channel and segment advance by counting (a division per unit costs as much as a 7x7
 // run's arithmetic); a run's last partial vector is a masked one.
@@ -465,25 +486,13 @@ void map_first_units(const std::array<const scalar_t*, I> in,
                      const int64_t S, const int64_t segments, const int64_t segment_length,
                      const int64_t begin, const int64_t end, const Fn& fn, scalar_t* const out,
                      const bool stream) {
-  using opmath = opmath_t<scalar_t>;
-  using Vec = Vectorized<opmath>;
   int64_t run = begin / segments;  // n * C + c
   int64_t segment = begin % segments;
   int64_t c = run % C;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t s0 = segment * segment_length;
-    const int64_t length = std::min(segment_length, S - s0);
-    const int64_t base = run * S + s0;
-    const std::array<Vec, P> pv = broadcast<P>(scalar_params<P>(params, c));
-    int64_t i = 0;
-    for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
-      store_pair(out + base + i, fn(load_inputs<I>(in, base + i), pv),
-                 fn(load_inputs<I>(in, base + i + Vec::size()), pv), stream);
-    }
-    for (; i < length; i += Vec::size()) {
-      const int64_t count = std::min<int64_t>(Vec::size(), length - i);
-      store_vec(out + base + i, fn(load_inputs<I>(in, base + i, count), pv), count);
-    }
+    map_run<I, P>(in, broadcast<P>(scalar_params<P>(params, c)), run * S + s0,
+                  std::min(segment_length, S - s0), fn, out, stream);
     if (++segment == segments) {
       segment = 0;
       ++run;
@@ -496,13 +505,7 @@ void map_first_units(const std::array<const scalar_t*, I> in,
 // with non-temporal stores: when they do not fit in the last-level cache together, the result
 // would not stay there for the next op anyway, and skipping the read for ownership saves a
 // third of the traffic (docs/perf.md).
-bool streams_result(int64_t bytes) {
-  static const int64_t cache_bytes = [] {
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return l3 > 0 ? static_cast<int64_t>(l3) : int64_t(32) << 20;
-  }();
-  return bytes > cache_bytes;
-}
+bool streams_result(int64_t bytes) { return bytes > cache_bytes(3); }
 
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
@@ -561,44 +564,56 @@ struct StatsPasses {
   }
 };
 
+// The (mean, M2) of one channels-first item, by its two passes; shift is the channel's.
+template <typename scalar_t>
+WelfordStats<double> first_item_stats(const scalar_t* x, const ChannelView& view,
+                                      const FirstItems::Span& span, opmath_t<scalar_t> shift) {
+  using Passes = StatsPasses<scalar_t>;
+  using opmath = opmath_t<scalar_t>;
+  const std::array<const scalar_t*, 1> in{x};
+  const double count = static_cast<double>(span.count());
+  const double shifted_sum = reduce_first_item<1, 1, 1, 0>(
+      in, std::array<opmath, 1>{shift}, view, span, Passes::shifted, (scalar_t*)nullptr)[0];
+  const opmath rounded_mean = static_cast<opmath>(shift + shifted_sum / count);
+  const double squared_sum =
+      reduce_first_item<1, 1, 1, 0>(in, std::array<opmath, 1>{rounded_mean}, view, span,
+                                    Passes::squared_deviation, (scalar_t*)nullptr)[0];
+  return Passes::item(count, shift, shifted_sum, rounded_mean, squared_sum);
+}
+
+// A channel's (mean, M2) from its items', in item order: the mean from the items' sums, then
+// each item's M2 about it (no division per item, as a chain of welford_merge calls would take).
+inline WelfordStats<double> merge_items(const WelfordStats<double>* parts, int64_t count) {
+  double values = 0, sum = 0, total_m2 = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    values += parts[j].count;
+    sum += parts[j].count * parts[j].mean;
+  }
+  const double total_mean = sum / values;
+  for (int64_t j = 0; j < count; ++j) {
+    total_m2 += m2_about(parts[j].m2, parts[j].count, parts[j].mean, total_mean);
+  }
+  return {values, total_mean, total_m2};
+}
+
 template <typename scalar_t>
 void collect_stats_first(const scalar_t* x, const ChannelView& view,
                          const std::vector<opmath_t<scalar_t>>& shift, opmath_t<scalar_t>* mean,
                          opmath_t<scalar_t>* m2) {
-  using Passes = StatsPasses<scalar_t>;
   using opmath = opmath_t<scalar_t>;
   const FirstItems items(view);
-  const std::array<const scalar_t*, 1> in{x};
   std::vector<WelfordStats<double>> item_stats(view.channels * items.per_channel);
   at::parallel_for(0, view.channels * items.per_channel, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const FirstItems::Span span = items.span(view, item);
-      const double count = static_cast<double>(span.count());
-      const opmath s = shift[span.channel];
-      const double shifted_sum = reduce_first_item<1, 1, 1, 0>(
-          in, std::array<opmath, 1>{s}, view, span, Passes::shifted, (scalar_t*)nullptr)[0];
-      const opmath rounded_mean = static_cast<opmath>(s + shifted_sum / count);
-      const double squared_sum =
-          reduce_first_item<1, 1, 1, 0>(in, std::array<opmath, 1>{rounded_mean}, view, span,
-                                        Passes::squared_deviation, (scalar_t*)nullptr)[0];
-      item_stats[item] = Passes::item(count, s, shifted_sum, rounded_mean, squared_sum);
+      item_stats[item] = first_item_stats(x, view, span, shift[span.channel]);
     }
   });
-  // The channel's mean from its items' sums, then each item's M2 about it: no division per
-  // item (a chain of welford_merge calls costs one each).
   for_each_channel(view.channels, [&](int64_t c) {
-    const WelfordStats<double>* parts = item_stats.data() + c * items.per_channel;
-    double count = 0, sum = 0, total_m2 = 0;
-    for (int64_t j = 0; j < items.per_channel; ++j) {
-      count += parts[j].count;
-      sum += parts[j].count * parts[j].mean;
-    }
-    const double total_mean = sum / count;
-    for (int64_t j = 0; j < items.per_channel; ++j) {
-      total_m2 += m2_about(parts[j].m2, parts[j].count, parts[j].mean, total_mean);
-    }
-    mean[c] = static_cast<opmath>(total_mean);
-    m2[c] = static_cast<opmath>(total_m2);
+    const WelfordStats<double> stats =
+        merge_items(item_stats.data() + c * items.per_channel, items.per_channel);
+    mean[c] = static_cast<opmath>(stats.mean);
+    m2[c] = static_cast<opmath>(stats.m2);
   });
 }
 
@@ -814,12 +829,166 @@ void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& outp
       });
 }
 
+// ---- Channels-first training passes, one channel at a time ----------------------------------
+// When a channel's values fit in cache (fits_by_channel), the reduction over a channel and the
+// elementwise pass that needs its result run back to back: the second read of the channel
+// comes from cache, not memory. The item sums, their merge and the per-channel math are those
+// of the two-kernel path, so the results are bitwise the same.
+
+// Calls fn(c, scratch) for every channel, in parallel, about kItemElements values per task;
+// scratch holds a channel's item results. A pass whose tensors (`inputs` and the result)
+// exceed the last-level cache writes its result with non-temporal stores, as map_channels.
+template <typename Result, typename Fn>
+void for_each_channel_slab(const ChannelView& view, int64_t items_per_channel, int inputs,
+                           int64_t element_size, const Fn& fn) {
+  const int64_t values = view.outer * view.inner;
+  const int64_t grain = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, values));
+  const bool stream = streams_result((inputs + 1) * values * view.channels * element_size);
+  at::parallel_for(0, view.channels, grain, [&](int64_t begin, int64_t end) {
+    std::vector<Result> scratch(items_per_channel);
+    for (int64_t c = begin; c < end; ++c) fn(c, scratch.data(), stream);
+    if (stream) finish_streaming();
+  });
+}
+
+// Maps every (n, c) run of channel c with the channel's parameters p.
+template <int I, int P, typename scalar_t, typename Fn>
+void map_channel(const std::array<const scalar_t*, I>& in,
+                 const std::array<opmath_t<scalar_t>, P>& p, const ChannelView& view, int64_t c,
+                 const Fn& fn, scalar_t* out, bool stream) {
+  const auto pv = broadcast<P>(p);
+  for (int64_t n = 0; n < view.outer; ++n) {
+    map_run<I, P>(in, pv, (n * view.channels + c) * view.inner, view.inner, fn, out, stream);
+  }
+}
+
+void normalize_by_channel(const at::Tensor& input, const ChannelView& view,
+                          const at::Tensor& weight, const at::Tensor& bias, double eps,
+                          bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
+                          at::Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "normalize_by_channel", [&] {
+        using opmath = opmath_t<scalar_t>;
+        const FirstItems items(view);
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        const opmath* w = stat_ptr<scalar_t>(weight);
+        const opmath* b = stat_ptr<scalar_t>(bias);
+        opmath* mean_out = mean.mutable_data_ptr<opmath>();
+        opmath* m2_out = m2.mutable_data_ptr<opmath>();
+        opmath* invstd_out = invstd.mutable_data_ptr<opmath>();
+        scalar_t* out = output.mutable_data_ptr<scalar_t>();
+        const opmath count = static_cast<opmath>(view.outer * view.inner);
+        for_each_channel_slab<WelfordStats<double>>(
+            view, items.per_channel, 1, sizeof(scalar_t),
+            [&](int64_t c, WelfordStats<double>* parts, bool stream) {
+              const opmath shift = static_cast<opmath>(x[c * view.inner]);
+              for (int64_t j = 0; j < items.per_channel; ++j) {
+                parts[j] =
+                    first_item_stats(x, view, items.span(view, c * items.per_channel + j), shift);
+              }
+              const WelfordStats<double> stats = merge_items(parts, items.per_channel);
+              mean_out[c] = static_cast<opmath>(stats.mean);
+              m2_out[c] = static_cast<opmath>(stats.m2);
+              invstd_out[c] = custom_bn::invstd_from_var(m2_out[c] / count, eps);
+              const std::array<opmath, 3> p{mean_out[c], invstd_out[c] * w[c], b[c]};
+              const std::array<const scalar_t*, 1> in{x};
+              if (with_relu) {
+                map_channel<1, 3>(
+                    in, p, view, c,
+                    [](const auto& v, const auto& q) {
+                      return relu(normalize(v[0], q[0], q[1], q[2]));
+                    },
+                    out, stream);
+              } else {
+                map_channel<1, 3>(
+                    in, p, view, c,
+                    [](const auto& v, const auto& q) { return normalize(v[0], q[0], q[1], q[2]); },
+                    out, stream);
+              }
+            });
+      });
+}
+
+// The sums of channel c's items in item order, then the training coefficients and the input
+// gradient: reduce_terms gives (dz, dz * (x - mean)), grad_input_of(v, q) the gradient, both
+// from the same inputs.
+template <int I, typename scalar_t, typename ReduceTerms, typename GradFn>
+void grad_input_by_channel_impl(const std::array<const scalar_t*, I>& in, const ChannelView& view,
+                                const at::Tensor& mean, const at::Tensor& invstd,
+                                const at::Tensor& weight, at::Tensor& sum_dy,
+                                at::Tensor& sum_dy_xmu, const ReduceTerms& reduce_terms,
+                                const GradFn& grad_input_of, at::Tensor& grad_input) {
+  using opmath = opmath_t<scalar_t>;
+  const FirstItems items(view);
+  const opmath* mean_in = stat_ptr<scalar_t>(mean);
+  const opmath* invstd_in = stat_ptr<scalar_t>(invstd);
+  const opmath* w = stat_ptr<scalar_t>(weight);
+  opmath* sum_dy_out = sum_dy.mutable_data_ptr<opmath>();
+  opmath* sum_dy_xmu_out = sum_dy_xmu.mutable_data_ptr<opmath>();
+  scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+  const opmath count = static_cast<opmath>(view.outer * view.inner);
+  for_each_channel_slab<std::array<double, 2>>(
+      view, items.per_channel, I, sizeof(scalar_t),
+      [&](int64_t c, std::array<double, 2>* parts, bool stream) {
+        for (int64_t j = 0; j < items.per_channel; ++j) {
+          parts[j] = reduce_first_item<I, 2, 1, 0>(in, std::array<opmath, 1>{mean_in[c]}, view,
+                                                   items.span(view, c * items.per_channel + j),
+                                                   reduce_terms, (scalar_t*)nullptr);
+        }
+        std::array<double, 2> sum{};
+        for (int64_t j = 0; j < items.per_channel; ++j) {
+          for (int k = 0; k < 2; ++k) sum[k] += parts[j][k];
+        }
+        sum_dy_out[c] = static_cast<opmath>(sum[0]);
+        sum_dy_xmu_out[c] = static_cast<opmath>(sum[1]);
+        const GradInputCoefficients<opmath> k = grad_input_coefficients_training(
+            invstd_in[c], w[c], sum_dy_out[c], sum_dy_xmu_out[c], count);
+        map_channel<I, 4>(in, std::array<opmath, 4>{mean_in[c], k.dy_mean, k.a, k.b}, view, c,
+                          grad_input_of, out, stream);
+      });
+}
+
+void grad_input_by_channel(const at::Tensor& grad_output, const at::Tensor& output,
+                           const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                           const at::Tensor& invstd, const at::Tensor& weight, at::Tensor& sum_dy,
+                           at::Tensor& sum_dy_xmu, at::Tensor& grad_input) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, input.scalar_type(), "grad_input_by_channel", [&] {
+        const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+        const scalar_t* x = input.const_data_ptr<scalar_t>();
+        if (!output.defined()) {
+          grad_input_by_channel_impl<2>(
+              std::array{dy, x}, view, mean, invstd, weight, sum_dy, sum_dy_xmu,
+              [](const auto& v, const auto& p) {
+                return std::array{v[0], v[0] * (v[1] - p[0])};
+              },
+              [](const auto& v, const auto& q) {
+                return custom_bn::grad_input(v[0], v[1], q[0], q[1], q[2], q[3]);
+              },
+              grad_input);
+          return;
+        }
+        grad_input_by_channel_impl<3>(
+            std::array{dy, output.const_data_ptr<scalar_t>(), x}, view, mean, invstd, weight,
+            sum_dy, sum_dy_xmu,
+            [](const auto& v, const auto& p) {
+              const auto masked = relu_grad(v[0], v[1]);
+              return std::array{masked, masked * (v[2] - p[0])};
+            },
+            [](const auto& v, const auto& q) {
+              return custom_bn::grad_input(relu_grad(v[0], v[1]), v[2], q[0], q[1], q[2], q[3]);
+            },
+            grad_input);
+      });
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{collect_stats,        apply_affine,     apply_affine_relu,
-                                 reduce_grad,          reduce_grad_relu, apply_grad_input,
-                                 apply_grad_input_relu};
+  static const KernelTable table{
+      collect_stats,         apply_affine,         apply_affine_relu,
+      reduce_grad,           reduce_grad_relu,     apply_grad_input,
+      apply_grad_input_relu, normalize_by_channel, grad_input_by_channel};
   return table;
 }
 

@@ -54,7 +54,35 @@ struct KernelTable {
                                 const at::Tensor& input, const ChannelView& view,
                                 const at::Tensor& mean, const at::Tensor& dy_mean,
                                 const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
+
+  // Training of a channels-first input whose channels fit in cache (fits_by_channel), one
+  // channel at a time, so that the elementwise pass reads the channel from cache: the work of
+  // collect_stats, then invstd = 1 / sqrt(m2 / n + eps) and alpha = invstd * weight, then
+  // apply_affine (with_relu: apply_affine_relu, no residual) into output. weight and bias are
+  // given.
+  void (*normalize_by_channel)(const at::Tensor& input, const ChannelView& view,
+                               const at::Tensor& weight, const at::Tensor& bias, double eps,
+                               bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
+                               at::Tensor& output);
+  // The same for the backward: reduce_grad (with output defined: reduce_grad_relu, writing
+  // no masked gradient), the training coefficients, then apply_grad_input(_relu).
+  void (*grad_input_by_channel)(const at::Tensor& grad_output, const at::Tensor& output,
+                                const at::Tensor& input, const ChannelView& view,
+                                const at::Tensor& mean, const at::Tensor& invstd,
+                                const at::Tensor& weight, at::Tensor& sum_dy,
+                                at::Tensor& sum_dy_xmu, at::Tensor& grad_input);
 };
+
+// Whether the *_by_channel kernels pay for a pass reading `inputs` tensors of `element_size`
+// bytes: channels-first, one channel of the inputs fits in L2, and all of them do not fit in
+// the last-level cache (when they do, the two-kernel path's second read hits that cache
+// anyway, and its elementwise pass, walking memory in order, is faster than one channel's
+// scattered runs; docs/perf.md).
+bool fits_by_channel(const ChannelView& view, int inputs, int64_t element_size);
+
+// Bytes of the level-2 (per core) or level-3 cache, from sysfs, else sysconf, else 1 MB and
+// 32 MB.
+int64_t cache_bytes(int level);
 
 const KernelTable& kernels();
 

@@ -1,11 +1,10 @@
 // The allocator of large CPU results (csrc/cpu/result_memory.h): freed blocks are reused, the
 // cache stays under its limit, and a reused block never leaks a previous result's values.
+#include "cpu/kernels.h"
 #include "cpu/result_memory.h"
 #include "samples.h"
 
 #include <custom_bn/custom_bn.h>
-
-#include <unistd.h>
 
 namespace custom_bn::testing {
 namespace {
@@ -123,8 +122,7 @@ TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
 // (784 bytes) start aligned and unaligned in turn. Eval mode, so that every sample's expected
 // values follow from it alone: the first, a middle and the last sample are checked in float64.
 TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
-  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-  const int64_t target_bytes = (l3 > 0 ? l3 : int64_t(32) << 20) * 5 / 4;
+  const int64_t target_bytes = custom_bn::cpu::cache_bytes(3) * 5 / 4;
   struct Case {
     torch::Dtype dtype;
     torch::MemoryFormat format;

@@ -1,3 +1,4 @@
+import ctypes
 import os
 import pathlib
 import sys
@@ -12,6 +13,13 @@ sys.path.insert(0, str(ROOT / "python"))
 
 def library_path() -> str:
     return os.environ.get("CUSTOM_BN_LIBRARY", str(ROOT / "build" / "libcustom_bn.so"))
+
+
+def cache_bytes(level: int = 3) -> int:
+    """The cache size the CPU kernels plan with (csrc/cpu/kernels.h, cache_bytes)."""
+    f = ctypes.CDLL(library_path()).custom_bn_cache_bytes
+    f.restype = ctypes.c_int64
+    return f(level)
 
 
 # The ops come from the shared library alone: no Python code of ours is involved.

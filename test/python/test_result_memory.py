@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import custom_bn
-from conftest import ROOT
+from conftest import ROOT, cache_bytes
 
 # Batch norm of a 16 MB input (above the 8 MB the cache starts at), twice, against torch.
 SCRIPT = """
@@ -43,12 +43,6 @@ def test_malformed_cache_size_names_the_variable():
     assert result.returncode != 0
     assert "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got 'lots'" in result.stderr
 
-
-def cache_bytes():
-    try:
-        return os.sysconf("SC_LEVEL3_CACHE_SIZE") or 32 << 20
-    except (ValueError, OSError):
-        return 32 << 20
 
 
 @pytest.mark.parametrize("dtype,memory_format,channels,spatial", [
