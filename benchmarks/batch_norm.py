@@ -4,6 +4,7 @@ achieved GB/s against a copy bandwidth measured in the same run; writes CSV and 
 
 import argparse
 import csv
+import ctypes
 import datetime
 import gc
 import math
@@ -45,6 +46,32 @@ TRAFFIC = {"train_fwd": 3, "train_fwd_bwd": 3 + 2 + 3, "eval_fwd": 2}
 # write z; the backward reads (dz, z, x) and writes the masked gradient (which is the
 # residual's gradient), then reads (it, x) and writes dx.
 FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
+# Channels-first training on inputs larger than the last-level cache, whose channels fit in L2,
+# goes a channel at a time (fits_by_channel in csrc/cpu/kernels.h): each pass's inputs are read
+# once from memory. Forward: x, then y written; backward: (dy, x) [or (dy, z, x)], dx written.
+# The fused op keeps to the passes above when it has a residual.
+
+
+def goes_by_channel(x, inputs):
+    """Mirrors fits_by_channel: whether a CPU pass reading `inputs` tensors like x goes a
+    channel at a time, with the cache sizes the library plans with."""
+    cache_bytes = ctypes.CDLL(custom_bn.library_path()).custom_bn_cache_bytes
+    cache_bytes.restype = ctypes.c_int64
+    # (N, C) inputs are walked channels-last (inner size 1), as are channels_last ones.
+    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous():
+        return False
+    channel_bytes = inputs * x.numel() // x.size(1) * x.element_size()
+    return 0 < channel_bytes <= cache_bytes(2) and channel_bytes * x.size(1) > cache_bytes(3)
+
+
+def passes_over_memory(x, kind, mode):
+    """Tensors of x's size each configuration moves through memory in custom_bn."""
+    if kind == "bn_add_relu" or mode == "eval_fwd":
+        return FUSED_TRAFFIC[kind] if kind != "bn" else TRAFFIC[mode]
+    forward = 2 if goes_by_channel(x, 1) else 3
+    if kind == "bn_relu":
+        return forward + (4 if goes_by_channel(x, 3) else 7)
+    return forward + (0 if mode == "train_fwd" else 3 if goes_by_channel(x, 2) else 5)
 
 
 def make_input(shape, layout, dtype, device):
@@ -215,7 +242,7 @@ def main():
             x = make_input(shape, layout, dtype, device)
             fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
             seconds = measure(fns, repeats, 0.3 if args.quick else 1.0)
-            passes = TRAFFIC[mode] if kind == "bn" else FUSED_TRAFFIC[kind]
+            passes = passes_over_memory(x, kind, mode)
             gbs = passes * x.numel() * x.element_size() / seconds["custom_bn"] / 1e9
             row = {
                 "device": device, "op": kind, "shape": "x".join(map(str, shape)),
