@@ -501,19 +501,28 @@ void map_first_units(const std::array<const scalar_t*, I> in,
   }
 }
 
-// Whether an elementwise pass that moves `bytes` (its inputs and its result) writes the result
-// with non-temporal stores: when they do not fit in the last-level cache together, the result
-// would not stay there for the next op anyway, and skipping the read for ownership saves a
-// third of the traffic (docs/perf.md).
-bool streams_result(int64_t bytes) { return bytes > cache_bytes(3); }
+// Whether an elementwise pass with `inputs` inputs writes its result with non-temporal stores:
+// when the inputs and the result do not fit in the last-level cache together (the result
+// would not stay there for the next op anyway; skipping the read for ownership saves a third
+// of the traffic), and every contiguous run of the result (a channels-first (n, c) run, a
+// channels-last row) is whole vectors. Runs such as 14x14 float32 (784 bytes) would share a
+// line between a streamed and a regularly stored part, which measured 1.2-1.9x slower than
+// not streaming at all (docs/perf.md).
+template <typename scalar_t>
+bool streams_result(const ChannelView& view, int inputs) {
+  const int64_t run = view.layout == Layout::kChannelsLast ? view.channels : view.inner;
+  const int64_t result_bytes =
+      view.outer * view.channels * view.inner * static_cast<int64_t>(sizeof(scalar_t));
+  return run * static_cast<int64_t>(sizeof(scalar_t)) % sizeof(Vectorized<scalar_t>) == 0 &&
+         (inputs + 1) * result_bytes > cache_bytes(3);
+}
 
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
                   const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
                   const Fn& fn, scalar_t* out) {
   const int64_t C = view.channels;
-  const bool stream = streams_result((I + 1) * view.outer * C * view.inner *
-                                     static_cast<int64_t>(sizeof(scalar_t)));
+  const bool stream = streams_result<scalar_t>(view, I);
   if (view.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, kItemElements / C);
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
@@ -838,12 +847,12 @@ void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& outp
 // Calls fn(c, scratch) for every channel, in parallel, about kItemElements values per task;
 // scratch holds a channel's item results. A pass whose tensors (`inputs` and the result)
 // exceed the last-level cache writes its result with non-temporal stores, as map_channels.
-template <typename Result, typename Fn>
+template <typename scalar_t, typename Result, typename Fn>
 void for_each_channel_slab(const ChannelView& view, int64_t items_per_channel, int inputs,
-                           int64_t element_size, const Fn& fn) {
+                           const Fn& fn) {
   const int64_t values = view.outer * view.inner;
   const int64_t grain = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, values));
-  const bool stream = streams_result((inputs + 1) * values * view.channels * element_size);
+  const bool stream = streams_result<scalar_t>(view, inputs);
   at::parallel_for(0, view.channels, grain, [&](int64_t begin, int64_t end) {
     std::vector<Result> scratch(items_per_channel);
     for (int64_t c = begin; c < end; ++c) fn(c, scratch.data(), stream);
@@ -878,9 +887,8 @@ void normalize_by_channel(const at::Tensor& input, const ChannelView& view,
         opmath* invstd_out = invstd.mutable_data_ptr<opmath>();
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
         const opmath count = static_cast<opmath>(view.outer * view.inner);
-        for_each_channel_slab<WelfordStats<double>>(
-            view, items.per_channel, 1, sizeof(scalar_t),
-            [&](int64_t c, WelfordStats<double>* parts, bool stream) {
+        for_each_channel_slab<scalar_t, WelfordStats<double>>(
+            view, items.per_channel, 1, [&](int64_t c, WelfordStats<double>* parts, bool stream) {
               const opmath shift = static_cast<opmath>(x[c * view.inner]);
               for (int64_t j = 0; j < items.per_channel; ++j) {
                 parts[j] =
@@ -927,9 +935,8 @@ void grad_input_by_channel_impl(const std::array<const scalar_t*, I>& in, const 
   opmath* sum_dy_xmu_out = sum_dy_xmu.mutable_data_ptr<opmath>();
   scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
   const opmath count = static_cast<opmath>(view.outer * view.inner);
-  for_each_channel_slab<std::array<double, 2>>(
-      view, items.per_channel, I, sizeof(scalar_t),
-      [&](int64_t c, std::array<double, 2>* parts, bool stream) {
+  for_each_channel_slab<scalar_t, std::array<double, 2>>(
+      view, items.per_channel, I, [&](int64_t c, std::array<double, 2>* parts, bool stream) {
         for (int64_t j = 0; j < items.per_channel; ++j) {
           parts[j] = reduce_first_item<I, 2, 1, 0>(in, std::array<opmath, 1>{mean_in[c]}, view,
                                                    items.span(view, c * items.per_channel + j),

@@ -117,10 +117,11 @@ TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
   }
 }
 
-// Results larger than the last-level cache are written with non-temporal stores where a
-// vector's address is aligned (csrc/cpu/kernels.cpp, streams_result): runs of 14x14 float32
-// (784 bytes) start aligned and unaligned in turn. Eval mode, so that every sample's expected
-// values follow from it alone: the first, a middle and the last sample are checked in float64.
+// Results larger than the last-level cache are written with non-temporal stores where every
+// run is whole vectors (csrc/cpu/kernels.cpp, streams_result): 16x16 float32 runs and
+// channels-last rows are; 14x14 float32 runs (784 bytes) are not, and keep regular stores.
+// Eval mode, so that every sample's expected values follow from it alone: the first, a middle
+// and the last sample are checked in float64.
 TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
   const int64_t target_bytes = custom_bn::cpu::cache_bytes(3) * 5 / 4;
   struct Case {
@@ -128,7 +129,8 @@ TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
     torch::MemoryFormat format;
     int64_t channels, spatial;
   };
-  for (const Case& c : {Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 14},
+  for (const Case& c : {Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 16},
+                        Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 14},
                         Case{torch::kBFloat16, torch::MemoryFormat::ChannelsLast, 64, 8}}) {
     const int64_t per_sample = c.channels * c.spatial * c.spatial * c10::elementSize(c.dtype);
     const int64_t n = (target_bytes + per_sample - 1) / per_sample;
