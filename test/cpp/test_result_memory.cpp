@@ -1,5 +1,6 @@
-// The allocator of large CPU results (csrc/cpu/result_memory.h): freed blocks are reused, the
-// cache stays under its limit, and a reused block never leaks a previous result's values.
+// Large CPU layers. The allocator of large results (csrc/cpu/result_memory.h): freed blocks
+// are reused, the cache stays under its limit, and a reused block never leaks a previous
+// result's values. Results written with non-temporal stores, and training a channel at a time.
 #include "cpu/kernels.h"
 #include "cpu/result_memory.h"
 #include "samples.h"
@@ -166,6 +167,41 @@ TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
       expect_close(fused[i].unsqueeze(0), torch::relu(expected).to(c.dtype), tolerance(c.dtype),
                    what + " batch_norm_relu output");
     }
+  }
+}
+
+// Channels-first training on an input larger than the last-level cache whose channels fit in
+// L2 goes a channel at a time (csrc/cpu/kernels.h, fits_by_channel): batch_norm and
+// batch_norm_relu, forward and backward, against torch in float64 (and its ReLU's mask).
+TEST_F(ResultMemoryOps, TrainingAChannelAtATimeMatchesTorch) {
+  const int64_t batch = 8, spatial = 16;
+  const int64_t channels =
+      custom_bn::cpu::cache_bytes(3) * 5 / 4 / (batch * spatial * spatial * 4) + 1;
+  const torch::Tensor x0 = torch::rand({batch, channels, spatial, spatial}) * 4 - 1;
+  ASSERT_TRUE(cpu::fits_by_channel(
+      cpu::ChannelView{cpu::Layout::kChannelsFirst, batch, channels, spatial * spatial}, 3, 4));
+  const torch::Tensor w = torch::rand({channels}) + 0.5;
+  const torch::Tensor b = torch::randn({channels});
+  const torch::Tensor grad = torch::rand_like(x0) - 0.5;
+  for (bool relu : {false, true}) {
+    const torch::Tensor x = x0.clone().requires_grad_();
+    const torch::Tensor out = relu ? custom_bn::batch_norm_relu(x, w, b, {}, {}, true, 0.1, 1e-5)
+                                   : custom_bn::batch_norm(x, w, b, {}, {}, true, 0.1, 1e-5);
+    const torch::Tensor dx = torch::autograd::grad({out}, {x}, {grad})[0];
+
+    const torch::Tensor x64 = x0.to(torch::kDouble).requires_grad_();
+    torch::Tensor expected = torch::batch_norm(x64, w.to(torch::kDouble), b.to(torch::kDouble), {},
+                                               {}, true, 0.1, 1e-5, false);
+    if (relu) expected = torch::relu(expected);
+    const torch::Tensor expected_dx =
+        torch::autograd::grad({expected}, {x64}, {grad.to(torch::kDouble)})[0];
+    const std::string what = relu ? "batch_norm_relu " : "batch_norm ";
+    expect_close(out, expected.to(torch::kFloat), tolerance(torch::kFloat), what + "output");
+    // The mask of a float32 output may differ from the float64 one where it rounds to zero.
+    const torch::Tensor same_mask = (out > 0) == (expected > 0);
+    expect_close(dx.masked_select(same_mask),
+                 expected_dx.to(torch::kFloat).masked_select(same_mask), tolerance(torch::kFloat),
+                 what + "grad_input");
   }
 }
 
