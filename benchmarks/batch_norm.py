@@ -7,6 +7,7 @@ import csv
 import ctypes
 import datetime
 import gc
+import itertools
 import math
 import os
 import pathlib
@@ -165,9 +166,9 @@ def fused_callables(x, kind):
 
 
 def measure(fns, repeats, seconds_per_row, warmup=3):
-    """Median seconds per call of each function, timed interleaved (round-robin): at least
-    `repeats` rounds, more for fast calls so that each row runs for about seconds_per_row
-    (sub-millisecond calls are the noisiest)."""
+    """Median seconds per call of each function, timed interleaved (each round in another
+    order): at least `repeats` rounds, more for fast calls so that each row runs for about
+    seconds_per_row (sub-millisecond calls are the noisiest)."""
     start = time.perf_counter()
     for fn in fns.values():
         for _ in range(warmup):
@@ -179,9 +180,13 @@ def measure(fns, repeats, seconds_per_row, warmup=3):
     # as much as a small row, and lands on whichever call happens to trigger it).
     gc.collect()
     gc.disable()
+    # Rounds cycle through every order of the functions: a call inherits the cache the call
+    # before it left (dirty lines to write back, evicted inputs), so each function follows
+    # each other one equally often.
+    orders = list(itertools.permutations(fns.items()))
     try:
-        for _ in range(rounds):
-            for name, fn in fns.items():
+        for round_index in range(rounds):
+            for name, fn in orders[round_index % len(orders)]:
                 start = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - start)
