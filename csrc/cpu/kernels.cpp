@@ -225,6 +225,25 @@ struct FirstItems {
   }
 };
 
+// Software prefetch for a reduction over a channel's (n, c) runs, which lie C * S values
+// apart: the hardware prefetcher starts over on each run, and one thread then draws a
+// fraction of the memory bandwidth (docs/perf.md). Runs of 1 KB or more fetch the next run
+// along with each step; runs of 256 bytes to 1 KB fetch a whole run about 1 KB of work
+// ahead; shorter runs (7x7 layers, which fit in the last-level cache) measured better
+// without.
+constexpr int64_t kLineBytes = 64;
+
+struct RunPrefetch {
+  bool by_step, whole_runs;
+  int64_t runs_ahead, ahead;  // ahead: in values
+
+  RunPrefetch(int64_t run_bytes, int64_t run_stride)
+      : by_step(run_bytes >= 1024),
+        whole_runs(run_bytes >= 256 && run_bytes < 1024),
+        runs_ahead(whole_runs ? ceil_div(1024, run_bytes) : 1),
+        ahead(runs_ahead * run_stride) {}
+};
+
 // The K sums of one channels-first item, with the channel's parameters p.
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
@@ -242,11 +261,27 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
   partial.fill(Vec(opmath(0)));
   partial_high.fill(Vec(opmath(0)));
   int64_t steps = 0;
+  const RunPrefetch prefetch(span.length * static_cast<int64_t>(sizeof(scalar_t)),
+                             view.channels * view.inner);
   for (int64_t n = span.n_begin; n < span.n_end; ++n) {
     const int64_t base = (n * view.channels + span.channel) * view.inner + span.s0;
+    const bool prefetching = n + prefetch.runs_ahead < span.n_end;
+    if (prefetching && prefetch.whole_runs) {
+      for (int j = 0; j < I; ++j) {
+        for (int64_t i = 0; i < span.length; i += kLineBytes / int64_t(sizeof(scalar_t))) {
+          __builtin_prefetch(in[j] + base + prefetch.ahead + i);
+        }
+      }
+    }
     int64_t i = 0;
     // Two vectors a step, so that an emitted bfloat16/float16 result is one full store.
     for (; i + 2 * Vec::size() <= span.length; i += 2 * Vec::size()) {
+      if (prefetching && prefetch.by_step) {
+        for (int j = 0; j < I; ++j) {
+          __builtin_prefetch(in[j] + base + prefetch.ahead + i);
+          __builtin_prefetch(in[j] + base + prefetch.ahead + i + Vec::size());
+        }
+      }
       const std::array<Vec, K + E> low = terms(load_inputs<I>(in, base + i), pv);
       const std::array<Vec, K + E> high = terms(load_inputs<I>(in, base + i + Vec::size()), pv);
       for (int k = 0; k < K; ++k) partial[k] += low[k];

@@ -197,10 +197,14 @@ TEST_F(ResultMemoryOps, TrainingAChannelAtATimeMatchesTorch) {
         torch::autograd::grad({expected}, {x64}, {grad.to(torch::kDouble)})[0];
     const std::string what = relu ? "batch_norm_relu " : "batch_norm ";
     expect_close(out, expected.to(torch::kFloat), tolerance(torch::kFloat), what + "output");
-    // The mask of a float32 output may differ from the float64 one where it rounds to zero.
-    const torch::Tensor same_mask = (out > 0) == (expected > 0);
-    expect_close(dx.masked_select(same_mask),
-                 expected_dx.to(torch::kFloat).masked_select(same_mask), tolerance(torch::kFloat),
+    // The mask of a float32 output may differ from the float64 one where it rounds to zero,
+    // and then so do that channel's sums: compare the channels whose masks agree.
+    const torch::Tensor agrees =
+        ((out > 0) == (expected > 0)).transpose(0, 1).reshape({channels, -1}).all(1);
+    ASSERT_GT(agrees.to(torch::kFloat).mean().item<float>(), 0.9f);
+    const torch::Tensor in_agreeing = agrees.view({1, -1, 1, 1}).expand_as(x0);
+    expect_close(dx.masked_select(in_agreeing),
+                 expected_dx.to(torch::kFloat).masked_select(in_agreeing), tolerance(torch::kFloat),
                  what + "grad_input");
   }
 }

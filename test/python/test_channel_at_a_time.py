@@ -106,14 +106,18 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dty
     tol = TOLERANCE[dtype]
     expected_out, expected_dx, expected_dw, expected_db = reference(x, w, b, grad, True, residual)
     torch.testing.assert_close(out.double(), expected_out.to(dtype).double(), rtol=tol, atol=tol)
-    # Where the output rounds to zero but the float64 one is positive, the mask differs:
-    # compare the gradients where both agree on the sign.
+    # Where the output rounds to zero but the float64 one is positive, the mask differs, and
+    # so do that channel's sums: compare the gradients of the channels whose masks agree.
     same_mask = (out > 0) == (expected_out > 0)
-    torch.testing.assert_close(dx.double()[same_mask], expected_dx.to(dtype).double()[same_mask],
-                               rtol=tol, atol=tol)
-    if bool(same_mask.all()):
-        torch.testing.assert_close(dw.double(), expected_dw, rtol=tol * 10, atol=tol * 10)
-        torch.testing.assert_close(db.double(), expected_db, rtol=tol * 10, atol=tol * 10)
+    agrees = same_mask.transpose(0, 1).reshape(channels, -1).all(1)
+    assert agrees.float().mean() > 0.9
+    in_agreeing = agrees.view(1, -1, *[1] * (x.dim() - 2)).expand_as(x)
+    torch.testing.assert_close(dx.double()[in_agreeing],
+                               expected_dx.to(dtype).double()[in_agreeing], rtol=tol, atol=tol)
+    torch.testing.assert_close(dw.double()[agrees], expected_dw[agrees], rtol=tol * 10,
+                               atol=tol * 10)
+    torch.testing.assert_close(db.double()[agrees], expected_db[agrees], rtol=tol * 10,
+                               atol=tol * 10)
 
     # The two-kernel path, with ReLU's gradient applied first: bit for bit.
     masked = torch.where(out > 0, grad, torch.zeros_like(grad))
