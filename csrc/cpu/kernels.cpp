@@ -131,10 +131,11 @@ inline Vectorized<T> relu(const Vectorized<T>& v) {
   return at::vec::maximum(v, Vectorized<T>(T(0)));  // propagates NaN, as relu(T) does
 }
 
+// dy AND the all-ones lanes of output > 0: as a blend, the compiler makes dy's load a masked
+// one that waits for output's load and compare; as an AND, both loads issue at once.
 template <typename T>
 inline Vectorized<T> relu_grad(const Vectorized<T>& dy, const Vectorized<T>& output) {
-  const Vectorized<T> zero(T(0));
-  return Vectorized<T>::blendv(zero, dy, output > zero);
+  return dy & (output > Vectorized<T>(T(0)));
 }
 
 // Horizontal sum in a fixed lane order.
