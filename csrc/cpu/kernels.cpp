@@ -317,7 +317,16 @@ std::array<double, K> reduce_first_item(const std::array<const scalar_t*, I> in,
   return totals;
 }
 
-// Item totals are added per channel in item order.
+// The K sums of a channel's items, added in item order.
+template <int K>
+std::array<double, K> sum_in_item_order(const std::array<double, K>* item_totals, int64_t items) {
+  std::array<double, K> sum{};
+  for (int64_t j = 0; j < items; ++j) {
+    for (int k = 0; k < K; ++k) sum[k] += item_totals[j][k];
+  }
+  return sum;
+}
+
 template <int I, int K, int P, int E, typename scalar_t, typename Terms>
 void reduce_channels_first(const std::array<const scalar_t*, I>& in,
                            const std::array<const opmath_t<scalar_t>*, P>& params,
@@ -334,10 +343,8 @@ void reduce_channels_first(const std::array<const scalar_t*, I>& in,
     }
   });
   for_each_channel(C, [&](int64_t c) {
-    std::array<double, K> sum{};
-    for (int64_t j = 0; j < items.per_channel; ++j) {
-      for (int k = 0; k < K; ++k) sum[k] += item_totals[c * items.per_channel + j][k];
-    }
+    const std::array<double, K> sum =
+        sum_in_item_order<K>(item_totals.data() + c * items.per_channel, items.per_channel);
     for (int k = 0; k < K; ++k) out[k][c] = static_cast<opmath_t<scalar_t>>(sum[k]);
   });
 }
@@ -542,8 +549,8 @@ void map_first_units(const std::array<const scalar_t*, I> in,
 // would not stay there for the next op anyway; skipping the read for ownership saves a third
 // of the traffic), and every contiguous run of the result (a channels-first (n, c) run, a
 // channels-last row) is whole vectors. Runs such as 14x14 float32 (784 bytes) would share a
-// line between a streamed and a regularly stored part, which measured 1.2-1.9x slower than
-// not streaming at all (docs/perf.md).
+// line between a streamed and a regularly stored part: eval measured 1.4-1.7x slower than not
+// streaming at all (docs/perf.md).
 template <typename scalar_t>
 bool streams_result(const ChannelView& view, int inputs) {
   const int64_t run = view.layout == Layout::kChannelsLast ? view.channels : view.inner;
@@ -576,6 +583,43 @@ void map_channels(const std::array<const scalar_t*, I>& in,
     if (stream) finish_streaming();
   });
 }
+
+// ---- The per-element math of each pass ------------------------------------------------------
+// One definition for the two-kernel and the channel-at-a-time paths, for vectors and scalars:
+// v holds the inputs at one position, p the channel's parameters.
+
+// Normalize: v = (x) or (x, residual), p = (mean, alpha, bias).
+constexpr auto kNormalize = [](const auto& v, const auto& p) {
+  return normalize(v[0], p[0], p[1], p[2]);
+};
+constexpr auto kNormalizeRelu = [](const auto& v, const auto& p) {
+  return relu(normalize(v[0], p[0], p[1], p[2]));
+};
+constexpr auto kNormalizeAddRelu = [](const auto& v, const auto& p) {
+  return relu(normalize(v[0], p[0], p[1], p[2]) + v[1]);
+};
+
+// Gradient sums (dz, dz * (x - mean)), p = (mean): v = (dy, x), or (dy, output, x) with
+// dz = relu_grad(dy, output); the last also yields dz to emit.
+constexpr auto kGradSums = [](const auto& v, const auto& p) {
+  return std::array{v[0], v[0] * (v[1] - p[0])};
+};
+constexpr auto kReluGradSums = [](const auto& v, const auto& p) {
+  const auto dz = relu_grad(v[0], v[1]);
+  return std::array{dz, dz * (v[2] - p[0])};
+};
+constexpr auto kReluGradSumsAndMasked = [](const auto& v, const auto& p) {
+  const auto dz = relu_grad(v[0], v[1]);
+  return std::array{dz, dz * (v[2] - p[0]), dz};
+};
+
+// Input gradient, p = (mean, dy_mean, a, b): v = (dy, x), or (dy, output, x).
+constexpr auto kGradInput = [](const auto& v, const auto& p) {
+  return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
+};
+constexpr auto kReluGradInput = [](const auto& v, const auto& p) {
+  return custom_bn::grad_input(relu_grad(v[0], v[1]), v[2], p[0], p[1], p[2], p[3]);
+};
 
 // ---- The kernels -----------------------------------------------------------------------------
 
@@ -758,8 +802,7 @@ void apply_affine(const at::Tensor& input, const ChannelView& view, const at::Te
         map_channels<1, 3>(
             std::array<const scalar_t*, 1>{input.const_data_ptr<scalar_t>()},
             {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, view,
-            [](const auto& v, const auto& p) { return normalize(v[0], p[0], p[1], p[2]); },
-            output.mutable_data_ptr<scalar_t>());
+            kNormalize, output.mutable_data_ptr<scalar_t>());
       });
 }
 
@@ -773,17 +816,10 @@ void apply_affine_relu(const at::Tensor& input, const at::Tensor& residual, cons
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         scalar_t* out = output.mutable_data_ptr<scalar_t>();
         if (residual.defined()) {
-          map_channels<2, 3>(
-              std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()}, params, view,
-              [](const auto& v, const auto& p) {
-                return relu(normalize(v[0], p[0], p[1], p[2]) + v[1]);
-              },
-              out);
+          map_channels<2, 3>(std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()},
+                             params, view, kNormalizeAddRelu, out);
         } else {
-          map_channels<1, 3>(
-              std::array<const scalar_t*, 1>{x}, params, view,
-              [](const auto& v, const auto& p) { return relu(normalize(v[0], p[0], p[1], p[2])); },
-              out);
+          map_channels<1, 3>(std::array<const scalar_t*, 1>{x}, params, view, kNormalizeRelu, out);
         }
       });
 }
@@ -796,10 +832,7 @@ void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const C
         reduce_channels<2, 2, 1, 0>(
             std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
                                            input.const_data_ptr<scalar_t>()},
-            {stat_ptr<scalar_t>(mean)}, view,
-            [](const auto& v, const auto& p) {
-              return std::array{v[0], v[0] * (v[1] - p[0])};
-            },
+            {stat_ptr<scalar_t>(mean)}, view, kGradSums,
             std::array<opmath*, 2>{sum_dy.mutable_data_ptr<opmath>(),
                                    sum_dy_xmu.mutable_data_ptr<opmath>()});
       });
@@ -816,22 +849,12 @@ void reduce_grad_relu(const at::Tensor& grad_output, const at::Tensor& output,
                                                 input.const_data_ptr<scalar_t>()};
         const std::array<opmath*, 2> sums{sum_dy.mutable_data_ptr<opmath>(),
                                           sum_dy_xmu.mutable_data_ptr<opmath>()};
-        const auto masked_terms = [](const auto& v, const auto& p) {
-          const auto dz = relu_grad(v[0], v[1]);
-          return std::array{dz, dz * (v[2] - p[0]), dz};
-        };
         if (grad_masked.defined()) {
           // dz is dy or 0: written back to scalar_t exactly.
-          reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, view, masked_terms, sums,
-                                      grad_masked.mutable_data_ptr<scalar_t>());
+          reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, view, kReluGradSumsAndMasked,
+                                      sums, grad_masked.mutable_data_ptr<scalar_t>());
         } else {
-          reduce_channels<3, 2, 1, 0>(
-              in, {stat_ptr<scalar_t>(mean)}, view,
-              [](const auto& v, const auto& p) {
-                const auto dz = relu_grad(v[0], v[1]);
-                return std::array{dz, dz * (v[2] - p[0])};
-              },
-              sums);
+          reduce_channels<3, 2, 1, 0>(in, {stat_ptr<scalar_t>(mean)}, view, kReluGradSums, sums);
         }
       });
 }
@@ -841,16 +864,11 @@ void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input,
                       const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input", [&] {
-        map_channels<2, 4>(
-            std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
-                                           input.const_data_ptr<scalar_t>()},
-            {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
-             stat_ptr<scalar_t>(b)},
-            view,
-            [](const auto& v, const auto& p) {
-              return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
-            },
-            grad_input.mutable_data_ptr<scalar_t>());
+        map_channels<2, 4>(std::array<const scalar_t*, 2>{grad_output.const_data_ptr<scalar_t>(),
+                                                          input.const_data_ptr<scalar_t>()},
+                           {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean),
+                            stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)},
+                           view, kGradInput, grad_input.mutable_data_ptr<scalar_t>());
       });
 }
 
@@ -860,17 +878,12 @@ void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& outp
                            at::Tensor& grad_input) {
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "apply_grad_input_relu", [&] {
-        map_channels<3, 4>(
-            std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
-                                           output.const_data_ptr<scalar_t>(),
-                                           input.const_data_ptr<scalar_t>()},
-            {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean), stat_ptr<scalar_t>(a),
-             stat_ptr<scalar_t>(b)},
-            view,
-            [](const auto& v, const auto& p) {
-              return custom_bn::grad_input(relu_grad(v[0], v[1]), v[2], p[0], p[1], p[2], p[3]);
-            },
-            grad_input.mutable_data_ptr<scalar_t>());
+        map_channels<3, 4>(std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
+                                                          output.const_data_ptr<scalar_t>(),
+                                                          input.const_data_ptr<scalar_t>()},
+                           {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean),
+                            stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)},
+                           view, kReluGradInput, grad_input.mutable_data_ptr<scalar_t>());
       });
 }
 
@@ -937,17 +950,9 @@ void normalize_by_channel(const at::Tensor& input, const ChannelView& view,
               const std::array<opmath, 3> p{mean_out[c], invstd_out[c] * w[c], b[c]};
               const std::array<const scalar_t*, 1> in{x};
               if (with_relu) {
-                map_channel<1, 3>(
-                    in, p, view, c,
-                    [](const auto& v, const auto& q) {
-                      return relu(normalize(v[0], q[0], q[1], q[2]));
-                    },
-                    out, stream);
+                map_channel<1, 3>(in, p, view, c, kNormalizeRelu, out, stream);
               } else {
-                map_channel<1, 3>(
-                    in, p, view, c,
-                    [](const auto& v, const auto& q) { return normalize(v[0], q[0], q[1], q[2]); },
-                    out, stream);
+                map_channel<1, 3>(in, p, view, c, kNormalize, out, stream);
               }
             });
       });
@@ -978,10 +983,7 @@ void grad_input_by_channel_impl(const std::array<const scalar_t*, I>& in, const 
                                                    items.span(view, c * items.per_channel + j),
                                                    reduce_terms, (scalar_t*)nullptr);
         }
-        std::array<double, 2> sum{};
-        for (int64_t j = 0; j < items.per_channel; ++j) {
-          for (int k = 0; k < 2; ++k) sum[k] += parts[j][k];
-        }
+        const std::array<double, 2> sum = sum_in_item_order<2>(parts, items.per_channel);
         sum_dy_out[c] = static_cast<opmath>(sum[0]);
         sum_dy_xmu_out[c] = static_cast<opmath>(sum[1]);
         const GradInputCoefficients<opmath> k = grad_input_coefficients_training(
@@ -1000,28 +1002,13 @@ void grad_input_by_channel(const at::Tensor& grad_output, const at::Tensor& outp
         const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
         const scalar_t* x = input.const_data_ptr<scalar_t>();
         if (!output.defined()) {
-          grad_input_by_channel_impl<2>(
-              std::array{dy, x}, view, mean, invstd, weight, sum_dy, sum_dy_xmu,
-              [](const auto& v, const auto& p) {
-                return std::array{v[0], v[0] * (v[1] - p[0])};
-              },
-              [](const auto& v, const auto& q) {
-                return custom_bn::grad_input(v[0], v[1], q[0], q[1], q[2], q[3]);
-              },
-              grad_input);
+          grad_input_by_channel_impl<2>(std::array{dy, x}, view, mean, invstd, weight, sum_dy,
+                                        sum_dy_xmu, kGradSums, kGradInput, grad_input);
           return;
         }
-        grad_input_by_channel_impl<3>(
-            std::array{dy, output.const_data_ptr<scalar_t>(), x}, view, mean, invstd, weight,
-            sum_dy, sum_dy_xmu,
-            [](const auto& v, const auto& p) {
-              const auto masked = relu_grad(v[0], v[1]);
-              return std::array{masked, masked * (v[2] - p[0])};
-            },
-            [](const auto& v, const auto& q) {
-              return custom_bn::grad_input(relu_grad(v[0], v[1]), v[2], q[0], q[1], q[2], q[3]);
-            },
-            grad_input);
+        grad_input_by_channel_impl<3>(std::array{dy, output.const_data_ptr<scalar_t>(), x}, view,
+                                      mean, invstd, weight, sum_dy, sum_dy_xmu, kReluGradSums,
+                                      kReluGradInput, grad_input);
       });
 }
 
