@@ -54,15 +54,16 @@ FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
 
 
 def goes_by_channel(x, inputs):
-    """Mirrors fits_by_channel: whether a CPU pass reading `inputs` tensors like x goes a
-    channel at a time, with the cache sizes the library plans with."""
-    cache_bytes = ctypes.CDLL(custom_bn.library_path()).custom_bn_cache_bytes
-    cache_bytes.restype = ctypes.c_int64
+    """Whether a CPU pass reading `inputs` tensors like x goes a channel at a time: the
+    library's own rule (fits_by_channel), asked through ctypes."""
     # (N, C) inputs are walked channels-last (inner size 1), as are channels_last ones.
-    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous():
+    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous() or x.numel() == 0:
         return False
-    channel_bytes = inputs * x.numel() // x.size(1) * x.element_size()
-    return 0 < channel_bytes <= cache_bytes(2) and channel_bytes * x.size(1) > cache_bytes(3)
+    fits = ctypes.CDLL(custom_bn.library_path()).custom_bn_fits_by_channel
+    fits.restype = ctypes.c_bool
+    fits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+    inner = x.numel() // (x.size(0) * x.size(1))
+    return fits(x.size(0), x.size(1), inner, inputs, x.element_size())
 
 
 def passes_over_memory(x, kind, mode):

@@ -94,3 +94,13 @@ extern "C" __attribute__((visibility("default"))) const char* custom_bn_cpu_capa
 extern "C" __attribute__((visibility("default"))) int64_t custom_bn_cache_bytes(int level) {
   return custom_bn::cpu::cache_bytes(level);
 }
+
+// Whether a channels-first (outer, channels, inner) pass reading `inputs` tensors goes a
+// channel at a time, for the tests and the benchmark's byte counts (ctypes).
+extern "C" __attribute__((visibility("default"))) bool custom_bn_fits_by_channel(
+    int64_t outer, int64_t channels, int64_t inner, int inputs, int64_t element_size) {
+  using custom_bn::cpu::ChannelView;
+  using custom_bn::cpu::Layout;
+  return custom_bn::cpu::fits_by_channel(
+      ChannelView{Layout::kChannelsFirst, outer, channels, inner}, inputs, element_size);
+}

@@ -22,6 +22,15 @@ def cache_bytes(level: int = 3) -> int:
     return f(level)
 
 
+def fits_by_channel(x: torch.Tensor, inputs: int) -> bool:
+    """Whether a CPU pass over channels-first x reading `inputs` such tensors goes a channel
+    at a time (csrc/cpu/kernels.h, fits_by_channel)."""
+    f = ctypes.CDLL(library_path()).custom_bn_fits_by_channel
+    f.restype = ctypes.c_bool
+    f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
+    return f(x.size(0), x.size(1), x.numel() // (x.size(0) * x.size(1)), inputs, x.element_size())
+
+
 # The ops come from the shared library alone: no Python code of ours is involved.
 torch.ops.load_library(library_path())
 

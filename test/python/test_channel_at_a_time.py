@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import custom_bn  # noqa: F401  (loads the ops)
-from conftest import cache_bytes
+from conftest import cache_bytes, fits_by_channel
 
 ops = torch.ops.custom_bn
 EPS = 1e-5
@@ -60,6 +60,7 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype):
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     rm, rv = torch.zeros(channels), torch.ones(channels)
     grad = torch.randn_like(x)
+    assert fits_by_channel(x, 1) and fits_by_channel(x, 2)
     out, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, None, True, 0.1, EPS)
     dx, dw, db = ops.batch_norm_backward(grad, x, w, None, None, mean, invstd, True, EPS,
                                          [True, True, True])
@@ -98,6 +99,7 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dty
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     residual = torch.randn_like(x) if with_residual else None
     grad = torch.randn_like(x)
+    assert fits_by_channel(x, 1) and fits_by_channel(x, 3)
     out, mean, invstd = ops.batch_norm_relu_forward(x, w, b, None, None, None, residual, True,
                                                     0.1, EPS)
     dx, dw, db, dr = ops.batch_norm_relu_backward(grad, out, x, w, None, None, mean, invstd,
