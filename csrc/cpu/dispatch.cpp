@@ -1,6 +1,7 @@
 // Picks the CPU kernel variant once per process: the widest instruction set the CPU supports,
 // or a narrower one named by CUSTOM_BN_CPU_CAPABILITY=default|avx2|avx512 (as
 // ATEN_CPU_CAPABILITY does for ATen), so that tests can run every variant on one machine.
+// Also what every variant plans with: the cache sizes, and when a pass goes a channel at a time.
 #include "cpu/kernels.h"
 
 #include <unistd.h>
@@ -47,10 +48,12 @@ const KernelTable& kernels() {
 
 const char* kernel_capability() { return variant().name; }
 
+namespace {
+
 // The size of this CPU's cache at `level`, as Linux describes it in sysfs ("32768K"); 0 when
 // it does not. glibc's sysconf is no substitute: on AMD it reports the L3 of the whole
 // package (384 MB on a 2-core VM whose cores share 32 MB).
-static int64_t sysfs_cache_bytes(int level) {
+int64_t sysfs_cache_bytes(int level) {
   for (int index = 0; index < 8; ++index) {
     const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index);
     std::ifstream level_file(dir + "/level"), type_file(dir + "/type"), size_file(dir + "/size");
@@ -65,6 +68,8 @@ static int64_t sysfs_cache_bytes(int level) {
   }
   return 0;
 }
+
+}  // namespace
 
 int64_t cache_bytes(int level) {
   static const auto measure = [](int level, int sysconf_name, int64_t fallback) {

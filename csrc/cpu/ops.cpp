@@ -103,25 +103,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
             at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
   }
   const double count = static_cast<double>(values_per_channel(input));
+  at::Tensor output, mean, m2, invstd;
   // A channel at a time; not with a residual, whose extra read stream measured slower than
   // the two-kernel path (docs/perf.md).
   if (!has(residual) && fits_by_channel(dense.view, 1, input.element_size())) {
     const int64_t channels = input.size(1);
-    at::Tensor mean = at::empty({channels}, stat_options(input));
-    at::Tensor m2 = at::empty({channels}, stat_options(input));
-    at::Tensor invstd = at::empty({channels}, stat_options(input));
-    at::Tensor output = elementwise_result(input, dense, [&](at::Tensor& out) {
+    mean = at::empty({channels}, stat_options(input));
+    m2 = at::empty({channels}, stat_options(input));
+    invstd = at::empty({channels}, stat_options(input));
+    output = elementwise_result(input, dense, [&](at::Tensor& out) {
       kernels().normalize_by_channel(dense.tensor, dense.view,
                                      channel_param(weight, channels, stat_options(input), 1.0),
                                      channel_param(bias, channels, stat_options(input), 0.0), eps,
                                      relu, mean, m2, invstd, out);
     });
-    update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
-    return {output, mean, invstd};
+  } else {
+    std::tie(mean, m2) = channel_stats(dense);
+    invstd = invstd_from_m2(m2, count, eps);
+    output = normalize(input, dense, mean, invstd, weight, bias, relu, residual);
   }
-  const auto [mean, m2] = channel_stats(dense);
-  const at::Tensor invstd = invstd_from_m2(m2, count, eps);
-  at::Tensor output = normalize(input, dense, mean, invstd, weight, bias, relu, residual);
   update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
   return {output, mean, invstd};
 }
@@ -222,39 +222,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   at::Tensor sum_dy_xmu = at::zeros({channels}, mean.options());
   std::optional<ResultBuffer> grad_residual;
   if (output_mask[3]) grad_residual.emplace(input, dense);
+  at::Tensor grad_input;
   // The sums and the input gradient a channel at a time; not when dz is written too (the
   // residual's gradient): that write stream measured slower than the two-kernel path.
   if (training && output_mask[0] && !grad_residual &&
       fits_by_channel(dense.view, 3, input.element_size())) {
-    at::Tensor grad_input = elementwise_result(input, dense, [&](at::Tensor& result) {
+    grad_input = elementwise_result(input, dense, [&](at::Tensor& result) {
       kernels().grad_input_by_channel(dy, out, dense.tensor, dense.view, mean, invstd,
                                       channel_param(weight, channels, mean.options(), 1.0), sum_dy,
                                       sum_dy_xmu, result);
     });
-    return {grad_input,
-            output_mask[1] ? as_param_grad(sum_dy_xmu * invstd, input, weight) : at::Tensor(),
-            output_mask[2] ? as_param_grad(sum_dy, input, weight) : at::Tensor(), at::Tensor()};
-  }
-  if (input.numel() > 0) {
-    at::Tensor no_masked_output;
-    kernels().reduce_grad_relu(dy, out, dense.tensor, dense.view, mean, sum_dy, sum_dy_xmu,
-                               grad_residual ? grad_residual->buffer : no_masked_output);
-  }
-
-  at::Tensor grad_input;
-  if (output_mask[0]) {
-    const GradInputCoefficientTensors k =
-        grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu,
-                                static_cast<double>(values_per_channel(input)));
-    grad_input = elementwise_result(input, dense, [&](at::Tensor& result) {
-      if (grad_residual) {
-        kernels().apply_grad_input(grad_residual->buffer, dense.tensor, dense.view, mean, k.dy_mean,
-                                   k.a, k.b, result);
-      } else {
-        kernels().apply_grad_input_relu(dy, out, dense.tensor, dense.view, mean, k.dy_mean, k.a,
-                                        k.b, result);
-      }
-    });
+  } else {
+    if (input.numel() > 0) {
+      at::Tensor no_masked_output;
+      kernels().reduce_grad_relu(dy, out, dense.tensor, dense.view, mean, sum_dy, sum_dy_xmu,
+                                 grad_residual ? grad_residual->buffer : no_masked_output);
+    }
+    if (output_mask[0]) {
+      const GradInputCoefficientTensors k =
+          grad_input_coefficients(training, invstd, weight, sum_dy, sum_dy_xmu,
+                                  static_cast<double>(values_per_channel(input)));
+      grad_input = elementwise_result(input, dense, [&](at::Tensor& result) {
+        if (grad_residual) {
+          kernels().apply_grad_input(grad_residual->buffer, dense.tensor, dense.view, mean,
+                                     k.dy_mean, k.a, k.b, result);
+        } else {
+          kernels().apply_grad_input_relu(dy, out, dense.tensor, dense.view, mean, k.dy_mean, k.a,
+                                          k.b, result);
+        }
+      });
+    }
   }
   return {grad_input,
           output_mask[1] ? as_param_grad(sum_dy_xmu * invstd, input, weight) : at::Tensor(),
