@@ -544,20 +544,96 @@ void map_first_units(const std::array<const scalar_t*, I> in,
   }
 }
 
-// Whether an elementwise pass with `inputs` inputs writes its result with non-temporal stores:
-// when the inputs and the result do not fit in the last-level cache together (the result
-// would not stay there for the next op anyway; skipping the read for ownership saves a third
-// of the traffic), and every contiguous run of the result (a channels-first (n, c) run, a
-// channels-last row) is whole vectors. Runs such as 14x14 float32 (784 bytes) would share a
-// line between a streamed and a regularly stored part: eval measured 1.4-1.7x slower than not
-// streaming at all (docs/perf.md).
+// Whether the inputs and the result of an elementwise pass with `inputs` inputs exceed the
+// last-level cache together: the result will not stay in cache for the next op, so it is
+// written with non-temporal stores, which skip the read for ownership (a third of the traffic).
+template <typename scalar_t>
+bool exceeds_cache(const ChannelView& view, int inputs) {
+  const int64_t result_bytes =
+      view.outer * view.channels * view.inner * static_cast<int64_t>(sizeof(scalar_t));
+  return (inputs + 1) * result_bytes > cache_bytes(3);
+}
+
+// Whether an elementwise pass streams its result run by run: it exceeds the cache and every
+// contiguous run of the result (a channels-first (n, c) run, a channels-last row) is whole
+// vectors. A line must not mix streamed and regular stores (runs such as 14x14 float32, 784
+// bytes, streamed in their aligned middle: eval 1.4-1.7x slower than not streaming at all,
+// docs/perf.md); channels-first runs of other lengths go through map_first_flat instead.
 template <typename scalar_t>
 bool streams_result(const ChannelView& view, int inputs) {
   const int64_t run = view.layout == Layout::kChannelsLast ? view.channels : view.inner;
-  const int64_t result_bytes =
-      view.outer * view.channels * view.inner * static_cast<int64_t>(sizeof(scalar_t));
   return run * static_cast<int64_t>(sizeof(scalar_t)) % sizeof(Vectorized<scalar_t>) == 0 &&
-         (inputs + 1) * result_bytes > cache_bytes(3);
+         exceeds_cache<scalar_t>(view, inputs);
+}
+
+// Whether a channels-first pass that exceeds the cache, with runs that are not whole vectors,
+// is written by map_first_flat: runs at least a pair of vectors long, so that a pair holds at
+// most one boundary between runs.
+template <typename scalar_t>
+bool streams_across_runs(const ChannelView& view, int inputs) {
+  return view.layout == Layout::kChannelsFirst &&
+         view.inner >= 2 * Vectorized<opmath_t<scalar_t>>::size() &&
+         !streams_result<scalar_t>(view, inputs) && exceeds_cache<scalar_t>(view, inputs);
+}
+
+// Parameters of a vector whose first `split` lanes (clamped to the vector) take a's and the
+// rest b's.
+template <int P, typename T>
+inline std::array<Vectorized<T>, P> split_params(const std::array<T, P>& a,
+                                                 const std::array<T, P>& b, int64_t split) {
+  const int64_t lanes = std::clamp<int64_t>(split, 0, Vectorized<T>::size());
+  std::array<Vectorized<T>, P> v;
+  for (int q = 0; q < P; ++q) {
+    v[q] = Vectorized<T>::set(Vectorized<T>(b[q]), Vectorized<T>(a[q]), lanes);
+  }
+  return v;
+}
+
+// A channels-first map written as one flat array of aligned pairs of vectors, every pair
+// streamed: a pair that straddles the boundary between two (n, c) runs takes each lane's
+// parameters from its own run's channel. The per-lane arithmetic is map_run's, so the values
+// are bitwise those of the run-by-run walk. Needs runs of at least a pair (one boundary per
+// pair at most); the tensor's last values, fewer than a pair, are stored regularly.
+template <int I, int P, typename scalar_t, typename Fn>
+void map_first_flat(const std::array<const scalar_t*, I>& in,
+                    const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
+                    const Fn& fn, scalar_t* out) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  constexpr int64_t kPair = 2 * Vec::size();
+  static_assert(kItemElements % kPair == 0);
+  const int64_t C = view.channels, S = view.inner;
+  const int64_t total = view.outer * C * S;
+  at::parallel_for(0, ceil_div(total, kItemElements), 1, [&](int64_t begin, int64_t end) {
+    const int64_t stop = std::min(total, end * kItemElements);
+    int64_t i = begin * kItemElements;
+    int64_t run = i / S;  // n * C + c
+    int64_t run_end = (run + 1) * S;
+    std::array<opmath_t<scalar_t>, P> p = scalar_params<P>(params, run % C);
+    std::array<Vec, P> pv = broadcast<P>(p);
+    for (; i + kPair <= stop; i += kPair) {
+      if (i + kPair <= run_end) {
+        store_pair(out + i, fn(load_inputs<I>(in, i), pv),
+                   fn(load_inputs<I>(in, i + Vec::size()), pv), /*stream=*/true);
+        if (i + kPair < run_end) continue;
+      } else {
+        const std::array<opmath_t<scalar_t>, P> next = scalar_params<P>(params, (run + 1) % C);
+        const int64_t split = run_end - i;
+        store_pair(
+            out + i, fn(load_inputs<I>(in, i), split_params<P>(p, next, split)),
+            fn(load_inputs<I>(in, i + Vec::size()), split_params<P>(p, next, split - Vec::size())),
+            /*stream=*/true);
+      }
+      ++run;
+      run_end += S;
+      p = scalar_params<P>(params, run % C);
+      pv = broadcast<P>(p);
+    }
+    for (; i < stop; i += Vec::size()) {  // within the last run
+      const int64_t count = std::min<int64_t>(Vec::size(), stop - i);
+      store_vec(out + i, fn(load_inputs<I>(in, i, count), pv), count);
+    }
+    finish_streaming();
+  });
 }
 
 template <int I, int P, typename scalar_t, typename Fn>
@@ -572,6 +648,10 @@ void map_channels(const std::array<const scalar_t*, I>& in,
       map_last_rows<I, P>(in, params, C, begin, end, fn, out, stream);
       if (stream) finish_streaming();
     });
+    return;
+  }
+  if (streams_across_runs<scalar_t>(view, I)) {
+    map_first_flat<I, P>(in, params, view, fn, out);
     return;
   }
   const int64_t S = view.inner;

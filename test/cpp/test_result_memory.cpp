@@ -118,9 +118,10 @@ TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
   }
 }
 
-// Results larger than the last-level cache are written with non-temporal stores where every
-// run is whole vectors (csrc/cpu/kernels.cpp, streams_result): 16x16 float32 runs and
-// channels-last rows are; 14x14 float32 runs (784 bytes) are not, and keep regular stores.
+// Results larger than the last-level cache are written with non-temporal stores
+// (csrc/cpu/kernels.cpp): run by run where every run is whole vectors (16x16 float32 runs,
+// channels-last rows; streams_result), else as one flat array whose pairs of vectors may
+// straddle two runs (14x14 and 7x7 float32 runs; map_first_flat).
 // Eval mode, so that every sample's expected values follow from it alone: the first, a middle
 // and the last sample are checked in float64.
 TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
@@ -132,6 +133,7 @@ TEST_F(ResultMemoryOps, ResultsLargerThanTheCacheAreRight) {
   };
   for (const Case& c : {Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 16},
                         Case{torch::kFloat, torch::MemoryFormat::Contiguous, 32, 14},
+                        Case{torch::kFloat, torch::MemoryFormat::Contiguous, 24, 7},
                         Case{torch::kBFloat16, torch::MemoryFormat::ChannelsLast, 64, 8}}) {
     const int64_t per_sample = c.channels * c.spatial * c.spatial * c10::elementSize(c.dtype);
     const int64_t n = (target_bytes + per_sample - 1) / per_sample;
