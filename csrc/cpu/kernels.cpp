@@ -554,26 +554,22 @@ bool exceeds_cache(const ChannelView& view, int inputs) {
   return (inputs + 1) * result_bytes > cache_bytes(3);
 }
 
-// Whether an elementwise pass streams its result run by run: it exceeds the cache and every
-// contiguous run of the result (a channels-first (n, c) run, a channels-last row) is whole
-// vectors. A line must not mix streamed and regular stores (runs such as 14x14 float32, 784
-// bytes, streamed in their aligned middle: eval 1.4-1.7x slower than not streaming at all,
-// docs/perf.md); channels-first runs of other lengths go through map_first_flat instead.
+// Whether every contiguous run of the tensor (a channels-first (n, c) run, a channels-last
+// row) is whole vectors, so that each run starts aligned where the tensor does.
 template <typename scalar_t>
-bool streams_result(const ChannelView& view, int inputs) {
+bool runs_are_whole_vectors(const ChannelView& view) {
   const int64_t run = view.layout == Layout::kChannelsLast ? view.channels : view.inner;
-  return run * static_cast<int64_t>(sizeof(scalar_t)) % sizeof(Vectorized<scalar_t>) == 0 &&
-         exceeds_cache<scalar_t>(view, inputs);
+  return run * static_cast<int64_t>(sizeof(scalar_t)) % sizeof(Vectorized<scalar_t>) == 0;
 }
 
-// Whether a channels-first pass that exceeds the cache, with runs that are not whole vectors,
-// is written by map_first_flat: runs at least a pair of vectors long, so that a pair holds at
-// most one boundary between runs.
+// Whether a channels-first map walks the tensor flat (map_first_flat) rather than run by run:
+// where runs are not whole vectors (7x7 and 14x14 float32, 28x28 bfloat16), a run-by-run
+// walk stores every other run's vectors across cache lines and ends each run with a masked
+// vector. Needs runs of at least a pair of vectors, so that a pair holds at most one boundary.
 template <typename scalar_t>
-bool streams_across_runs(const ChannelView& view, int inputs) {
-  return view.layout == Layout::kChannelsFirst &&
-         view.inner >= 2 * Vectorized<opmath_t<scalar_t>>::size() &&
-         !streams_result<scalar_t>(view, inputs) && exceeds_cache<scalar_t>(view, inputs);
+bool walks_flat(const ChannelView& view) {
+  return view.layout == Layout::kChannelsFirst && !runs_are_whole_vectors<scalar_t>(view) &&
+         view.inner >= 2 * Vectorized<opmath_t<scalar_t>>::size();
 }
 
 // Parameters of a vector whose first `split` lanes (clamped to the vector) take a's and the
@@ -589,15 +585,16 @@ inline std::array<Vectorized<T>, P> split_params(const std::array<T, P>& a,
   return v;
 }
 
-// A channels-first map written as one flat array of aligned pairs of vectors, every pair
-// streamed: a pair that straddles the boundary between two (n, c) runs takes each lane's
-// parameters from its own run's channel. The per-lane arithmetic is map_run's, so the values
-// are bitwise those of the run-by-run walk. Needs runs of at least a pair (one boundary per
-// pair at most); the tensor's last values, fewer than a pair, are stored regularly.
+// A channels-first map walked as one flat array of pairs of vectors, aligned where the tensor
+// is (with `stream`, every pair streamed): a pair that straddles the boundary between two
+// (n, c) runs takes each lane's parameters from its own run's channel. The per-lane
+// arithmetic is map_run's, so the values are bitwise those of the run-by-run walk. Needs runs
+// of at least a pair (one boundary per pair at most); the tensor's last values, fewer than a
+// pair, are stored regularly.
 template <int I, int P, typename scalar_t, typename Fn>
 void map_first_flat(const std::array<const scalar_t*, I>& in,
                     const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
-                    const Fn& fn, scalar_t* out) {
+                    const Fn& fn, scalar_t* out, const bool stream) {
   using Vec = Vectorized<opmath_t<scalar_t>>;
   constexpr int64_t kPair = 2 * Vec::size();
   static_assert(kItemElements % kPair == 0);
@@ -613,7 +610,7 @@ void map_first_flat(const std::array<const scalar_t*, I>& in,
     for (; i + kPair <= stop; i += kPair) {
       if (i + kPair <= run_end) {
         store_pair(out + i, fn(load_inputs<I>(in, i), pv),
-                   fn(load_inputs<I>(in, i + Vec::size()), pv), /*stream=*/true);
+                   fn(load_inputs<I>(in, i + Vec::size()), pv), stream);
         if (i + kPair < run_end) continue;
       } else {
         const std::array<opmath_t<scalar_t>, P> next = scalar_params<P>(params, (run + 1) % C);
@@ -621,7 +618,7 @@ void map_first_flat(const std::array<const scalar_t*, I>& in,
         store_pair(
             out + i, fn(load_inputs<I>(in, i), split_params<P>(p, next, split)),
             fn(load_inputs<I>(in, i + Vec::size()), split_params<P>(p, next, split - Vec::size())),
-            /*stream=*/true);
+            stream);
       }
       ++run;
       run_end += S;
@@ -632,16 +629,22 @@ void map_first_flat(const std::array<const scalar_t*, I>& in,
       const int64_t count = std::min<int64_t>(Vec::size(), stop - i);
       store_vec(out + i, fn(load_inputs<I>(in, i, count), pv), count);
     }
-    finish_streaming();
+    if (stream) finish_streaming();
   });
 }
 
+// An elementwise pass. Its result is streamed (non-temporal stores) where the pass exceeds the
+// cache and no line would mix streamed and regular stores: the run-by-run walk of runs that
+// are not whole vectors streamed only their aligned middles, and measured 1.4-1.7x slower than
+// not streaming at all (docs/perf.md); the flat walk streams every pair.
 template <int I, int P, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, I>& in,
                   const std::array<const opmath_t<scalar_t>*, P>& params, const ChannelView& view,
                   const Fn& fn, scalar_t* out) {
   const int64_t C = view.channels;
-  const bool stream = streams_result<scalar_t>(view, I);
+  const bool flat = walks_flat<scalar_t>(view);
+  const bool stream =
+      exceeds_cache<scalar_t>(view, I) && (flat || runs_are_whole_vectors<scalar_t>(view));
   if (view.layout == Layout::kChannelsLast) {
     const int64_t grain = std::max<int64_t>(1, kItemElements / C);
     at::parallel_for(0, view.outer, grain, [&](int64_t begin, int64_t end) {
@@ -650,8 +653,8 @@ void map_channels(const std::array<const scalar_t*, I>& in,
     });
     return;
   }
-  if (streams_across_runs<scalar_t>(view, I)) {
-    map_first_flat<I, P>(in, params, view, fn, out);
+  if (flat) {
+    map_first_flat<I, P>(in, params, view, fn, out, stream);
     return;
   }
   const int64_t S = view.inner;
@@ -981,7 +984,9 @@ void for_each_channel_slab(const ChannelView& view, int64_t items_per_channel, i
                            const Fn& fn) {
   const int64_t values = view.outer * view.inner;
   const int64_t grain = std::max<int64_t>(1, kItemElements / std::max<int64_t>(1, values));
-  const bool stream = streams_result<scalar_t>(view, inputs);
+  // A channel's runs are not adjacent, so only whole-vector runs can be streamed.
+  const bool stream =
+      exceeds_cache<scalar_t>(view, inputs) && runs_are_whole_vectors<scalar_t>(view);
   at::parallel_for(0, view.channels, grain, [&](int64_t begin, int64_t end) {
     std::vector<Result> scratch(items_per_channel);
     for (int64_t c = begin; c < end; ++c) fn(c, scratch.data(), stream);

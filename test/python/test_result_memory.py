@@ -76,22 +76,26 @@ def test_results_larger_than_the_cache_are_right(dtype, memory_format, channels,
         torch.testing.assert_close(fused[i:i + 1], expected.relu().to(dtype), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("dtype,spatial", [
-    (torch.float32, (14, 14)),   # runs of 196 values: 784 bytes
-    (torch.float32, (5, 7)),     # runs of 35: a boundary in most pairs of vectors
-    (torch.bfloat16, (28, 28)),  # 1568 bytes
-    (torch.float16, (11, 13)),
+@pytest.mark.parametrize("dtype,spatial,cache_fraction", [
+    (torch.float32, (14, 14), 5 / 8),  # runs of 196 values (784 bytes), streamed
+    (torch.float32, (5, 7), 5 / 8),    # runs of 35: a boundary in most pairs of vectors
+    (torch.bfloat16, (28, 28), 5 / 8),  # 1568 bytes
+    (torch.float16, (11, 13), 5 / 8),
+    (torch.float32, (7, 7), 1 / 8),    # in cache: regular stores
+    (torch.bfloat16, (28, 28), 1 / 8),
 ])
-def test_runs_that_are_not_whole_vectors_stream_bitwise_right(dtype, spatial):
-    """Channels-first results larger than the last-level cache whose (n, c) runs are not whole
-    vectors are written as one flat array of streamed pairs of vectors (csrc/cpu/kernels.cpp,
-    map_first_flat); a pair that straddles two runs takes each lane's parameters from its own
-    channel. In eval mode each value depends on its sample alone, so every value must equal,
-    bit for bit, the same op on a few samples at a time (which fit in the cache and are
-    written run by run): the output, the input gradient, and the fused op's with a residual."""
-    channels = 24
+def test_runs_that_are_not_whole_vectors_are_walked_flat_bitwise_right(dtype, spatial,
+                                                                      cache_fraction):
+    """Channels-first maps whose (n, c) runs are not whole vectors walk the tensor as one flat
+    array of aligned pairs of vectors (csrc/cpu/kernels.cpp, map_first_flat), streamed where
+    the pass exceeds the last-level cache; a pair that straddles two runs takes each lane's
+    parameters from its own channel. In eval mode every value must equal, bit for bit, the
+    same op on the channels-last copy of the input (walked row by row, by other code, with
+    the same per-lane arithmetic): the output, the input gradient, and the fused op's with a
+    residual."""
+    channels = 32  # channels-last rows of whole vector pairs: no scalar tail
     per_sample = channels * spatial[0] * spatial[1] * torch.finfo(dtype).bits // 8
-    n = -(-cache_bytes() * 5 // 8 // per_sample)  # each tensor: 5/8 of the cache
+    n = -(-int(cache_bytes() * cache_fraction) // per_sample)
     x = (torch.randn(n, channels, *spatial) * 2 + 0.5).to(dtype)
     residual, grad = torch.randn_like(x), torch.randn_like(x)
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
@@ -106,10 +110,12 @@ def test_runs_that_are_not_whole_vectors_stream_bitwise_right(dtype, spatial):
         fused_dx, fused_dr = torch.autograd.grad(fused, (xg, rg), grad)
         return ops.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5), dx, fused, fused_dx, fused_dr
 
-    whole = elementwise_results(x, residual, grad)
-    step = max(1, (1 << 20) // per_sample)
-    parts = [elementwise_results(x[i:i + step], residual[i:i + step], grad[i:i + step])
-             for i in range(0, n, step)]
-    for name, result, pieces in zip(("output", "grad_input", "fused", "fused grad_input",
-                                     "fused grad_residual"), whole, zip(*parts)):
-        assert torch.equal(result, torch.cat(pieces)), name
+    flat = elementwise_results(x, residual, grad)
+    last = torch.channels_last
+    by_rows = elementwise_results(x.contiguous(memory_format=last),
+                                  residual.contiguous(memory_format=last),
+                                  grad.contiguous(memory_format=last))
+    for name, result, reference in zip(("output", "grad_input", "fused", "fused grad_input",
+                                        "fused grad_residual"), flat, by_rows):
+        assert result.is_contiguous() and reference.is_contiguous(memory_format=last), name
+        assert torch.equal(result, reference), name
