@@ -30,6 +30,9 @@ def train(rank, world_size, rendezvous):
         print(f"rank {rank} step {step}: loss {loss.item():.4f}", flush=True)
     bn = model.module[1]
     print(f"rank {rank}: running_mean[:3] {bn.running_mean[:3].tolist()}", flush=True)
+    # Both ranks reach teardown together: a rank that tears down its gloo connections while
+    # the other still uses them can abort the other process.
+    dist.barrier()
     dist.destroy_process_group()
 
 
