@@ -608,21 +608,21 @@ void map_first_flat(const std::array<const scalar_t*, I>& in,
     std::array<opmath_t<scalar_t>, P> p = scalar_params<P>(params, run % C);
     std::array<Vec, P> pv = broadcast<P>(p);
     for (; i + kPair <= stop; i += kPair) {
-      if (i + kPair <= run_end) {
+      if (i + kPair < run_end) {
         store_pair(out + i, fn(load_inputs<I>(in, i), pv),
                    fn(load_inputs<I>(in, i + Vec::size()), pv), stream);
-        if (i + kPair < run_end) continue;
-      } else {
-        const std::array<opmath_t<scalar_t>, P> next = scalar_params<P>(params, (run + 1) % C);
-        const int64_t split = run_end - i;
-        store_pair(
-            out + i, fn(load_inputs<I>(in, i), split_params<P>(p, next, split)),
-            fn(load_inputs<I>(in, i + Vec::size()), split_params<P>(p, next, split - Vec::size())),
-            stream);
+        continue;
       }
+      // The pair ends the run, or straddles it and the next: the next run's parameters.
+      const std::array<opmath_t<scalar_t>, P> next = scalar_params<P>(params, (run + 1) % C);
+      const int64_t split = run_end - i;  // lanes of this run, 1 to kPair
+      store_pair(
+          out + i, fn(load_inputs<I>(in, i), split_params<P>(p, next, split)),
+          fn(load_inputs<I>(in, i + Vec::size()), split_params<P>(p, next, split - Vec::size())),
+          stream);
       ++run;
       run_end += S;
-      p = scalar_params<P>(params, run % C);
+      p = next;
       pv = broadcast<P>(p);
     }
     for (; i < stop; i += Vec::size()) {  // within the last run
