@@ -28,10 +28,6 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t,
 
 }  // namespace
 
-at::ScalarType stat_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.defined(), op, ": expected a defined input tensor, but got an undefined one");
   TORCH_CHECK(input.dim() >= 2, op, ": expected input with at least 2 dimensions (N, C, *), ",

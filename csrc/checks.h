@@ -2,14 +2,13 @@
 // run them too under dynamic shapes. Every check runs before anything is written.
 #pragma once
 
+#include "channel_stats.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <optional>
 
 namespace custom_bn {
-
-// float64 for float64 input, float32 otherwise: the dtype of statistics and save_* tensors.
-at::ScalarType stat_dtype(at::ScalarType input_dtype);
 
 // input: floating (float32/64, bfloat16, float16), at least 2 dims (N, C, *).
 void check_input(const char* op, const at::Tensor& input);

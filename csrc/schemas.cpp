@@ -45,4 +45,7 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
+  // Debug: the decisions the CPU kernels make for a call of `op` on `input` (csrc/cpu/plan.h),
+  // as JSON. For tests and the benchmark; not part of the stable API.
+  m.def("_cpu_plan(Tensor input, str op, bool training=True, bool residual=False) -> str");
 }

@@ -1,6 +1,13 @@
-// The CPU kernels behind the ops. csrc/cpu/kernels.cpp is compiled once per instruction set
-// (baseline, AVX2+FMA, AVX-512); kernels() picks the best the running CPU supports.
+// The CPU kernels behind the ops, as a table of functions. csrc/cpu/kernels.cpp is compiled
+// once per instruction set (baseline, AVX2+FMA, AVX-512); kernels() returns the table of the
+// widest the running CPU supports (csrc/cpu/dispatch.cpp).
+//
+// Every tensor a kernel reads or writes, but the per-channel ones, is laid out as plan.view
+// says; per-channel tensors (mean, alpha, ...) are contiguous, in the statistics dtype. Each
+// kernel follows the plan (csrc/cpu/plan.h) and decides nothing itself.
 #pragma once
+
+#include "cpu/plan.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -8,81 +15,54 @@
 
 namespace custom_bn::cpu {
 
-// How a dense tensor is walked:
-//   kChannelsFirst: (outer = N, C, inner = S) row-major, S = product of spatial sizes;
-//   kChannelsLast:  (outer = N * S, C) row-major, inner = 1.
-enum class Layout { kChannelsFirst, kChannelsLast };
-
-struct ChannelView {
-  Layout layout;
-  int64_t outer;
-  int64_t channels;
-  int64_t inner;
-};
-
-// Every tensor a kernel reads or writes, but the per-channel ones, is laid out as `view` says;
-// per-channel tensors (mean, alpha, ...) are contiguous, in the statistics dtype.
-// Work is split by size alone, never by thread count: results are bitwise identical for any
-// number of threads.
 struct KernelTable {
-  // mean = sum(x) / n, m2 = sum((x - mean)^2): two passes, blocked float sums into doubles.
-  void (*collect_stats)(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
+  // Bytes of this variant's vectors (at::vec::Vectorized of every dtype): what plan_call
+  // needs to know of the instruction set.
+  int64_t vector_bytes;
+  // mean = sum(x) / n, m2 = sum((x - mean)^2) (csrc/cpu/stats.h).
+  void (*collect_stats)(const at::Tensor& input, const CpuPlan& plan, at::Tensor& mean,
                         at::Tensor& m2);
   // output = (input - mean) * alpha + bias.
-  void (*apply_affine)(const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+  void (*apply_affine)(const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
                        const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
   // output = relu((input - mean) * alpha + bias + residual); residual may be undefined.
   void (*apply_affine_relu)(const at::Tensor& input, const at::Tensor& residual,
-                            const ChannelView& view, const at::Tensor& mean,
-                            const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
+                            const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& alpha,
+                            const at::Tensor& bias, at::Tensor& output);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
-  void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input,
-                      const ChannelView& view, const at::Tensor& mean, at::Tensor& sum_dy,
-                      at::Tensor& sum_dy_xmu);
+  void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
+                      const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
   // The same sums of dz = relu_grad(dy, output) (ReLU's backward fused into the reduction
   // pass); dz is also written to grad_masked unless it is undefined.
   void (*reduce_grad_relu)(const at::Tensor& grad_output, const at::Tensor& output,
-                           const at::Tensor& input, const ChannelView& view, const at::Tensor& mean,
+                           const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
                            at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
   // grad_input = a * (dy - dy_mean) + b * (x - mean).
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
-                           const ChannelView& view, const at::Tensor& mean,
-                           const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,
-                           at::Tensor& grad_input);
+                           const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& dy_mean,
+                           const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
   // The same with dy = relu_grad(grad_output, output).
   void (*apply_grad_input_relu)(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& input, const ChannelView& view,
+                                const at::Tensor& input, const CpuPlan& plan,
                                 const at::Tensor& mean, const at::Tensor& dy_mean,
                                 const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
 
-  // Training of a channels-first input whose channels fit in cache (fits_by_channel), one
-  // channel at a time, so that the elementwise pass reads the channel from cache: the work of
-  // collect_stats, then invstd = 1 / sqrt(m2 / n + eps) and alpha = invstd * weight, then
-  // apply_affine (with_relu: apply_affine_relu, no residual) into output. weight and bias are
-  // given.
-  void (*normalize_by_channel)(const at::Tensor& input, const ChannelView& view,
+  // Training a channel at a time (plan.channel_at_a_time; csrc/cpu/channel_at_a_time.h): the
+  // work of collect_stats, then invstd = 1 / sqrt(m2 / n + eps) and alpha = invstd * weight,
+  // then apply_affine (with_relu: apply_affine_relu, no residual) into output. weight and
+  // bias are given.
+  void (*normalize_by_channel)(const at::Tensor& input, const CpuPlan& plan,
                                const at::Tensor& weight, const at::Tensor& bias, double eps,
                                bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
                                at::Tensor& output);
   // The same for the backward: reduce_grad (with output defined: reduce_grad_relu, writing
   // no masked gradient), the training coefficients, then apply_grad_input(_relu).
   void (*grad_input_by_channel)(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& input, const ChannelView& view,
+                                const at::Tensor& input, const CpuPlan& plan,
                                 const at::Tensor& mean, const at::Tensor& invstd,
                                 const at::Tensor& weight, at::Tensor& sum_dy,
                                 at::Tensor& sum_dy_xmu, at::Tensor& grad_input);
 };
-
-// Whether the *_by_channel kernels pay for a pass reading `inputs` tensors of `element_size`
-// bytes: channels-first, one channel of the inputs fits in L2, and all of them do not fit in
-// the last-level cache (when they do, the two-kernel path's second read hits that cache
-// anyway, and its elementwise pass, walking memory in order, is faster than one channel's
-// scattered runs; docs/perf.md).
-bool fits_by_channel(const ChannelView& view, int inputs, int64_t element_size);
-
-// Bytes of the level-2 (per core) or level-3 cache, from sysfs, else sysconf, else 1 MB and
-// 32 MB.
-int64_t cache_bytes(int level);
 
 const KernelTable& kernels();
 

@@ -1,10 +1,11 @@
 #include "cpu/result_memory.h"
 
-#include <c10/core/CPUAllocator.h>
 #include <c10/util/Exception.h>
 
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -28,8 +29,7 @@ ResultAllocator::ResultAllocator(size_t cache_limit, bool huge_pages)
     : cache_limit_(cache_limit), huge_pages_(huge_pages) {}
 
 c10::DataPtr ResultAllocator::allocate(size_t n) {
-  if (n < kMinCachedBytes) return c10::GetDefaultCPUAllocator()->allocate(n);
-  const size_t capacity = round_up(n, kHugePage);
+  const size_t capacity = round_up(std::max<size_t>(n, 1), kHugePage);
   {
     // The smallest cached block that fits, if it wastes at most a quarter of itself; of equal
     // ones the last freed, whose pages are the likeliest to be in cache.
@@ -49,19 +49,38 @@ c10::DataPtr ResultAllocator::allocate(size_t n) {
       return {block->data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
     }
   }
-  void* data = std::aligned_alloc(kHugePage, capacity);
-  if (data == nullptr) {
+  Block* block = map_block(capacity);
+  if (block == nullptr) {
     release_cached();
-    data = std::aligned_alloc(kHugePage, capacity);
+    block = map_block(capacity);
   }
-  TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "custom_bn: could not allocate ", capacity,
+  TORCH_CHECK_WITH(OutOfMemoryError, block != nullptr, "custom_bn: could not allocate ", capacity,
                    " bytes for a result");
+  return {block->data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+}
+
+// A fresh mapping of `capacity` bytes (a multiple of 2 MB) aligned to 2 MB: mapped 2 MB
+// larger, then trimmed at both ends. Null when the kernel refuses.
+ResultAllocator::Block* ResultAllocator::map_block(size_t capacity) const {
+  const size_t mapped = capacity + kHugePage;
+  void* start = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (start == MAP_FAILED) return nullptr;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(start);
+  const uintptr_t aligned = (begin + kHugePage - 1) / kHugePage * kHugePage;
+  if (aligned > begin) munmap(start, aligned - begin);
+  const size_t tail = begin + mapped - (aligned + capacity);
+  if (tail > 0) munmap(reinterpret_cast<void*>(aligned + capacity), tail);
+  void* data = reinterpret_cast<void*>(aligned);
 #if defined(MADV_HUGEPAGE)
   // Advice only: where huge pages are off it changes nothing.
   if (huge_pages_) (void)madvise(data, capacity, MADV_HUGEPAGE);
 #endif
-  auto* block = new Block{data, capacity, this};
-  return {data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+  return new Block{data, capacity, const_cast<ResultAllocator*>(this)};
+}
+
+void ResultAllocator::unmap_block(Block* block) {
+  munmap(block->data, block->capacity);
+  delete block;
 }
 
 void ResultAllocator::copy_data(void* dest, const void* src, std::size_t count) const {
@@ -80,10 +99,7 @@ void ResultAllocator::release_cached() {
     released.swap(cached_);
     cached_bytes_ = 0;
   }
-  for (Block* block : released) {
-    std::free(block->data);
-    delete block;
-  }
+  for (Block* block : released) unmap_block(block);
 }
 
 void ResultAllocator::give_back(void* block) {
@@ -106,10 +122,7 @@ void ResultAllocator::cache_or_free(Block* block) {
     }
     cached_.erase(cached_.begin(), keep);
   }
-  for (Block* b : evicted) {
-    std::free(b->data);
-    delete b;
-  }
+  for (Block* b : evicted) unmap_block(b);
 }
 
 ResultAllocator& result_allocator() {

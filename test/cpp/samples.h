@@ -140,10 +140,15 @@ inline Sample widened(const Sample& s) {
   auto wide = [](const torch::Tensor& t, bool grad) {
     return t.defined() ? t.detach().to(torch::kDouble).requires_grad_(grad) : torch::Tensor();
   };
-  return {wide(s.input, true),         wide(s.weight, true),       wide(s.bias, true),
-          wide(s.running_mean, false), wide(s.running_var, false),
+  return {wide(s.input, true),
+          wide(s.weight, true),
+          wide(s.bias, true),
+          wide(s.running_mean, false),
+          wide(s.running_var, false),
           s.num_batches_tracked.defined() ? s.num_batches_tracked.clone() : torch::Tensor(),
-          s.training,                  s.momentum,                 s.eps};
+          s.training,
+          s.momentum,
+          s.eps};
 }
 
 // torch::batch_norm with torch::nn::BatchNorm's bookkeeping of num_batches_tracked.

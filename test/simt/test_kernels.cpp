@@ -11,8 +11,6 @@
 namespace custom_bn::testing {
 namespace {
 
-using kernels::DeviceView;
-
 struct Config {
   std::vector<int64_t> shape;
   bool channels_last;
@@ -47,11 +45,12 @@ torch::Tensor in_layout(const Config& cfg, const torch::Tensor& t) {
 }
 
 // (outer, C, inner) of the config's shape and layout, as the CUDA launcher passes it.
-DeviceView device_view(const Config& cfg) {
+ChannelView device_view(const Config& cfg) {
   const int64_t N = cfg.shape[0], C = cfg.shape[1];
   int64_t S = 1;
   for (size_t d = 2; d < cfg.shape.size(); ++d) S *= cfg.shape[d];
-  return cfg.channels_last ? DeviceView{true, N * S, C, 1} : DeviceView{false, N, C, S};
+  return cfg.channels_last ? ChannelView{Layout::kChannelsLast, N * S, C, 1}
+                           : ChannelView{Layout::kChannelsFirst, N, C, S};
 }
 
 // Channel groups of the reduction grid: one per channel, or one per block of channels.
@@ -111,7 +110,7 @@ void run_and_compare(const Config& cfg) {
   SCOPED_TRACE("seed " + std::to_string(seed));
 
   const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
-  const DeviceView view = device_view(cfg);
+  const ChannelView view = device_view(cfg);
   const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
   torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
@@ -259,7 +258,7 @@ void run_fused_and_compare(const Config& cfg) {
   SCOPED_TRACE("seed " + std::to_string(seed));
   const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
   const torch::Tensor residual = in_layout(cfg, torch::randn(cfg.shape).to(cfg.input_dtype));
-  const DeviceView view = device_view(cfg);
+  const ChannelView view = device_view(cfg);
   const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
   const torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   const torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
@@ -379,6 +378,34 @@ TEST(SimtMergeRanks, MatchesTheWholeBatch) {
   EXPECT_TRUE(torch::allclose(y, y_ref, 1e-4, 1e-4)) << "seed " << seed;
   EXPECT_TRUE(torch::allclose(running_mean, ref_mean, 1e-5, 1e-5));
   EXPECT_TRUE(torch::allclose(running_var, ref_var, 1e-4, 1e-4));
+}
+
+// Eval's invstd, as the CUDA backend computes it, is batch_norm_math.h's invstd_from_var: bit
+// for bit what the CPU backend computes per channel.
+TEST(SimtEvalInvstd, IsTheSharedDefinition) {
+  const uint64_t seed = fresh_seed();
+  torch::manual_seed(seed);
+  for (const torch::Dtype dtype : {torch::kFloat, torch::kDouble}) {
+    const int64_t C = 77;
+    const torch::Tensor var = (torch::rand({C}) * 4).to(dtype);
+    torch::Tensor invstd = torch::empty({C}, dtype);
+    AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "eval_invstd", [&] {
+      simt::launch(
+          {2, 1}, 32, 0,
+          [&] {
+            kernels::eval_invstd<scalar_t>(var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), C,
+                                           1e-5);
+          },
+          seed);
+      for (int64_t c = 0; c < C; ++c) {
+        EXPECT_EQ(invstd.data_ptr<scalar_t>()[c],
+                  invstd_from_var(var.data_ptr<scalar_t>()[c], 1e-5))
+            << "channel " << c;
+      }
+    });
+    // And within an ulp of torch's 1 / sqrt.
+    EXPECT_TRUE(torch::allclose(invstd, 1 / (var + 1e-5).sqrt(), 1e-6, 0)) << "seed " << seed;
+  }
 }
 
 // ---- the harness can fail -------------------------------------------------------------------

@@ -9,33 +9,32 @@
 #pragma once
 
 #include "batch_norm_math.h"
+#include "channel_view.h"
 #include "cuda/simt.h"
 
 #include <cstdint>
 
 namespace custom_bn::kernels {
 
-// A dense tensor as (outer, C, inner): channels-first (N, C, S) or channels-last (N*S, C).
-struct DeviceView {
-  bool channels_last;
-  int64_t outer;
-  int64_t channels;
-  int64_t inner;
-};
+// A dense tensor is seen as the host sees it (csrc/channel_view.h): channels-first (N, C, S)
+// or channels-last (N*S, C).
+CUSTOM_BN_DEVICE bool is_channels_last(const ChannelView& v) {
+  return v.layout == Layout::kChannelsLast;
+}
 
 // The i-th of the values of channel c (i < outer * inner).
 template <typename index_t>
-CUSTOM_BN_DEVICE index_t channel_offset(const DeviceView& v, index_t c, index_t i) {
-  if (v.channels_last) return i * static_cast<index_t>(v.channels) + c;
+CUSTOM_BN_DEVICE index_t channel_offset(const ChannelView& v, index_t c, index_t i) {
+  if (is_channels_last(v)) return i * static_cast<index_t>(v.channels) + c;
   const index_t inner = static_cast<index_t>(v.inner);
   return ((i / inner) * static_cast<index_t>(v.channels) + c) * inner + i % inner;
 }
 
 // The channel of the element at dense offset i.
 template <typename index_t>
-CUSTOM_BN_DEVICE index_t channel_of(const DeviceView& v, index_t i) {
+CUSTOM_BN_DEVICE index_t channel_of(const ChannelView& v, index_t i) {
   const index_t channels = static_cast<index_t>(v.channels);
-  return v.channels_last ? i % channels : (i / static_cast<index_t>(v.inner)) % channels;
+  return is_channels_last(v) ? i % channels : (i / static_cast<index_t>(v.inner)) % channels;
 }
 
 // The running-stats update of a training step, on the device: momentum, or (momentum < 0)
@@ -167,7 +166,7 @@ constexpr int reduce_shared_bytes(int threads) {
 // channels, one per thread (coalesced rows). partials: [C][slices][fields]; arrivals: one
 // zeroed counter per group, left zeroed for the next launch.
 template <typename Acc, typename acc_t, typename index_t>
-CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const DeviceView& v, acc_t* partials,
+CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const ChannelView& v, acc_t* partials,
                                       int* arrivals) {
   using value_t = typename Acc::value_t;
   const index_t per_channel = static_cast<index_t>(v.outer) * static_cast<index_t>(v.inner);
@@ -179,7 +178,7 @@ CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const DeviceView& v, acc_t
       Acc::kFields * (simt::block_size() / simt::kWarpSize), shared_offset);
   int* is_last = simt::shared_array<int>(1, shared_offset);
 
-  if (!v.channels_last) {
+  if (!is_channels_last(v)) {
     const index_t c = simt::block_y();
     value_t s = acc.identity();
     const index_t stride = slices * simt::block_size();
@@ -257,7 +256,7 @@ CUSTOM_BN_DEVICE void for_grid_stride(index_t count, const Body& body) {
 }
 
 template <typename index_t>
-CUSTOM_BN_DEVICE index_t element_count(const DeviceView& v) {
+CUSTOM_BN_DEVICE index_t element_count(const ChannelView& v) {
   return static_cast<index_t>(v.outer) * static_cast<index_t>(v.channels) *
          static_cast<index_t>(v.inner);
 }
@@ -265,7 +264,7 @@ CUSTOM_BN_DEVICE index_t element_count(const DeviceView& v) {
 // y = (x - mean) * invstd * weight + bias over every element (grid-stride loop); with
 // apply_relu, y = relu(that + residual), residual optional (null).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
-CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const DeviceView& v,
+CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const ChannelView& v,
                                          const acc_t* mean, const acc_t* invstd,
                                          const param_t* weight, const param_t* bias,
                                          bool apply_relu = false,
@@ -283,7 +282,7 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const D
 // grad_input from the per-channel sums (training) or from invstd alone (eval).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const scalar_t* x,
-                                          scalar_t* grad_input, const DeviceView& v,
+                                          scalar_t* grad_input, const ChannelView& v,
                                           const acc_t* mean, const acc_t* invstd,
                                           const param_t* weight, const acc_t* sum_dy,
                                           const acc_t* sum_dy_xmu, acc_t count, bool training) {
@@ -297,6 +296,12 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
         ::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]), static_cast<acc_t>(x[i]),
                                 mean[c], k.dy_mean, k.a, k.b));
   });
+}
+
+// invstd = 1 / sqrt(var + eps) per channel, for eval: one thread a channel.
+template <typename acc_t>
+CUSTOM_BN_DEVICE void eval_invstd(const acc_t* var, acc_t* invstd, int64_t channels, double eps) {
+  for_grid_stride(channels, [&](int64_t c) { invstd[c] = invstd_from_var(var[c], eps); });
 }
 
 // Merges per-rank (count, mean, M2) by parallel Welford, rank by rank: one thread a channel.

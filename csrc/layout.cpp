@@ -1,16 +1,12 @@
-#include "cpu/layout.h"
+#include "layout.h"
 
-#include "cpu/result_memory.h"
+#include <c10/util/Exception.h>
 
-#include <ATen/EmptyTensor.h>
-#include <ATen/ops/empty_like.h>
-
-#include <cstdint>
 #include <numeric>
 #include <optional>
 #include <vector>
 
-namespace custom_bn::cpu {
+namespace custom_bn {
 namespace {
 
 std::optional<ChannelView> channel_view_of(const at::Tensor& t) {
@@ -39,15 +35,9 @@ DenseTensor make_dense(const at::Tensor& input) {
   return {dense, *view};
 }
 
-at::Tensor empty_result_like(const at::Tensor& input) {
-  return at::detail::empty_generic(input.sizes(), &result_allocator(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), input.scalar_type(),
-                                   input.suggest_memory_format());
-}
-
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense) {
   if (t.strides() == dense.tensor.strides()) return t;
   return at::empty_like(dense.tensor).copy_(t);
 }
 
-}  // namespace custom_bn::cpu
+}  // namespace custom_bn

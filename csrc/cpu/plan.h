@@ -1,0 +1,81 @@
+// Every decision the CPU kernels make about a call, computed in one place (plan_call) from
+// the input's view, its dtype, the kernel variant's vector width and the cache sizes. The
+// kernels follow the plan and decide nothing themselves; tests and the benchmark read it
+// through the debug op custom_bn::_cpu_plan (describe_plan). Why each rule pays, with the
+// measurements: docs/perf.md.
+#pragma once
+
+#include "channel_view.h"
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+
+namespace custom_bn::cpu {
+
+// Values per parallel work item of a channels-first pass: small enough that an item's
+// second read comes from L1/L2, large enough to amortize the scheduling. Channels-last items
+// are 4x larger because each keeps a partial sum per channel.
+constexpr int64_t kItemElements = 32768;
+
+// How an elementwise pass walks the tensor.
+enum class Walk {
+  kChannelsLastRows,   // rows of C values, lanes are channels
+  kChannelsFirstRuns,  // run by run: each (n, c) run of S values with its channel's parameters
+  kChannelsFirstFlat,  // as one flat array of vector pairs; a pair straddling two runs takes
+                       // each lane's parameters from its own channel
+};
+
+// Software prefetch of a channels-first reduction, whose (n, c) runs lie C * S values apart.
+enum class Prefetch {
+  kNone,       // runs shorter than 256 bytes (they fit in cache)
+  kWholeRuns,  // runs of 256 bytes to 1 KB: a whole run about 1 KB of work ahead
+  kEachStep,   // runs of 1 KB or more: the next run along with each vector step
+};
+
+// Where an elementwise result lives.
+enum class ResultMemory {
+  kTorchAllocator,  // c10::GetCPUAllocator(), as torch's own results
+  kResultCache,     // result_allocator(): freed large results are reused (result_memory.h)
+};
+
+// What a call does, as far as planning goes.
+struct CallWork {
+  // Tensors its elementwise pass reads: x; (x, residual); (dy, x); (dy, output, x).
+  int elementwise_inputs;
+  // Training whose reduction feeds the elementwise pass directly (no residual in either
+  // direction), so that the two may run a channel at a time.
+  bool may_go_by_channel;
+};
+
+// The CallWork of an op ("batch_norm_forward", "batch_norm_backward",
+// "batch_norm_relu_forward", "batch_norm_relu_backward", "batch_norm_elemt",
+// "batch_norm_backward_elemt"): one table for the ops and the debug op.
+CallWork work_of(const std::string& op, bool training, bool residual);
+
+struct CpuPlan {
+  ChannelView view;
+  Walk walk;
+  // Training a channel at a time: the reduction over a channel, then the elementwise pass over
+  // it while it is still in L2. Chosen when one channel of the pass's tensors fits in L2 and
+  // all of them exceed the last-level cache (channels-first only).
+  bool channel_at_a_time;
+  // The elementwise result is written with non-temporal stores: the pass's tensors exceed the
+  // last-level cache, and no cache line would mix streamed and regular stores.
+  bool stream_result;
+  Prefetch prefetch;
+  int64_t prefetch_runs_ahead;  // kWholeRuns: how many runs ahead
+  ResultMemory result_memory;
+};
+
+CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork& work);
+
+// The plan as JSON, with the kernel variant and the cache sizes it was made with.
+std::string describe_plan(const CpuPlan& plan);
+
+// Bytes of the level-2 (per core) or level-3 cache: CUSTOM_BN_CACHE_BYTES_L2 / _L3 where set,
+// else sysfs, else sysconf, else 1 MB and 32 MB.
+int64_t cache_bytes(int level);
+
+}  // namespace custom_bn::cpu

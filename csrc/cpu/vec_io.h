@@ -1,0 +1,178 @@
+// Vector I/O of the CPU kernels: loads and stores between a tensor's scalar_t and its opmath
+// vectors (float for bfloat16/float16), non-temporal stores, and the per-channel parameters of
+// a vector step. Compiled once per instruction set, in the namespace CPU_CAPABILITY names.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
+
+#ifndef CPU_CAPABILITY
+#error "csrc/cpu kernel headers are compiled once per instruction set: define CPU_CAPABILITY"
+#endif
+
+namespace custom_bn::cpu::CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The first `count` values at p (the rest of the vector is zero; masked where the CPU has masks).
+template <typename scalar_t>
+inline Vectorized<opmath_t<scalar_t>> load_vec(
+    const scalar_t* p, int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    Vec v;
+    if (count == Vec::size()) {
+      at::vec::load_to_float(p, v);
+    } else {
+      v = std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
+    }
+    return v;
+  } else {
+    return Vec::loadu(p, count);
+  }
+}
+
+template <typename scalar_t>
+inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v,
+                      int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+  } else {
+    v.store(p, count);
+  }
+}
+
+// A non-temporal store of one full vector to an address aligned to its size: the line is
+// written without being read first and without displacing cached data. Where the instruction
+// set has none, stream_vec returns false and the caller stores normally.
+template <typename T>
+inline bool stream_vec(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  if (reinterpret_cast<uintptr_t>(p) % sizeof(Vectorized<T>) != 0) return false;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm512_stream_pd(p, v);
+  } else {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+  }
+#else
+  if constexpr (std::is_same_v<T, float>) {
+    _mm256_stream_ps(p, v);
+  } else if constexpr (std::is_same_v<T, double>) {
+    _mm256_stream_pd(p, v);
+  } else {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+#endif
+  return true;
+#else
+  (void)p;
+  (void)v;
+  return false;
+#endif
+}
+
+// Orders this thread's non-temporal stores before what follows (they are weakly ordered).
+inline void finish_streaming() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Stores two opmath vectors at once: for bfloat16/float16 one full-width store (a store of
+// half a reduced vector goes through a temporary buffer and memcpy in ATen's vec types).
+// With `stream`, through non-temporal stores where p is aligned.
+template <typename scalar_t>
+inline void store_pair(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& low,
+                       const Vectorized<opmath_t<scalar_t>>& high, bool stream = false) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
+    const Vectorized<scalar_t> packed = at::vec::convert_from_float<scalar_t>(low, high);
+    if (!(stream && stream_vec(p, packed))) packed.store(p);
+  } else {
+    if (!(stream && stream_vec(p, low))) low.store(p);
+    if (!(stream && stream_vec(p + Vec::size(), high))) high.store(p + Vec::size());
+  }
+}
+
+// Horizontal sum in a fixed lane order.
+template <typename T>
+inline double lane_sum(const Vectorized<T>& v) {
+  T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (T lane : lanes) sum += lane;
+  return sum;
+}
+
+// Per-channel parameters of one vector step: broadcast (channels-first, one channel per run)
+// or loaded (channels-last, where lanes are channels).
+template <int kParams, typename T>
+inline std::array<Vectorized<T>, kParams> broadcast(const std::array<T, kParams>& p) {
+  std::array<Vectorized<T>, kParams> v;
+  for (int q = 0; q < kParams; ++q) v[q] = Vectorized<T>(p[q]);
+  return v;
+}
+
+template <int kParams, typename T>
+inline std::array<Vectorized<T>, kParams> load_params(const std::array<const T*, kParams>& params,
+                                                      int64_t c) {
+  std::array<Vectorized<T>, kParams> v;
+  for (int q = 0; q < kParams; ++q) v[q] = Vectorized<T>::loadu(params[q] + c);
+  return v;
+}
+
+template <int kParams, typename T>
+inline std::array<T, kParams> scalar_params(const std::array<const T*, kParams>& params,
+                                            int64_t c) {
+  std::array<T, kParams> p;
+  for (int q = 0; q < kParams; ++q) p[q] = params[q][c];
+  return p;
+}
+
+// Parameters of a vector whose first `split` lanes (clamped to the vector) take a's and the
+// rest b's: a vector that straddles the runs of two channels.
+template <int kParams, typename T>
+inline std::array<Vectorized<T>, kParams> split_params(const std::array<T, kParams>& a,
+                                                       const std::array<T, kParams>& b,
+                                                       int64_t split) {
+  const int64_t lanes = std::clamp<int64_t>(split, 0, Vectorized<T>::size());
+  std::array<Vectorized<T>, kParams> v;
+  for (int q = 0; q < kParams; ++q) {
+    v[q] = Vectorized<T>::set(Vectorized<T>(b[q]), Vectorized<T>(a[q]), lanes);
+  }
+  return v;
+}
+
+// The kInputs tensors' values at one offset, as opmath vectors or scalars.
+template <int kInputs, typename scalar_t>
+inline std::array<Vectorized<opmath_t<scalar_t>>, kInputs> load_inputs(
+    const std::array<const scalar_t*, kInputs>& in, int64_t offset,
+    int64_t count = Vectorized<opmath_t<scalar_t>>::size()) {
+  std::array<Vectorized<opmath_t<scalar_t>>, kInputs> v;
+  for (int j = 0; j < kInputs; ++j) v[j] = load_vec(in[j] + offset, count);
+  return v;
+}
+
+template <int kInputs, typename scalar_t>
+inline std::array<opmath_t<scalar_t>, kInputs> scalar_inputs(
+    const std::array<const scalar_t*, kInputs>& in, int64_t offset) {
+  std::array<opmath_t<scalar_t>, kInputs> v;
+  for (int j = 0; j < kInputs; ++j) v[j] = static_cast<opmath_t<scalar_t>>(in[j][offset]);
+  return v;
+}
+
+}  // namespace custom_bn::cpu::CPU_CAPABILITY

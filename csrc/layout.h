@@ -1,0 +1,50 @@
+// Putting tensors into a layout the kernels walk (ChannelView), and writing results back in
+// the memory format torch's batch norm returns. Host code, shared by the CPU and CUDA backends.
+#pragma once
+
+#include "channel_view.h"
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+
+namespace custom_bn {
+
+// A tensor the kernels can walk, and how. `tensor` is the input itself when it is
+// channels-first or channels-last dense, else a copy in its suggested memory format.
+struct DenseTensor {
+  at::Tensor tensor;
+  ChannelView view;
+};
+
+DenseTensor make_dense(const at::Tensor& input);
+
+// `t` with exactly the strides of `dense` (copied only when they differ).
+at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense);
+
+// A fresh result in the input's suggested memory format (as torch allocates it), and the
+// buffer the kernels write, strided like dense.tensor: the result itself unless the strides
+// differ (a permuted or non-dense input), when finish() copies the buffer over.
+struct ResultBuffer {
+  at::Tensor result;
+  at::Tensor buffer;
+
+  ResultBuffer(at::Tensor fresh_result, const DenseTensor& dense)
+      : result(std::move(fresh_result)) {
+    buffer = result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+  }
+  at::Tensor finish() {
+    if (!buffer.is_same(result)) result.copy_(buffer);
+    return result;
+  }
+};
+
+// The result of an elementwise pass: run(buffer) writes a tensor strided like dense.tensor,
+// and the pass is skipped for an empty input.
+template <typename Run>
+at::Tensor elementwise_result(at::Tensor fresh_result, const DenseTensor& dense, const Run& run) {
+  ResultBuffer out(std::move(fresh_result), dense);
+  if (dense.tensor.numel() > 0) run(out.buffer);
+  return out.finish();
+}
+
+}  // namespace custom_bn
