@@ -19,11 +19,14 @@ ISOLATION_VARIABLES = ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")
 
 def environment_with_torch() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ISOLATION_VARIABLES}
-    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True,
-                           text=True)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True
+    )
     if probe.returncode != 0:
-        raise RuntimeError(f"custom_bn builds against the torch of {sys.executable}, which "
-                           f"cannot import it:\n{probe.stderr}")
+        raise RuntimeError(
+            f"custom_bn builds against the torch of {sys.executable}, which "
+            f"cannot import it:\n{probe.stderr}"
+        )
     return env
 
 
@@ -40,9 +43,16 @@ class CMakeBuild(build_ext):
         build_dir = build_dir_for(sys.executable)
         env.update(CUSTOM_BN_PYTHON=sys.executable, CUSTOM_BN_BUILD_DIR=str(build_dir))
         subprocess.check_call(
-            ["bash", "-c", 'source scripts/lib/setup.sh && ensure_build "$@"', "build",
-             *(["-DCUSTOM_BN_BUILD_TESTS=OFF"] if build_dir.name == "build-pip" else [])],
-            cwd=ROOT, env=env)
+            [
+                "bash",
+                "-c",
+                'source scripts/lib/setup.sh && ensure_build "$@"',
+                "build",
+                *(["-DCUSTOM_BN_BUILD_TESTS=OFF"] if build_dir.name == "build-pip" else []),
+            ],
+            cwd=ROOT,
+            env=env,
+        )
         target = pathlib.Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(build_dir / "libcustom_bn.so", target)

@@ -4,10 +4,10 @@ achieved GB/s against a copy bandwidth measured in the same run; writes CSV and 
 
 import argparse
 import csv
-import ctypes
 import datetime
 import gc
 import itertools
+import json
 import math
 import os
 import pathlib
@@ -15,10 +15,9 @@ import platform
 import statistics
 import time
 
+import custom_bn  # noqa: F401  (loads the ops)
 import torch
 import torch.nn.functional as F
-
-import custom_bn  # noqa: F401  (loads the ops)
 
 # One compiled F.batch_norm per configuration: more than dynamo's default limit.
 torch._dynamo.config.recompile_limit = 1000
@@ -48,32 +47,30 @@ TRAFFIC = {"train_fwd": 3, "train_fwd_bwd": 3 + 2 + 3, "eval_fwd": 2}
 # residual's gradient), then reads (it, x) and writes dx.
 FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
 # Channels-first training on inputs larger than the last-level cache, whose channels fit in L2,
-# goes a channel at a time (fits_by_channel in csrc/cpu/kernels.h): each pass's inputs are read
-# once from memory. Forward: x, then y written; backward: (dy, x) [or (dy, z, x)], dx written.
+# goes a channel at a time (CpuPlan::channel_at_a_time in csrc/cpu/plan.h): each pass's inputs
+# are read once from memory. Forward: x, then y written; backward: (dy, x) [or (dy, z, x)], dx
+# written.
 # The fused op keeps to the passes above when it has a residual.
 
 
-def goes_by_channel(x, inputs):
-    """Whether a CPU pass reading `inputs` tensors like x goes a channel at a time: the
-    library's own rule (fits_by_channel), asked through ctypes."""
-    # (N, C) inputs are walked channels-last (inner size 1), as are channels_last ones.
-    if x.device.type != "cpu" or x.dim() < 3 or not x.is_contiguous() or x.numel() == 0:
+def goes_by_channel(x, op):
+    """Whether a CPU training call of `op` on x goes a channel at a time: the library's own
+    plan (csrc/cpu/plan.h), asked through its debug op."""
+    if x.device.type != "cpu":
         return False
-    fits = ctypes.CDLL(custom_bn.library_path()).custom_bn_fits_by_channel
-    fits.restype = ctypes.c_bool
-    fits.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
-    inner = x.numel() // (x.size(0) * x.size(1))
-    return fits(x.size(0), x.size(1), inner, inputs, x.element_size())
+    plan = json.loads(torch.ops.custom_bn._cpu_plan(x, op, True, False))
+    return plan["channel_at_a_time"]
 
 
 def passes_over_memory(x, kind, mode):
     """Tensors of x's size each configuration moves through memory in custom_bn."""
     if kind == "bn_add_relu" or mode == "eval_fwd":
         return FUSED_TRAFFIC[kind] if kind != "bn" else TRAFFIC[mode]
-    forward = 2 if goes_by_channel(x, 1) else 3
+    forward = 2 if goes_by_channel(x, "batch_norm_forward") else 3
     if kind == "bn_relu":
-        return forward + (4 if goes_by_channel(x, 3) else 7)
-    return forward + (0 if mode == "train_fwd" else 3 if goes_by_channel(x, 2) else 5)
+        return forward + (4 if goes_by_channel(x, "batch_norm_relu_backward") else 7)
+    backward = 3 if goes_by_channel(x, "batch_norm_backward") else 5
+    return forward + (0 if mode == "train_fwd" else backward)
 
 
 def make_input(shape, layout, dtype, device):
@@ -117,14 +114,16 @@ def callables(x, mode):
     def wrap(forward):
         # autograd.grad: the gradients themselves, without accumulating them into the
         # leaves' .grad (an extra elementwise pass that a layer inside a network never pays).
-        run = forward if not backward else (
-            lambda: torch.autograd.grad(forward(), (xg, w, b), grad))
+        run = (
+            forward if not backward else (lambda: torch.autograd.grad(forward(), (xg, w, b), grad))
+        )
         if x.device.type != "cuda":
             return run
         return lambda: (run(), torch.cuda.synchronize())  # time the work, not the launch
 
-    compiled = torch.compile(lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training),
-                             dynamic=False)
+    compiled = torch.compile(
+        lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training), dynamic=False
+    )
     return {
         "custom_bn": wrap(lambda: ops.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5)),
         "torch": wrap(lambda: torch.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5, False)),
@@ -140,7 +139,7 @@ def fused_callables(x, kind):
     b = torch.randn(channels, requires_grad=True, device=x.device)
     rm, rv = torch.zeros(channels, device=x.device), torch.ones(channels, device=x.device)
     xg = x.detach().requires_grad_()
-    residual = (torch.randn_like(x).requires_grad_() if kind == "bn_add_relu" else None)
+    residual = torch.randn_like(x).requires_grad_() if kind == "bn_add_relu" else None
     grad = torch.randn_like(x)
 
     def reference(x, w, b, rm, rv, residual):
@@ -156,11 +155,13 @@ def fused_callables(x, kind):
             torch.autograd.grad(forward(), inputs, grad)
             if x.device.type == "cuda":
                 torch.cuda.synchronize()
+
         return run
 
     return {
-        "custom_bn": step(lambda: ops.batch_norm_relu(xg, w, b, rm, rv, True, 0.1, 1e-5, None,
-                                                      residual)),
+        "custom_bn": step(
+            lambda: ops.batch_norm_relu(xg, w, b, rm, rv, True, 0.1, 1e-5, None, residual)
+        ),
         "torch": step(lambda: reference(xg, w, b, rm, rv, residual)),
         "compile": step(lambda: compiled(xg, w, b, rm, rv, residual)),
     }
@@ -202,7 +203,9 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['device']} {r['op']} {r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows]
+    labels = [
+        f"{r['device']} {r['op']} {r['shape']} {r['layout']} {r['dtype']} {r['mode']}" for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(10, 0.28 * len(rows) + 1.5))
     ys = range(len(rows))
     ax.barh([y + 0.2 for y in ys], [r["vs_torch"] for r in rows], 0.4, label="vs torch eager")
@@ -226,22 +229,35 @@ def main():
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-               f"{torch.get_num_threads()} torch threads, torch {torch.__version__} "
-               f"({torch.backends.cpu.get_cpu_capability()})")
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__} "
+        f"({torch.backends.cpu.get_cpu_capability()})"
+    )
     print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
     print("% copy: of a 256 MB copy (read + write) timed just before the row")
-    header = (f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} {'ours ms':>8s} "
-              f"{'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} {'GB/s':>6s} "
-              f"{'% copy':>6s}")
+    header = (
+        f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} "
+        f"{'ours ms':>8s} {'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} "
+        f"{'GB/s':>6s} {'% copy':>6s}"
+    )
     print(header)
     rows = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     fused_shapes = QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES
-    configs = [(d, shape, layout, "bn", mode) for d in devices for shape, layout in shapes
-               for mode in MODES]
-    configs += [(d, shape, layout, kind, mode) for d in devices for shape, layout in fused_shapes
-                for kind in FUSED_KINDS for mode in FUSED_MODES]
+    configs = [
+        (d, shape, layout, "bn", mode)
+        for d in devices
+        for shape, layout in shapes
+        for mode in MODES
+    ]
+    configs += [
+        (d, shape, layout, kind, mode)
+        for d in devices
+        for shape, layout in fused_shapes
+        for kind in FUSED_KINDS
+        for mode in FUSED_MODES
+    ]
     for device, shape, layout, kind, mode in configs:
         for dtype in (torch.float32, torch.bfloat16):
             bandwidth = copy_bandwidth(5)
@@ -251,32 +267,50 @@ def main():
             passes = passes_over_memory(x, kind, mode)
             gbs = passes * x.numel() * x.element_size() / seconds["custom_bn"] / 1e9
             row = {
-                "device": device, "op": kind, "shape": "x".join(map(str, shape)),
-                "layout": layout, "dtype": str(dtype).replace("torch.", ""), "mode": mode,
-                "ours_ms": 1e3 * seconds["custom_bn"], "torch_ms": 1e3 * seconds["torch"],
+                "device": device,
+                "op": kind,
+                "shape": "x".join(map(str, shape)),
+                "layout": layout,
+                "dtype": str(dtype).replace("torch.", ""),
+                "mode": mode,
+                "ours_ms": 1e3 * seconds["custom_bn"],
+                "torch_ms": 1e3 * seconds["torch"],
                 "compile_ms": 1e3 * seconds["compile"],
                 "vs_torch": seconds["torch"] / seconds["custom_bn"],
                 "vs_compile": seconds["compile"] / seconds["custom_bn"],
-                "gb_per_s": gbs, "copy_gb_per_s": bandwidth, "copy_fraction": gbs / bandwidth,
+                "gb_per_s": gbs,
+                "copy_gb_per_s": bandwidth,
+                "copy_fraction": gbs / bandwidth,
             }
             rows.append(row)
-            print(f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
-                  f"{mode:14s} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
-                  f"{row['compile_ms']:8.2f} {row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x "
-                  f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%", flush=True)
-    for name, selected in (("batch_norm", [r for r in rows if r["op"] == "bn"]),
-                           ("batch_norm_relu", [r for r in rows if r["op"] != "bn"])):
+            print(
+                f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
+                f"{mode:14s} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
+                f"{row['compile_ms']:8.2f} {row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x "
+                f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%",
+                flush=True,
+            )
+    for name, selected in (
+        ("batch_norm", [r for r in rows if r["op"] == "bn"]),
+        ("batch_norm_relu", [r for r in rows if r["op"] != "bn"]),
+    ):
         if not selected:
             continue
-        geo = {k: math.exp(statistics.mean(math.log(r[k]) for r in selected))
-               for k in ("vs_torch", "vs_compile")}
-        print(f"{name}: geometric mean {geo['vs_torch']:.2f}x vs torch eager, "
-              f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
-              f"{min(r['vs_torch'] for r in selected):.2f}x ({len(selected)} rows)")
+        geo = {
+            k: math.exp(statistics.mean(math.log(r[k]) for r in selected))
+            for k in ("vs_torch", "vs_compile")
+        }
+        print(
+            f"{name}: geometric mean {geo['vs_torch']:.2f}x vs torch eager, "
+            f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
+            f"{min(r['vs_torch'] for r in selected):.2f}x ({len(selected)} rows)"
+        )
 
     copies = [r["copy_gb_per_s"] for r in rows]
-    print(f"copy bandwidth: median {statistics.median(copies):.1f} GB/s, "
-          f"{min(copies):.1f} to {max(copies):.1f} over the rows")
+    print(
+        f"copy bandwidth: median {statistics.median(copies):.1f} GB/s, "
+        f"{min(copies):.1f} to {max(copies):.1f} over the rows"
+    )
     with open(args.out_dir / "batch_norm.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

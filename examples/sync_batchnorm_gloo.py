@@ -4,19 +4,24 @@ both ranks. Run: PYTHONPATH=python .venv/bin/python examples/sync_batchnorm_gloo
 import os
 import tempfile
 
+import custom_bn
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import custom_bn
-
 
 def train(rank, world_size, rendezvous):
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world_size)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world_size
+    )
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
-                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.LazyLinear(2),
+    )
     model(torch.randn(1, 3, 8, 8))  # materialise the lazy layer before DDP
     model = custom_bn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = torch.nn.parallel.DistributedDataParallel(model)

@@ -9,12 +9,11 @@ import subprocess
 import sys
 import time
 
+import custom_bn
 import matplotlib
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-
-import custom_bn
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,16 +39,23 @@ def digits_split(seed=0):
 def make_net():
     # The same network as examples/train_digits.cpp.
     return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.MaxPool2d(2), torch.nn.Flatten(), torch.nn.Linear(32 * 4 * 4, 10))
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 4 * 4, 10),
+    )
 
 
 def train_epoch(net, optimizer, data, order, batch_size=64):
     net.train()
     losses = []
     for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         optimizer.zero_grad()
         loss = F.cross_entropy(net(data["x_train"][index]), data["y_train"][index])
         loss.backward()
@@ -65,21 +71,29 @@ def train_python(data, epochs):
     torch.manual_seed(0)
     torch_net = make_net()
     ours_net = custom_bn.convert_batchnorm(copy.deepcopy(torch_net))  # same initialisation
-    optimizers = [torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-                  for net in (torch_net, ours_net)]
+    optimizers = [
+        torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9) for net in (torch_net, ours_net)
+    ]
     rows = []
-    print(f"{'Python':15s} {'epoch':>5s}  {'loss torch':>12s} {'loss ours':>12s}  "
-          f"{'acc torch':>9s} {'acc ours':>9s}")
+    print(
+        f"{'Python':15s} {'epoch':>5s}  {'loss torch':>12s} {'loss ours':>12s}  "
+        f"{'acc torch':>9s} {'acc ours':>9s}"
+    )
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(data["x_train"]))  # the same batches for both
         theirs = train_epoch(torch_net, optimizers[0], data, order)
         ours = train_epoch(ours_net, optimizers[1], data, order)
         rows.append((epoch, theirs[0], ours[0], theirs[1], ours[1]))
-        print(f"{'Python':15s} {epoch:5d}  {theirs[0]:12.6f} {ours[0]:12.6f}  "
-              f"{100 * theirs[1]:8.2f}% {100 * ours[1]:8.2f}%", flush=True)
+        print(
+            f"{'Python':15s} {epoch:5d}  {theirs[0]:12.6f} {ours[0]:12.6f}  "
+            f"{100 * theirs[1]:8.2f}% {100 * ours[1]:8.2f}%",
+            flush=True,
+        )
     loss_diff = max(abs(r[1] - r[2]) for r in rows)
     acc_diff = max(abs(r[3] - r[4]) for r in rows)
-    print(f"{'Python':15s} largest difference: loss {loss_diff:.3g}, accuracy {100 * acc_diff:.3g}%")
+    print(
+        f"{'Python':15s} largest difference: loss {loss_diff:.3g}, accuracy {100 * acc_diff:.3g}%"
+    )
     return rows
 
 
@@ -91,12 +105,16 @@ def train_cpp(binary, data_file, epochs, csv_file):
 
 def plot(results, path):
     fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], results.items()):
+    for ax, (title, rows) in zip(axes[0], results.items(), strict=False):
         epochs = [r[0] for r in rows]
         ax.plot(epochs, [r[1] for r in rows], "o-", label="torch.nn.BatchNorm2d")
         ax.plot(epochs, [r[2] for r in rows], "x--", label="custom_bn.BatchNorm2d")
-        ax.set(title=f"{title}: training loss on 8x8 digits", xlabel="epoch", ylabel="loss",
-               yscale="log")
+        ax.set(
+            title=f"{title}: training loss on 8x8 digits",
+            xlabel="epoch",
+            ylabel="loss",
+            yscale="log",
+        )
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -113,8 +131,10 @@ def main():
     data = digits_split()
     data_file = args.out_dir / "digits.pt"
     torch.save(data, data_file)
-    say(f"digits: {len(data['x_train'])} training and {len(data['x_test'])} test images "
-        f"(scikit-learn's, saved for the C++ program to {data_file})")
+    say(
+        f"digits: {len(data['x_train'])} training and {len(data['x_test'])} test images "
+        f"(scikit-learn's, saved for the C++ program to {data_file})"
+    )
 
     started = time.time()
     say(f"training in Python through torch.ops.custom_bn ({args.epochs} epochs, twice)")
@@ -123,8 +143,9 @@ def main():
 
     started = time.time()
     say("training in the LibTorch C++ example (examples/train_digits.cpp)")
-    results["C++ (LibTorch)"] = train_cpp(args.build_dir / "train_digits", data_file,
-                                          args.epochs, args.out_dir / "cpp_epochs.csv")
+    results["C++ (LibTorch)"] = train_cpp(
+        args.build_dir / "train_digits", data_file, args.epochs, args.out_dir / "cpp_epochs.csv"
+    )
     say(f"C++ done in {time.time() - started:.1f} s")
 
     png = args.out_dir / "loss_curves.png"

@@ -1,12 +1,10 @@
 """Functional interface, as torch.nn.functional."""
 
-from typing import List, Optional
-
 import torch
 from torch import Tensor
 
 
-def _verify_batch_size(size: List[int]) -> None:
+def _verify_batch_size(size: list[int]) -> None:
     values_per_channel = size[0]
     for s in size[2:]:
         values_per_channel *= s
@@ -18,10 +16,10 @@ def _verify_batch_size(size: List[int]) -> None:
 
 def batch_norm(
     input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,

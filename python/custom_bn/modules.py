@@ -1,8 +1,6 @@
 """Drop-ins for torch.nn.BatchNorm{1,2,3}d: same constructor, state_dict and behaviour; the
 forward is one call of torch.ops.custom_bn.batch_norm."""
 
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -11,7 +9,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 class _CustomBatchNorm(_BatchNorm):
     def _state_arguments(
         self,
-    ) -> Tuple[Optional[Tensor], Optional[Tensor], bool, Optional[Tensor]]:
+    ) -> tuple[Tensor | None, Tensor | None, bool, Tensor | None]:
         """(running_mean, running_var, training, num_batches_tracked) for the op."""
         # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics when training or
         # without running stats; the op updates the running stats and num_batches_tracked
@@ -29,9 +27,17 @@ class _CustomBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, running_mean,
-                                              running_var, training, self.momentum, self.eps,
-                                              num_batches_tracked)
+        return torch.ops.custom_bn.batch_norm(
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            training,
+            self.momentum,
+            self.eps,
+            num_batches_tracked,
+        )
 
 
 class BatchNorm1d(_CustomBatchNorm):
@@ -63,12 +69,21 @@ class BatchNormReLU2d(BatchNorm2d):
     one pass forward, one backward, and no activation saved beyond the output. The state is
     BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d)."""
 
-    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm_relu(input, self.weight, self.bias, running_mean,
-                                                   running_var, training, self.momentum,
-                                                   self.eps, num_batches_tracked, residual)
+        return torch.ops.custom_bn.batch_norm_relu(
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            training,
+            self.momentum,
+            self.eps,
+            num_batches_tracked,
+            residual,
+        )
 
 
 _REPLACEMENTS = {

@@ -7,8 +7,6 @@ updates the running stats) -> elementwise normalize. Backward: local (sum_dy, su
 in torch.nn.SyncBatchNorm, so that DistributedDataParallel averages them.
 """
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -19,17 +17,29 @@ ops = torch.ops.custom_bn
 
 class _SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, process_group, world_size):
+    def forward(
+        ctx,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        num_batches_tracked,
+        momentum,
+        eps,
+        process_group,
+        world_size,
+    ):
         count, mean, m2 = ops.batch_norm_stats(input)
         local = torch.cat([count, mean, m2])
         gathered = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(gathered, local, group=process_group)
         stats = torch.stack(gathered)
         channels = mean.numel()
-        counts, means, m2s = stats[:, 0], stats[:, 1:channels + 1], stats[:, channels + 1:]
+        counts, means, m2s = stats[:, 0], stats[:, 1 : channels + 1], stats[:, channels + 1 :]
         mean, invstd = ops.batch_norm_gather_stats_with_counts(
-            means, m2s, counts, running_mean, running_var, num_batches_tracked, momentum, eps)
+            means, m2s, counts, running_mean, running_var, num_batches_tracked, momentum, eps
+        )
         ctx.save_for_backward(input, weight, mean, invstd, counts)
         ctx.process_group = process_group
         return ops.batch_norm_elemt(input, weight, bias, mean, invstd)
@@ -39,14 +49,16 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         input, weight, mean, invstd, counts = ctx.saved_tensors
         input_g, weight_g, bias_g = ctx.needs_input_grad[:3]
         sum_dy, sum_dy_xmu, grad_weight, grad_bias = ops.batch_norm_backward_reduce(
-            grad_output, input, mean, invstd, weight, input_g, weight_g, bias_g)
+            grad_output, input, mean, invstd, weight, input_g, weight_g, bias_g
+        )
         grad_input = None
         if input_g:
             sums = torch.cat([sum_dy, sum_dy_xmu])
             dist.all_reduce(sums, dist.ReduceOp.SUM, group=ctx.process_group)
             sum_dy, sum_dy_xmu = sums.chunk(2)
             grad_input = ops.batch_norm_backward_elemt(
-                grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts)
+                grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, counts
+            )
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
@@ -56,11 +68,20 @@ class SyncBatchNorm(_BatchNorm):
     over gloo as well as CUDA tensors over NCCL. Ranks may hold different batch sizes,
     including none. In eval, or with a single rank, it is the local op."""
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 affine: bool = True, track_running_stats: bool = True,
-                 process_group: Optional[dist.ProcessGroup] = None, device=None, dtype=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
         self.process_group = process_group
 
     def _check_input_dim(self, input):
@@ -83,21 +104,46 @@ class SyncBatchNorm(_BatchNorm):
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
         if world_size == 1:
-            return ops.batch_norm(input, self.weight, self.bias, running_mean, running_var,
-                                  use_batch_stats, self.momentum, self.eps, num_batches_tracked)
+            return ops.batch_norm(
+                input,
+                self.weight,
+                self.bias,
+                running_mean,
+                running_var,
+                use_batch_stats,
+                self.momentum,
+                self.eps,
+                num_batches_tracked,
+            )
         return _SyncBatchNormFunction.apply(
-            input, self.weight, self.bias, running_mean, running_var, num_batches_tracked,
-            self.momentum, self.eps, self.process_group or dist.group.WORLD, world_size)
+            input,
+            self.weight,
+            self.bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            self.momentum,
+            self.eps,
+            self.process_group or dist.group.WORLD,
+            world_size,
+        )
 
     @classmethod
-    def convert_sync_batchnorm(cls, module: torch.nn.Module,
-                               process_group: Optional[dist.ProcessGroup] = None):
+    def convert_sync_batchnorm(
+        cls, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None
+    ):
         """Replaces every BatchNorm layer (torch's or custom_bn's) in `module` by a
         SyncBatchNorm over `process_group`, keeping parameters, buffers and training mode."""
         converted = module
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group)
+            converted = cls(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                process_group,
+            )
             if module.affine:
                 with torch.no_grad():
                     converted.weight = module.weight

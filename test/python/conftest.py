@@ -1,4 +1,4 @@
-import ctypes
+import json
 import os
 import pathlib
 import sys
@@ -15,21 +15,28 @@ def library_path() -> str:
     return os.environ.get("CUSTOM_BN_LIBRARY", str(ROOT / "build" / "libcustom_bn.so"))
 
 
+def cpu_plan(
+    x: torch.Tensor, op: str = "batch_norm_forward", training: bool = True, residual: bool = False
+) -> dict:
+    """What the CPU kernels decide for a call of `op` on x (csrc/cpu/plan.h), as the library
+    itself reports it through its debug op."""
+    return json.loads(torch.ops.custom_bn._cpu_plan(x, op, training, residual))
+
+
 def cache_bytes(level: int = 3) -> int:
-    """The cache size the CPU kernels plan with (csrc/cpu/kernels.h, cache_bytes)."""
-    f = ctypes.CDLL(library_path()).custom_bn_cache_bytes
-    f.restype = ctypes.c_int64
-    return f(level)
+    """The cache size the CPU kernels plan with."""
+    return cpu_plan(torch.empty(1, 1))[f"l{level}_bytes"]
 
 
-def fits_by_channel(x: torch.Tensor, inputs: int) -> bool:
-    """Whether a CPU pass over channels-first x reading `inputs` such tensors goes a channel
-    at a time (csrc/cpu/kernels.h, fits_by_channel)."""
-    f = ctypes.CDLL(library_path()).custom_bn_fits_by_channel
-    f.restype = ctypes.c_bool
-    f.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int64]
-    return f(x.size(0), x.size(1), x.numel() // (x.size(0) * x.size(1)), inputs, x.element_size())
+def goes_by_channel(x: torch.Tensor, op: str) -> bool:
+    """Whether a CPU training call of `op` on x goes a channel at a time."""
+    return cpu_plan(x, op)["channel_at_a_time"]
 
+
+# Tests of layers larger than the last-level cache size them by the cache the plan assumes: a
+# 32 MB one keeps them small on machines with a larger cache (csrc/cpu/plan.h). Spawned
+# processes inherit it.
+os.environ.setdefault("CUSTOM_BN_CACHE_BYTES_L3", str(32 << 20))
 
 # The ops come from the shared library alone: no Python code of ours is involved.
 torch.ops.load_library(library_path())

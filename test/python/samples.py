@@ -2,7 +2,7 @@
 
 import dataclasses
 import itertools
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -59,14 +59,14 @@ def layouts_for(dim: int):
 @dataclasses.dataclass
 class Sample:
     input: torch.Tensor
-    weight: Optional[torch.Tensor]
-    bias: Optional[torch.Tensor]
-    running_mean: Optional[torch.Tensor]
-    running_var: Optional[torch.Tensor]
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
     training: bool
-    momentum: Optional[float]
+    momentum: float | None
     eps: float
-    num_batches_tracked: Optional[torch.Tensor]
+    num_batches_tracked: torch.Tensor | None
 
     def clone(self, requires_grad=False) -> "Sample":
         def copy(t, grad=False):
@@ -88,18 +88,39 @@ class Sample:
         )
 
     def args(self):
-        return (self.input, self.weight, self.bias, self.running_mean, self.running_var,
-                self.training, self.momentum, self.eps, self.num_batches_tracked)
+        return (
+            self.input,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.training,
+            self.momentum,
+            self.eps,
+            self.num_batches_tracked,
+        )
 
     def __repr__(self):
-        return (f"Sample(shape={tuple(self.input.shape)}, stride={self.input.stride()}, "
-                f"dtype={self.input.dtype}, weight={None if self.weight is None else self.weight.dtype}, "
-                f"stats={self.running_mean is not None}, training={self.training}, "
-                f"momentum={self.momentum})")
+        return (
+            f"Sample(shape={tuple(self.input.shape)}, stride={self.input.stride()}, "
+            f"dtype={self.input.dtype}, "
+            f"weight={None if self.weight is None else self.weight.dtype}, "
+            f"stats={self.running_mean is not None}, training={self.training}, "
+            f"momentum={self.momentum})"
+        )
 
 
-def make_sample(shape, dtype_name="float32", layout="contiguous", training=True, affine=True,
-                running_stats=True, momentum=0.1, eps=1e-5, device="cpu") -> Sample:
+def make_sample(
+    shape,
+    dtype_name="float32",
+    layout="contiguous",
+    training=True,
+    affine=True,
+    running_stats=True,
+    momentum=0.1,
+    eps=1e-5,
+    device="cpu",
+) -> Sample:
     input_dtype, param_dtype = DTYPES[dtype_name]
     channels = shape[1]
     x = make_input(shape, input_dtype, layout, device)
@@ -127,12 +148,22 @@ def all_samples(device="cpu", dims=(2, 3, 4, 5), dtype_names=tuple(DTYPES)) -> I
                     continue  # an error, tested on its own
                 if momentum is None and not (training and running_stats):
                     continue  # momentum only matters when running stats are updated
-                kwargs = dict(shape=SHAPES[dim], dtype_name=dtype_name, layout=layout,
-                              training=training, affine=affine, running_stats=running_stats,
-                              momentum=momentum, device=device)
-                name = (f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}"
-                        f"-{'affine' if affine else 'noaffine'}-{'stats' if running_stats else 'nostats'}"
-                        f"-m{momentum}")
+                kwargs = dict(
+                    shape=SHAPES[dim],
+                    dtype_name=dtype_name,
+                    layout=layout,
+                    training=training,
+                    affine=affine,
+                    running_stats=running_stats,
+                    momentum=momentum,
+                    device=device,
+                )
+                name = (
+                    f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}"
+                    f"-{'affine' if affine else 'noaffine'}"
+                    f"-{'stats' if running_stats else 'nostats'}"
+                    f"-m{momentum}"
+                )
                 yield name, kwargs
 
 
@@ -143,8 +174,17 @@ def reference_batch_norm(s: Sample) -> torch.Tensor:
         s.num_batches_tracked.add_(1)
         if momentum is None:
             momentum = 1.0 / float(s.num_batches_tracked)
-    return torch.batch_norm(s.input, s.weight, s.bias, s.running_mean, s.running_var,
-                            s.training, momentum if momentum is not None else 0.0, s.eps, False)
+    return torch.batch_norm(
+        s.input,
+        s.weight,
+        s.bias,
+        s.running_mean,
+        s.running_var,
+        s.training,
+        momentum if momentum is not None else 0.0,
+        s.eps,
+        False,
+    )
 
 
 def assert_matches_torch(sample: Sample):
@@ -170,16 +210,29 @@ def assert_matches_torch(sample: Sample):
     if reduced and ours.weight is not None:
         # Per-channel sums of many products: in bfloat16/float16 torch's own sums are off by
         # more than an ulp when the terms cancel, so those compare with float64 torch.
-        wide = Sample(*(t.detach().double().requires_grad_(i < 3) if t is not None else None
-                        for i, t in enumerate((sample.input, sample.weight, sample.bias,
-                                               sample.running_mean, sample.running_var))),
-                      sample.training, sample.momentum, sample.eps,
-                      None if sample.num_batches_tracked is None
-                      else sample.num_batches_tracked.clone())
+        wide = Sample(
+            *(
+                t.detach().double().requires_grad_(i < 3) if t is not None else None
+                for i, t in enumerate(
+                    (
+                        sample.input,
+                        sample.weight,
+                        sample.bias,
+                        sample.running_mean,
+                        sample.running_var,
+                    )
+                )
+            ),
+            sample.training,
+            sample.momentum,
+            sample.eps,
+            None if sample.num_batches_tracked is None else sample.num_batches_tracked.clone(),
+        )
         reference_batch_norm(wide).backward(grad.double())
         ref = wide
     for name in ("weight", "bias"):
         if getattr(ours, name) is not None:
             expected_grad = getattr(ref, name).grad.to(getattr(ours, name).dtype)
-            torch.testing.assert_close(getattr(ours, name).grad, expected_grad,
-                                       rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+            torch.testing.assert_close(
+                getattr(ours, name).grad, expected_grad, rtol=tol["rtol"] * 4, atol=tol["atol"] * 4
+            )

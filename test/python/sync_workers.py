@@ -3,22 +3,25 @@
 import copy
 import datetime
 
+import custom_bn
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-import custom_bn
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
 def init(rank, world_size, init_file, backend):
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
 
 
-def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="gloo",
-           device="cpu"):
+def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="gloo", device="cpu"):
     """Several steps of SyncBatchNorm on this rank's slice against custom_bn.BatchNorm2d on
     the whole batch: outputs, input grads, summed weight/bias grads, running stats, eval."""
     init(rank, world_size, init_file, backend)
@@ -61,7 +64,11 @@ def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="g
                 ours.grad, reference.grad = None, None
             torch.testing.assert_close(sync.running_mean, whole.running_mean, **TOLERANCE)
             torch.testing.assert_close(sync.running_var, whole.running_var, **TOLERANCE)
-            assert sync.num_batches_tracked.item() == whole.num_batches_tracked.item() == min(step + 1, 3)
+            assert (
+                sync.num_batches_tracked.item()
+                == whole.num_batches_tracked.item()
+                == min(step + 1, 3)
+            )
     finally:
         dist.destroy_process_group()
 
@@ -70,10 +77,16 @@ class SmallCNN(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.body = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 6, 3, padding=1), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
-            torch.nn.Conv2d(6, 8, 3, padding=1), torch.nn.BatchNorm2d(8, momentum=None),
-            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-            torch.nn.Linear(8, 3))
+            torch.nn.Conv2d(1, 6, 3, padding=1),
+            torch.nn.BatchNorm2d(6),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(6, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8, momentum=None),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(8, 3),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -95,12 +108,16 @@ def ddp_training(rank, world_size, init_file, backend="gloo", device="cpu"):
             x = torch.randn(per_rank * world_size, 1, 6, 6, device=device)
             y = torch.randint(0, 3, (per_rank * world_size,), device=device)
             mine = slice(rank * per_rank, (rank + 1) * per_rank)
-            for net, optimizer, inputs, targets in ((ddp, optimizers[0], x[mine], y[mine]),
-                                                    (whole, optimizers[1], x, y)):
+            for net, optimizer, inputs, targets in (
+                (ddp, optimizers[0], x[mine], y[mine]),
+                (whole, optimizers[1], x, y),
+            ):
                 optimizer.zero_grad()
                 F.cross_entropy(net(inputs), targets).backward()
                 optimizer.step()
-        for (name, a), (_, b) in zip(synced.state_dict().items(), whole.state_dict().items()):
+        for (name, a), (_, b) in zip(
+            synced.state_dict().items(), whole.state_dict().items(), strict=False
+        ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
     finally:
         dist.destroy_process_group()

@@ -84,32 +84,41 @@ def test_results_do_not_depend_on_thread_count(layout):
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
-        for a, b in zip(results[0], other):
+        for a, b in zip(results[0], other, strict=False):
             assert torch.equal(a, b)
 
 
 def test_eval_does_not_touch_running_stats_or_counter():
     sample = make_sample((4, 3, 5), training=False)
-    before = [t.clone() for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)]
+    before = [
+        t.clone() for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)
+    ]
     ops.batch_norm(*sample.args())
-    for a, b in zip(before, (sample.running_mean, sample.running_var, sample.num_batches_tracked)):
+    for a, b in zip(
+        before, (sample.running_mean, sample.running_var, sample.num_batches_tracked), strict=False
+    ):
         assert torch.equal(a, b)
 
 
 def test_version_counters_of_written_stats_are_bumped():
     sample = make_sample((4, 3, 5))
-    versions = [t._version for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)]
+    versions = [
+        t._version for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)
+    ]
     ops.batch_norm(*sample.args())
-    after = [t._version for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)]
-    assert all(b > a for a, b in zip(versions, after))
+    after = [
+        t._version for t in (sample.running_mean, sample.running_var, sample.num_batches_tracked)
+    ]
+    assert all(b > a for a, b in zip(versions, after, strict=False))
 
 
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_gradcheck_and_gradgradcheck(training, affine, layout):
-    sample = make_sample((3, 2, 3, 2), dtype_name="float64", layout=layout, training=training,
-                         affine=affine)
+    sample = make_sample(
+        (3, 2, 3, 2), dtype_name="float64", layout=layout, training=training, affine=affine
+    )
     x = sample.input.requires_grad_()
     params = [p.requires_grad_() for p in (sample.weight, sample.bias) if p is not None]
 

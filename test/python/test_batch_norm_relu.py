@@ -8,11 +8,18 @@ gradients against torch's backward of grad_output masked by our output.
 import copy
 import itertools
 
+import custom_bn
 import pytest
 import torch
-from samples import DTYPES, SHAPES, layouts_for, make_input, make_sample, reference_batch_norm, tolerance
-
-import custom_bn
+from samples import (
+    DTYPES,
+    SHAPES,
+    layouts_for,
+    make_input,
+    make_sample,
+    reference_batch_norm,
+    tolerance,
+)
 
 ops = torch.ops.custom_bn
 
@@ -22,13 +29,30 @@ def fused_cases():
         for layout, dtype_name, training, with_residual in itertools.product(
             layouts_for(dim), DTYPES, (True, False), (True, False)
         ):
-            yield (f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}-"
-                   f"{'residual' if with_residual else 'noresidual'}",
-                   dict(dim=dim, layout=layout, dtype_name=dtype_name, training=training,
-                        with_residual=with_residual, affine=True))
+            yield (
+                f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}-"
+                f"{'residual' if with_residual else 'noresidual'}",
+                dict(
+                    dim=dim,
+                    layout=layout,
+                    dtype_name=dtype_name,
+                    training=training,
+                    with_residual=with_residual,
+                    affine=True,
+                ),
+            )
         for layout in layouts_for(dim):
-            yield (f"{dim}d-{layout}-bare", dict(dim=dim, layout=layout, dtype_name="float32",
-                                                 training=True, with_residual=True, affine=False))
+            yield (
+                f"{dim}d-{layout}-bare",
+                dict(
+                    dim=dim,
+                    layout=layout,
+                    dtype_name="float32",
+                    training=True,
+                    with_residual=True,
+                    affine=False,
+                ),
+            )
 
 
 CASES = list(fused_cases())
@@ -39,17 +63,25 @@ def widened(sample):
     for name in ("input", "weight", "bias", "running_mean", "running_var"):
         t = getattr(sample, name)
         if t is not None:
-            setattr(wide, name, t.detach().double().requires_grad_(name in ("input", "weight", "bias")))
+            setattr(
+                wide, name, t.detach().double().requires_grad_(name in ("input", "weight", "bias"))
+            )
     return wide
 
 
 @pytest.mark.parametrize("case", [c for _, c in CASES], ids=[n for n, _ in CASES])
 def test_parity_with_torch_bn_add_relu(case):
     shape = SHAPES[case["dim"]]
-    sample = make_sample(shape, case["dtype_name"], case["layout"], training=case["training"],
-                         affine=case["affine"], running_stats=case["affine"] or not case["training"])
+    sample = make_sample(
+        shape,
+        case["dtype_name"],
+        case["layout"],
+        training=case["training"],
+        affine=case["affine"],
+        running_stats=case["affine"] or not case["training"],
+    )
     dtype = sample.input.dtype
-    residual = (make_input(shape, dtype, case["layout"]) if case["with_residual"] else None)
+    residual = make_input(shape, dtype, case["layout"]) if case["with_residual"] else None
     tol = tolerance(dtype)
 
     ours, ref = sample.clone(requires_grad=True), sample.clone(requires_grad=True)
@@ -72,8 +104,9 @@ def test_parity_with_torch_bn_add_relu(case):
     pre_activation = reference_batch_norm(wide)
     if wide_residual is not None:
         pre_activation = pre_activation + wide_residual
-    torch.testing.assert_close(out, torch.relu(pre_activation).to(dtype) if reduced else expected,
-                               **tol)
+    torch.testing.assert_close(
+        out, torch.relu(pre_activation).to(dtype) if reduced else expected, **tol
+    )
     clear = pre_activation.detach().abs() > 8 * tol["atol"]
     assert torch.equal((out > 0)[clear], (pre_activation > 0)[clear]), "ReLU mask"
 
@@ -93,8 +126,9 @@ def test_parity_with_torch_bn_add_relu(case):
     for name in ("weight", "bias"):
         if getattr(ours, name) is not None:
             expected_grad = getattr(reference, name).grad.to(getattr(ours, name).dtype)
-            torch.testing.assert_close(getattr(ours, name).grad, expected_grad,
-                                       rtol=tol["rtol"] * 4, atol=tol["atol"] * 4)
+            torch.testing.assert_close(
+                getattr(ours, name).grad, expected_grad, rtol=tol["rtol"] * 4, atol=tol["atol"] * 4
+            )
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -107,8 +141,18 @@ def test_gradcheck_and_gradgradcheck(training, with_residual):
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
 
     def fn(x, w, b, *residual):
-        return ops.batch_norm_relu(x, w, b, rm.clone(), rv.clone(), training, 0.1, 1e-5, None,
-                                   residual[0] if residual else None)
+        return ops.batch_norm_relu(
+            x,
+            w,
+            b,
+            rm.clone(),
+            rv.clone(),
+            training,
+            0.1,
+            1e-5,
+            None,
+            residual[0] if residual else None,
+        )
 
     inputs = (x, w, b) + ((r,) if with_residual else ())
     assert torch.autograd.gradcheck(fn, inputs)
@@ -155,23 +199,48 @@ OPCHECK_SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs,with_residual", [(k, r) for _, k, r in OPCHECK_SAMPLES],
-                         ids=[n for n, _, _ in OPCHECK_SAMPLES])
+@pytest.mark.parametrize(
+    "kwargs,with_residual",
+    [(k, r) for _, k, r in OPCHECK_SAMPLES],
+    ids=[n for n, _, _ in OPCHECK_SAMPLES],
+)
 def test_opcheck(kwargs, with_residual):
     s = make_sample(**kwargs)
     residual = torch.randn_like(s.input) if with_residual else None
     grad_sample = s.clone(requires_grad=True)
     torch.library.opcheck(ops.batch_norm_relu, (*grad_sample.args(), residual))
-    forward_args = (s.input, s.weight, s.bias, s.running_mean, s.running_var,
-                    s.num_batches_tracked, residual, s.training, s.momentum, s.eps)
+    forward_args = (
+        s.input,
+        s.weight,
+        s.bias,
+        s.running_mean,
+        s.running_var,
+        s.num_batches_tracked,
+        residual,
+        s.training,
+        s.momentum,
+        s.eps,
+    )
     torch.library.opcheck(ops.batch_norm_relu_forward, forward_args)
     out, save_mean, save_invstd = ops.batch_norm_relu_forward(*forward_args)
     grad = torch.randn_like(out)
-    for mask in ([True, True, True, True], [True, False, False, False],
-                 [False, True, True, True]):
-        torch.library.opcheck(ops.batch_norm_relu_backward,
-                              (grad, out, s.input, s.weight, s.running_mean, s.running_var,
-                               save_mean, save_invstd, s.training, s.eps, mask))
+    for mask in ([True, True, True, True], [True, False, False, False], [False, True, True, True]):
+        torch.library.opcheck(
+            ops.batch_norm_relu_backward,
+            (
+                grad,
+                out,
+                s.input,
+                s.weight,
+                s.running_mean,
+                s.running_var,
+                save_mean,
+                save_invstd,
+                s.training,
+                s.eps,
+                mask,
+            ),
+        )
 
 
 class ResidualBlock(torch.nn.Module):

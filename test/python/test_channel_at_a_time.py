@@ -1,19 +1,17 @@
 """Training on channels-first inputs larger than the last-level cache whose channels fit in
-L2: the CPU kernels then take one channel at a time (csrc/cpu/kernels.h, fits_by_channel).
+L2: the CPU kernels then take one channel at a time (CpuPlan::channel_at_a_time, csrc/cpu/plan.h).
 Each case is held to torch in float64, and to the two-kernel path (the stage ops, which always
 take it): bit for bit where both evaluate the same expressions. With a residual the ops keep
 to the two-kernel path (it measured faster); those cases hold it to the same checks."""
 
+import custom_bn  # noqa: F401  (loads the ops)
 import pytest
 import torch
-
-import custom_bn  # noqa: F401  (loads the ops)
-from conftest import cache_bytes, fits_by_channel
+from conftest import cache_bytes, cpu_plan, goes_by_channel
 
 ops = torch.ops.custom_bn
 EPS = 1e-5
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
-
 
 
 def large_input(batch, per_channel_shape, dtype):
@@ -60,10 +58,11 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype):
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     rm, rv = torch.zeros(channels), torch.ones(channels)
     grad = torch.randn_like(x)
-    assert fits_by_channel(x, 1) and fits_by_channel(x, 2)
+    assert goes_by_channel(x, "batch_norm_forward") and goes_by_channel(x, "batch_norm_backward")
     out, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, None, True, 0.1, EPS)
-    dx, dw, db = ops.batch_norm_backward(grad, x, w, None, None, mean, invstd, True, EPS,
-                                         [True, True, True])
+    dx, dw, db = ops.batch_norm_backward(
+        grad, x, w, None, None, mean, invstd, True, EPS, [True, True, True]
+    )
 
     tol = TOLERANCE[dtype]
     expected_out, expected_dx, expected_dw, expected_db = reference(x, w, b, grad)
@@ -72,38 +71,47 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype):
     # Sums over a channel's values: a few float ulps of the largest partial sum.
     torch.testing.assert_close(dw.double(), expected_dw, rtol=tol * 10, atol=tol * 10)
     torch.testing.assert_close(db.double(), expected_db, rtol=tol * 10, atol=tol * 10)
-    torch.testing.assert_close(rm, 0.1 * x.double().mean((0, *range(2, x.dim()))).float(),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        rm, 0.1 * x.double().mean((0, *range(2, x.dim()))).float(), rtol=1e-4, atol=1e-5
+    )
 
     # The two-kernel path: statistics, then the elementwise pass; sums, then the gradient.
     _, stats_mean, m2 = ops.batch_norm_stats(x)
     assert torch.equal(stats_mean, mean)
     merged_mean, merged_invstd = ops.batch_norm_gather_stats_with_counts(
-        stats_mean.unsqueeze(0), m2.unsqueeze(0), count_of(x), None, None, None, 0.1, EPS)
+        stats_mean.unsqueeze(0), m2.unsqueeze(0), count_of(x), None, None, None, 0.1, EPS
+    )
     assert torch.equal(merged_invstd, invstd)
     assert torch.equal(ops.batch_norm_elemt(x, w, b, merged_mean, merged_invstd), out)
-    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(grad, x, mean, invstd, w, True,
-                                                                True, True)
+    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(
+        grad, x, mean, invstd, w, True, True, True
+    )
     assert torch.equal(gw, dw) and torch.equal(gb, db)
     assert torch.equal(
-        ops.batch_norm_backward_elemt(grad, x, mean, invstd, w, sum_dy, sum_dy_xmu, count_of(x)),
-        dx)
+        ops.batch_norm_backward_elemt(grad, x, mean, invstd, w, sum_dy, sum_dy_xmu, count_of(x)), dx
+    )
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("batch,shape,dtype", CASES)
-def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dtype,
-                                                               with_residual):
+def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dtype, with_residual):
     x = large_input(batch, shape, dtype)
     channels = x.size(1)
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     residual = torch.randn_like(x) if with_residual else None
     grad = torch.randn_like(x)
-    assert fits_by_channel(x, 1) and fits_by_channel(x, 3)
-    out, mean, invstd = ops.batch_norm_relu_forward(x, w, b, None, None, None, residual, True,
-                                                    0.1, EPS)
-    dx, dw, db, dr = ops.batch_norm_relu_backward(grad, out, x, w, None, None, mean, invstd,
-                                                  True, EPS, [True, True, True, with_residual])
+    plan = cpu_plan(x, "batch_norm_relu_forward", residual=with_residual)
+    assert plan["channel_at_a_time"] != with_residual
+    assert (
+        goes_by_channel(x, "batch_norm_relu_backward")
+        and not cpu_plan(x, "batch_norm_relu_backward", residual=True)["channel_at_a_time"]
+    )
+    out, mean, invstd = ops.batch_norm_relu_forward(
+        x, w, b, None, None, None, residual, True, 0.1, EPS
+    )
+    dx, dw, db, dr = ops.batch_norm_relu_backward(
+        grad, out, x, w, None, None, mean, invstd, True, EPS, [True, True, True, with_residual]
+    )
 
     tol = TOLERANCE[dtype]
     expected_out, expected_dx, expected_dw, expected_db = reference(x, w, b, grad, True, residual)
@@ -114,12 +122,15 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dty
     agrees = same_mask.transpose(0, 1).reshape(channels, -1).all(1)
     assert agrees.float().mean() > 0.9
     in_agreeing = agrees.view(1, -1, *[1] * (x.dim() - 2)).expand_as(x)
-    torch.testing.assert_close(dx.double()[in_agreeing],
-                               expected_dx.to(dtype).double()[in_agreeing], rtol=tol, atol=tol)
-    torch.testing.assert_close(dw.double()[agrees], expected_dw[agrees], rtol=tol * 10,
-                               atol=tol * 10)
-    torch.testing.assert_close(db.double()[agrees], expected_db[agrees], rtol=tol * 10,
-                               atol=tol * 10)
+    torch.testing.assert_close(
+        dx.double()[in_agreeing], expected_dx.to(dtype).double()[in_agreeing], rtol=tol, atol=tol
+    )
+    torch.testing.assert_close(
+        dw.double()[agrees], expected_dw[agrees], rtol=tol * 10, atol=tol * 10
+    )
+    torch.testing.assert_close(
+        db.double()[agrees], expected_db[agrees], rtol=tol * 10, atol=tol * 10
+    )
 
     # The two-kernel path, with ReLU's gradient applied first: bit for bit.
     masked = torch.where(out > 0, grad, torch.zeros_like(grad))
@@ -129,15 +140,25 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dty
         assert dr is None
         assert torch.equal(ops.batch_norm_stats(x)[1], mean)
         _, merged_invstd = ops.batch_norm_gather_stats_with_counts(
-            mean.unsqueeze(0), ops.batch_norm_stats(x)[2].unsqueeze(0), count_of(x), None, None,
-            None, 0.1, EPS)
+            mean.unsqueeze(0),
+            ops.batch_norm_stats(x)[2].unsqueeze(0),
+            count_of(x),
+            None,
+            None,
+            None,
+            0.1,
+            EPS,
+        )
         assert torch.equal(ops.batch_norm_elemt(x, w, b, mean, merged_invstd).relu(), out)
-    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(masked, x, mean, invstd, w, True,
-                                                                True, True)
+    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(
+        masked, x, mean, invstd, w, True, True, True
+    )
     assert torch.equal(gw, dw) and torch.equal(gb, db)
     # The input gradient through a different expression (the mask inside it, where the
     # compiler may fuse multiply-adds differently): equal up to float rounding.
     torch.testing.assert_close(
-        ops.batch_norm_backward_elemt(masked, x, mean, invstd, w, sum_dy, sum_dy_xmu,
-                                      count_of(x)),
-        dx, rtol=tol, atol=tol)
+        ops.batch_norm_backward_elemt(masked, x, mean, invstd, w, sum_dy, sum_dy_xmu, count_of(x)),
+        dx,
+        rtol=tol,
+        atol=tol,
+    )

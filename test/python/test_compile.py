@@ -18,8 +18,17 @@ def test_compiled_training_steps_match_eager(backend, layout):
     weight_c = sample.weight.detach().clone().requires_grad_()
 
     def step(x, w, state):
-        y = ops.batch_norm(x, w, state.bias, state.running_mean, state.running_var, True, None,
-                           1e-5, state.num_batches_tracked)
+        y = ops.batch_norm(
+            x,
+            w,
+            state.bias,
+            state.running_mean,
+            state.running_var,
+            True,
+            None,
+            1e-5,
+            state.num_batches_tracked,
+        )
         return torch.relu(y).square().sum()
 
     compiled_step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
@@ -41,8 +50,9 @@ def test_compiled_eval_with_dynamic_shapes():
     sample = make_sample((4, 3, 5), training=False)
 
     def fn(x):
-        return ops.batch_norm(x, sample.weight, sample.bias, sample.running_mean,
-                              sample.running_var, False, 0.1, 1e-5)
+        return ops.batch_norm(
+            x, sample.weight, sample.bias, sample.running_mean, sample.running_var, False, 0.1, 1e-5
+        )
 
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=True)
     for n in (4, 7, 9):

@@ -1,16 +1,15 @@
 """Every CPU kernel variant, not only the widest this CPU runs: the parity suites again in a
 process that CUSTOM_BN_CPU_CAPABILITY points at the baseline (SSE2) and AVX2 kernels."""
 
-import ctypes
 import os
 import pathlib
 import subprocess
 import sys
 
-import pytest
-from conftest import ROOT
-
 import custom_bn
+import pytest
+import torch
+from conftest import ROOT, cpu_plan
 
 HERE = pathlib.Path(__file__).parent
 
@@ -34,26 +33,34 @@ SUPPORTED = {
 
 
 def environment(capability):
-    return dict(os.environ, CUSTOM_BN_CPU_CAPABILITY=capability,
-                PYTHONPATH=str(ROOT / "python"), CUSTOM_BN_LIBRARY=custom_bn.library_path())
+    return dict(
+        os.environ,
+        CUSTOM_BN_CPU_CAPABILITY=capability,
+        PYTHONPATH=str(ROOT / "python"),
+        CUSTOM_BN_LIBRARY=custom_bn.library_path(),
+    )
 
 
 def capability_in_subprocess(capability) -> str:
-    script = ("import ctypes, custom_bn\n"
-              "f = ctypes.CDLL(custom_bn.library_path()).custom_bn_cpu_capability\n"
-              "f.restype = ctypes.c_char_p\n"
-              "print(f().decode())\n")
-    result = subprocess.run([sys.executable, "-c", script], env=environment(capability),
-                            capture_output=True, text=True, check=True)
+    script = (
+        "import json, torch, custom_bn\n"
+        "plan = torch.ops.custom_bn._cpu_plan(torch.empty(2, 3), 'batch_norm_forward')\n"
+        "print(json.loads(plan)['capability'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment(capability),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return result.stdout.strip()
 
 
 def test_this_process_runs_the_widest_variant():
-    f = ctypes.CDLL(custom_bn.library_path()).custom_bn_cpu_capability
-    f.restype = ctypes.c_char_p
     widest = "avx512" if SUPPORTED["avx512"] else "avx2" if SUPPORTED["avx2"] else "default"
     expected = os.environ.get("CUSTOM_BN_CPU_CAPABILITY") or widest
-    assert f().decode() == expected
+    assert cpu_plan(torch.empty(2, 3))["capability"] == expected
 
 
 @pytest.mark.parametrize("capability", ["default", "avx2"])
@@ -62,11 +69,26 @@ def test_parity_suites_pass_on_variant(capability):
         pytest.skip(f"this CPU cannot run the {capability} kernels")
     assert capability_in_subprocess(capability) == capability
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         str(HERE / "test_batch_norm.py"), str(HERE / "test_batch_norm_relu.py"),
-         str(HERE / "test_stage_ops.py"), str(HERE / "test_result_memory.py"),
-         str(HERE / "test_channel_at_a_time.py"), "-k",
-         "not compile"],
-        env=environment(capability), capture_output=True, text=True, cwd=ROOT)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            str(HERE / "test_batch_norm.py"),
+            str(HERE / "test_batch_norm_relu.py"),
+            str(HERE / "test_stage_ops.py"),
+            str(HERE / "test_cpu_plan.py"),
+            str(HERE / "test_channel_at_a_time.py"),
+            "-k",
+            "not compile",
+        ],
+        env=environment(capability),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout

@@ -9,8 +9,11 @@ ops = torch.ops.custom_bn
 pytestmark = pytest.mark.cuda
 
 
-@pytest.mark.parametrize("kwargs", [k for _, k in all_samples(device="cuda")],
-                         ids=[n for n, _ in all_samples(device="cuda")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [k for _, k in all_samples(device="cuda")],
+    ids=[n for n, _ in all_samples(device="cuda")],
+)
 def test_parity_with_torch_on_cuda(kwargs):
     assert_matches_torch(make_sample(**kwargs))
 
@@ -28,14 +31,19 @@ def test_stage_ops_on_cuda_match_the_cpu():
     x = torch.randn(6, 5, 4, 4) * 2 + 1
     cpu = ops.batch_norm_stats(x)
     gpu = ops.batch_norm_stats(x.cuda())
-    for a, b in zip(cpu, gpu):
+    for a, b in zip(cpu, gpu, strict=False):
         torch.testing.assert_close(b.cpu(), a, rtol=1e-5, atol=1e-5)
     count, mean, m2 = gpu
-    merged = ops.batch_norm_gather_stats_with_counts(mean[None], m2[None], count, None, None,
-                                                     None, 0.1, 1e-5)
+    merged = ops.batch_norm_gather_stats_with_counts(
+        mean[None], m2[None], count, None, None, None, 0.1, 1e-5
+    )
     out = ops.batch_norm_elemt(x.cuda(), None, None, *merged)
-    torch.testing.assert_close(out.cpu(), torch.batch_norm(x, None, None, None, None, True, 0.1,
-                                                           1e-5, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.cpu(),
+        torch.batch_norm(x, None, None, None, None, True, 0.1, 1e-5, False),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
@@ -49,25 +57,63 @@ def test_batch_norm_relu_on_cuda_matches_the_cpu(layout, dtype_name, training):
     cpu, gpu = s.clone(), s.clone()
     for name in ("input", "weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         setattr(gpu, name, getattr(gpu, name).cuda())
-    fwd_cpu = ops.batch_norm_relu_forward(cpu.input, cpu.weight, cpu.bias, cpu.running_mean,
-                                          cpu.running_var, cpu.num_batches_tracked, residual,
-                                          training, 0.1, 1e-5)
-    fwd_gpu = ops.batch_norm_relu_forward(gpu.input, gpu.weight, gpu.bias, gpu.running_mean,
-                                          gpu.running_var, gpu.num_batches_tracked,
-                                          residual.cuda(), training, 0.1, 1e-5)
+    fwd_cpu = ops.batch_norm_relu_forward(
+        cpu.input,
+        cpu.weight,
+        cpu.bias,
+        cpu.running_mean,
+        cpu.running_var,
+        cpu.num_batches_tracked,
+        residual,
+        training,
+        0.1,
+        1e-5,
+    )
+    fwd_gpu = ops.batch_norm_relu_forward(
+        gpu.input,
+        gpu.weight,
+        gpu.bias,
+        gpu.running_mean,
+        gpu.running_var,
+        gpu.num_batches_tracked,
+        residual.cuda(),
+        training,
+        0.1,
+        1e-5,
+    )
     tol = {"rtol": 3e-2, "atol": 3e-2} if "bfloat16" in dtype_name else {}
-    for a, b in zip(fwd_cpu, fwd_gpu):
+    for a, b in zip(fwd_cpu, fwd_gpu, strict=False):
         torch.testing.assert_close(b.cpu(), a, **tol)
     assert fwd_gpu[0].stride() == fwd_cpu[0].stride()
     torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var, **tol)
     out = fwd_gpu[0].cpu()
     grad = torch.randn_like(out)
     mask = [True, True, True, True]
-    back_cpu = ops.batch_norm_relu_backward(grad, out, cpu.input, cpu.weight, cpu.running_mean,
-                                            cpu.running_var, fwd_cpu[1], fwd_cpu[2], training,
-                                            1e-5, mask)
-    back_gpu = ops.batch_norm_relu_backward(grad.cuda(), fwd_gpu[0], gpu.input, gpu.weight,
-                                            gpu.running_mean, gpu.running_var, fwd_gpu[1],
-                                            fwd_gpu[2], training, 1e-5, mask)
-    for a, b in zip(back_cpu, back_gpu):
+    back_cpu = ops.batch_norm_relu_backward(
+        grad,
+        out,
+        cpu.input,
+        cpu.weight,
+        cpu.running_mean,
+        cpu.running_var,
+        fwd_cpu[1],
+        fwd_cpu[2],
+        training,
+        1e-5,
+        mask,
+    )
+    back_gpu = ops.batch_norm_relu_backward(
+        grad.cuda(),
+        fwd_gpu[0],
+        gpu.input,
+        gpu.weight,
+        gpu.running_mean,
+        gpu.running_var,
+        fwd_gpu[1],
+        fwd_gpu[2],
+        training,
+        1e-5,
+        mask,
+    )
+    for a, b in zip(back_cpu, back_gpu, strict=False):
         torch.testing.assert_close(b.cpu(), a, **tol)

@@ -13,38 +13,83 @@ def state_of(s):
 
 CASES = {
     # name: (mutation of a valid sample, error type, words the message must contain)
-    "1d-input": (lambda s: setattr(s, "input", torch.randn(5)), RuntimeError,
-                 ["input", "at least 2 dimensions", "[5]"]),
-    "integer-input": (lambda s: setattr(s, "input", torch.ones(4, 3, dtype=torch.long)),
-                      NotImplementedError, ["input", "float32", "Long"]),
-    "weight-size": (lambda s: setattr(s, "weight", torch.ones(4)), RuntimeError,
-                    ["weight", "3 elements", "[4]"]),
-    "bias-size": (lambda s: setattr(s, "bias", torch.ones(2)), RuntimeError,
-                  ["bias", "3 elements", "[2]"]),
-    "running-mean-size": (lambda s: setattr(s, "running_mean", torch.zeros(5)), RuntimeError,
-                          ["running_mean", "3 elements", "[5]"]),
-    "running-var-size": (lambda s: setattr(s, "running_var", torch.ones(1)), RuntimeError,
-                         ["running_var", "3 elements", "[1]"]),
-    "only-running-mean": (lambda s: setattr(s, "running_var", None), ValueError,
-                          ["running_mean", "running_var", "both"]),
-    "weight-dtype": (lambda s: setattr(s, "weight", torch.ones(3, dtype=torch.float64)),
-                     RuntimeError, ["weight", "Float", "Double"]),
-    "mixed-param-dtypes": (lambda s: (setattr(s, "input", s.input.bfloat16()),
-                                      setattr(s, "weight", s.weight.bfloat16())),
-                           RuntimeError, ["BFloat16", "Float"]),
-    "weight-on-meta": (lambda s: setattr(s, "weight", torch.ones(3, device="meta")),
-                       RuntimeError, ["weight", "device", "meta"]),
-    "one-value-per-channel": (lambda s: setattr(s, "input", torch.randn(1, 3)), ValueError,
-                              ["Expected more than 1 value per channel when training", "[1, 3]"]),
-    "eval-without-stats": (lambda s: (setattr(s, "training", False),
-                                      setattr(s, "running_mean", None),
-                                      setattr(s, "running_var", None)),
-                           RuntimeError, ["running_mean must be defined in evaluation mode"]),
-    "momentum-none-without-counter": (lambda s: (setattr(s, "momentum", None),
-                                                 setattr(s, "num_batches_tracked", None)),
-                                      RuntimeError, ["momentum=None", "num_batches_tracked"]),
-    "counter-dtype": (lambda s: setattr(s, "num_batches_tracked", torch.tensor(0.0)),
-                      RuntimeError, ["num_batches_tracked", "int64", "Float"]),
+    "1d-input": (
+        lambda s: setattr(s, "input", torch.randn(5)),
+        RuntimeError,
+        ["input", "at least 2 dimensions", "[5]"],
+    ),
+    "integer-input": (
+        lambda s: setattr(s, "input", torch.ones(4, 3, dtype=torch.long)),
+        NotImplementedError,
+        ["input", "float32", "Long"],
+    ),
+    "weight-size": (
+        lambda s: setattr(s, "weight", torch.ones(4)),
+        RuntimeError,
+        ["weight", "3 elements", "[4]"],
+    ),
+    "bias-size": (
+        lambda s: setattr(s, "bias", torch.ones(2)),
+        RuntimeError,
+        ["bias", "3 elements", "[2]"],
+    ),
+    "running-mean-size": (
+        lambda s: setattr(s, "running_mean", torch.zeros(5)),
+        RuntimeError,
+        ["running_mean", "3 elements", "[5]"],
+    ),
+    "running-var-size": (
+        lambda s: setattr(s, "running_var", torch.ones(1)),
+        RuntimeError,
+        ["running_var", "3 elements", "[1]"],
+    ),
+    "only-running-mean": (
+        lambda s: setattr(s, "running_var", None),
+        ValueError,
+        ["running_mean", "running_var", "both"],
+    ),
+    "weight-dtype": (
+        lambda s: setattr(s, "weight", torch.ones(3, dtype=torch.float64)),
+        RuntimeError,
+        ["weight", "Float", "Double"],
+    ),
+    "mixed-param-dtypes": (
+        lambda s: (
+            setattr(s, "input", s.input.bfloat16()),
+            setattr(s, "weight", s.weight.bfloat16()),
+        ),
+        RuntimeError,
+        ["BFloat16", "Float"],
+    ),
+    "weight-on-meta": (
+        lambda s: setattr(s, "weight", torch.ones(3, device="meta")),
+        RuntimeError,
+        ["weight", "device", "meta"],
+    ),
+    "one-value-per-channel": (
+        lambda s: setattr(s, "input", torch.randn(1, 3)),
+        ValueError,
+        ["Expected more than 1 value per channel when training", "[1, 3]"],
+    ),
+    "eval-without-stats": (
+        lambda s: (
+            setattr(s, "training", False),
+            setattr(s, "running_mean", None),
+            setattr(s, "running_var", None),
+        ),
+        RuntimeError,
+        ["running_mean must be defined in evaluation mode"],
+    ),
+    "momentum-none-without-counter": (
+        lambda s: (setattr(s, "momentum", None), setattr(s, "num_batches_tracked", None)),
+        RuntimeError,
+        ["momentum=None", "num_batches_tracked"],
+    ),
+    "counter-dtype": (
+        lambda s: setattr(s, "num_batches_tracked", torch.tensor(0.0)),
+        RuntimeError,
+        ["num_batches_tracked", "int64", "Float"],
+    ),
 }
 
 
@@ -53,17 +98,33 @@ def test_bad_call_raises_and_mutates_nothing(name):
     mutate, error, words = CASES[name]
     s = make_sample((4, 3, 5))
     mutate(s)
-    before = [t.clone() if t is not None else None
-              for t in (s.running_mean, s.running_var, s.num_batches_tracked)]
+    before = [
+        t.clone() if t is not None else None
+        for t in (s.running_mean, s.running_var, s.num_batches_tracked)
+    ]
     for op in ("batch_norm", "batch_norm_forward"):
-        args = s.args() if op == "batch_norm" else (
-            s.input, s.weight, s.bias, s.running_mean, s.running_var, s.num_batches_tracked,
-            s.training, s.momentum, s.eps)
+        args = (
+            s.args()
+            if op == "batch_norm"
+            else (
+                s.input,
+                s.weight,
+                s.bias,
+                s.running_mean,
+                s.running_var,
+                s.num_batches_tracked,
+                s.training,
+                s.momentum,
+                s.eps,
+            )
+        )
         with pytest.raises(error) as info:
             getattr(ops, op)(*args)
         for word in words:
             assert word in str(info.value), f"{word!r} not in {info.value}"
-        for old, new in zip(before, (s.running_mean, s.running_var, s.num_batches_tracked)):
+        for old, new in zip(
+            before, (s.running_mean, s.running_var, s.num_batches_tracked), strict=False
+        ):
             if old is not None:
                 assert torch.equal(old, new)
 
@@ -72,31 +133,59 @@ def test_backward_checks_grad_output_shape():
     s = make_sample((4, 3, 5))
     _, mean, invstd = ops.batch_norm_forward(s.input, None, None, None, None, None, True, 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="grad_output.*shape"):
-        ops.batch_norm_backward(torch.randn(4, 3, 6), s.input, None, None, None, mean, invstd,
-                                True, 1e-5, [True, True, True])
+        ops.batch_norm_backward(
+            torch.randn(4, 3, 6),
+            s.input,
+            None,
+            None,
+            None,
+            mean,
+            invstd,
+            True,
+            1e-5,
+            [True, True, True],
+        )
     with pytest.raises(RuntimeError, match="save_mean.*3 elements"):
-        ops.batch_norm_backward(torch.randn(4, 3, 5), s.input, None, None, None, mean[:2], invstd,
-                                True, 1e-5, [True, True, True])
+        ops.batch_norm_backward(
+            torch.randn(4, 3, 5),
+            s.input,
+            None,
+            None,
+            None,
+            mean[:2],
+            invstd,
+            True,
+            1e-5,
+            [True, True, True],
+        )
 
 
 def test_gather_checks_shapes_and_mutates_nothing():
     rm, rv, nbt = torch.zeros(3), torch.ones(3), torch.tensor(0)
     with pytest.raises(RuntimeError, match="counts with 2 elements"):
-        ops.batch_norm_gather_stats_with_counts(torch.zeros(2, 3), torch.ones(2, 3),
-                                                torch.ones(3), rm, rv, nbt, 0.1, 1e-5)
+        ops.batch_norm_gather_stats_with_counts(
+            torch.zeros(2, 3), torch.ones(2, 3), torch.ones(3), rm, rv, nbt, 0.1, 1e-5
+        )
     with pytest.raises(RuntimeError, match="m2 of the shape of mean"):
-        ops.batch_norm_gather_stats_with_counts(torch.zeros(2, 3), torch.ones(2, 4),
-                                                torch.ones(2), rm, rv, nbt, 0.1, 1e-5)
+        ops.batch_norm_gather_stats_with_counts(
+            torch.zeros(2, 3), torch.ones(2, 4), torch.ones(2), rm, rv, nbt, 0.1, 1e-5
+        )
     assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3)) and nbt.item() == 0
 
 
 def test_no_strange_input_crashes():
     """Odd shapes, strides and dtypes either work or raise; none may crash the process."""
     odd_inputs = [
-        torch.randn(3, 0, 4), torch.randn(2, 3, 0), torch.randn(5, 1), torch.randn(2, 3).expand(4, 2, 3),
-        torch.randn(1, 3, 1, 1).expand(4, 3, 2, 2), torch.randn(4, 3, 5).flip(2),
-        torch.randn(4, 6, 5)[:, ::2].transpose(0, 2), torch.tensor([[1.0, float("nan")], [2.0, float("inf")]]),
-        torch.randn(4, 3, dtype=torch.complex64), torch.ones(4, 3, dtype=torch.bool),
+        torch.randn(3, 0, 4),
+        torch.randn(2, 3, 0),
+        torch.randn(5, 1),
+        torch.randn(2, 3).expand(4, 2, 3),
+        torch.randn(1, 3, 1, 1).expand(4, 3, 2, 2),
+        torch.randn(4, 3, 5).flip(2),
+        torch.randn(4, 6, 5)[:, ::2].transpose(0, 2),
+        torch.tensor([[1.0, float("nan")], [2.0, float("inf")]]),
+        torch.randn(4, 3, dtype=torch.complex64),
+        torch.ones(4, 3, dtype=torch.bool),
     ]
     for x in odd_inputs:
         c = x.shape[1] if x.dim() > 1 else 1
@@ -112,18 +201,36 @@ def test_no_strange_input_crashes():
 X = torch.randn(4, 3, 5)
 TYPE_CASES = {
     "1-D input": (torch.randn(5), torch.zeros(5), torch.ones(5), None, None, True),
-    "integer input": (torch.ones(4, 3, dtype=torch.long), torch.zeros(3), torch.ones(3), None,
-                      None, True),
+    "integer input": (
+        torch.ones(4, 3, dtype=torch.long),
+        torch.zeros(3),
+        torch.ones(3),
+        None,
+        None,
+        True,
+    ),
     "weight size": (X, torch.zeros(3), torch.ones(3), torch.ones(4), None, True),
     "bias size": (X, torch.zeros(3), torch.ones(3), None, torch.ones(2), True),
     "running_mean size": (X, torch.zeros(5), torch.ones(3), None, None, True),
     "only running_mean": (X, torch.zeros(3), None, None, None, True),
-    "weight dtype": (X, torch.zeros(3), torch.ones(3), torch.ones(3, dtype=torch.float64), None,
-                     True),
+    "weight dtype": (
+        X,
+        torch.zeros(3),
+        torch.ones(3),
+        torch.ones(3, dtype=torch.float64),
+        None,
+        True,
+    ),
     "one value per channel": (torch.randn(1, 3), None, None, None, None, True),
     "eval without stats": (X, None, None, None, None, False),
-    "weight on another device": (X, torch.zeros(3), torch.ones(3), torch.ones(3, device="meta"),
-                                 None, True),
+    "weight on another device": (
+        X,
+        torch.zeros(3),
+        torch.ones(3),
+        torch.ones(3, device="meta"),
+        None,
+        True,
+    ),
 }
 
 
@@ -143,8 +250,10 @@ def test_error_types_match_torch(name):
     assert isinstance(ours.value, type(theirs.value)), f"{ours.value!r} vs torch's {theirs.value!r}"
 
 
-@pytest.mark.parametrize("module, shape", [("BatchNorm1d", (4, 3, 2)), ("BatchNorm2d", (4, 3, 2, 2)),
-                                           ("BatchNorm3d", (4, 3, 2, 2, 2))])
+@pytest.mark.parametrize(
+    "module, shape",
+    [("BatchNorm1d", (4, 3, 2)), ("BatchNorm2d", (4, 3, 2, 2)), ("BatchNorm3d", (4, 3, 2, 2, 2))],
+)
 def test_module_errors_match_torch(module, shape):
     import custom_bn
 

@@ -34,15 +34,36 @@ def test_batch_norm(sample):
 @pytest.mark.parametrize("sample", [s for _, s in SAMPLES], ids=[n for n, _ in SAMPLES])
 def test_forward_and_backward(sample):
     s = sample.clone()
-    forward_args = (s.input, s.weight, s.bias, s.running_mean, s.running_var,
-                    s.num_batches_tracked, s.training, s.momentum, s.eps)
+    forward_args = (
+        s.input,
+        s.weight,
+        s.bias,
+        s.running_mean,
+        s.running_var,
+        s.num_batches_tracked,
+        s.training,
+        s.momentum,
+        s.eps,
+    )
     torch.library.opcheck(ops.batch_norm_forward, forward_args)
     _, save_mean, save_invstd = ops.batch_norm_forward(*forward_args)
     grad = torch.randn_like(s.input)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
-        torch.library.opcheck(ops.batch_norm_backward,
-                              (grad, s.input, s.weight, s.running_mean, s.running_var, save_mean,
-                               save_invstd, s.training, s.eps, mask))
+        torch.library.opcheck(
+            ops.batch_norm_backward,
+            (
+                grad,
+                s.input,
+                s.weight,
+                s.running_mean,
+                s.running_var,
+                save_mean,
+                save_invstd,
+                s.training,
+                s.eps,
+                mask,
+            ),
+        )
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -55,21 +76,47 @@ def test_stage_ops(layout, dtype_name):
     ranks_mean = torch.stack([mean, mean + 1])
     ranks_m2 = torch.stack([m2, m2 * 2])
     counts = torch.cat([count, count + 3])
-    torch.library.opcheck(ops.batch_norm_gather_stats_with_counts,
-                          (ranks_mean, ranks_m2, counts, s.running_mean, s.running_var,
-                           s.num_batches_tracked, 0.1, 1e-5))
-    torch.library.opcheck(ops.batch_norm_gather_stats_with_counts,
-                          (ranks_mean, ranks_m2, counts, None, None, None, None, 1e-5))
-    mean, invstd = ops.batch_norm_gather_stats_with_counts(ranks_mean, ranks_m2, counts, None,
-                                                           None, None, 0.1, 1e-5)
+    torch.library.opcheck(
+        ops.batch_norm_gather_stats_with_counts,
+        (
+            ranks_mean,
+            ranks_m2,
+            counts,
+            s.running_mean,
+            s.running_var,
+            s.num_batches_tracked,
+            0.1,
+            1e-5,
+        ),
+    )
+    torch.library.opcheck(
+        ops.batch_norm_gather_stats_with_counts,
+        (ranks_mean, ranks_m2, counts, None, None, None, None, 1e-5),
+    )
+    mean, invstd = ops.batch_norm_gather_stats_with_counts(
+        ranks_mean, ranks_m2, counts, None, None, None, 0.1, 1e-5
+    )
     torch.library.opcheck(ops.batch_norm_elemt, (x, s.weight, s.bias, mean, invstd))
     grad = torch.randn_like(x)
-    torch.library.opcheck(ops.batch_norm_backward_reduce,
-                          (grad, x, mean, invstd, s.weight, True, True, True))
-    torch.library.opcheck(ops.batch_norm_backward_reduce,
-                          (grad, x, mean, invstd, s.weight, False, True, False))
-    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(grad, x, mean, invstd, s.weight,
-                                                              True, False, False)
-    torch.library.opcheck(ops.batch_norm_backward_elemt,
-                          (grad, x, mean, invstd, s.weight, sum_dy, sum_dy_xmu,
-                           torch.tensor([50, 25], dtype=torch.int32)))
+    torch.library.opcheck(
+        ops.batch_norm_backward_reduce, (grad, x, mean, invstd, s.weight, True, True, True)
+    )
+    torch.library.opcheck(
+        ops.batch_norm_backward_reduce, (grad, x, mean, invstd, s.weight, False, True, False)
+    )
+    sum_dy, sum_dy_xmu, _, _ = ops.batch_norm_backward_reduce(
+        grad, x, mean, invstd, s.weight, True, False, False
+    )
+    torch.library.opcheck(
+        ops.batch_norm_backward_elemt,
+        (
+            grad,
+            x,
+            mean,
+            invstd,
+            s.weight,
+            sum_dy,
+            sum_dy_xmu,
+            torch.tensor([50, 25], dtype=torch.int32),
+        ),
+    )

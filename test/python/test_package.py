@@ -7,12 +7,11 @@ import shutil
 import subprocess
 import sys
 
+import custom_bn  # noqa: E402  (conftest puts python/ on the path)
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ROOT
-
-import custom_bn  # noqa: E402  (conftest puts python/ on the path)
 
 TORCH_MODULES = {1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
 OUR_MODULES = {1: custom_bn.BatchNorm1d, 2: custom_bn.BatchNorm2d, 3: custom_bn.BatchNorm3d}
@@ -33,7 +32,13 @@ def make_pair(d, **options):
 @pytest.mark.parametrize("d", [1, 2, 3])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"momentum": None}, {"affine": False}, {"track_running_stats": False}, {"momentum": 0.5, "eps": 1e-3}],
+    [
+        {},
+        {"momentum": None},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"momentum": 0.5, "eps": 1e-3},
+    ],
     ids=["default", "momentum-none", "no-affine", "untracked", "momentum-eps"],
 )
 def test_modules_train_like_torch(d, options):
@@ -53,9 +58,11 @@ def test_modules_train_like_torch(d, options):
             y1.backward(g), y2.backward(g)
             torch.testing.assert_close(x1.grad, x2.grad)
         ours.train(), theirs.train()
-    for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+    for (name, a), (_, b) in zip(
+        ours.state_dict().items(), theirs.state_dict().items(), strict=False
+    ):
         torch.testing.assert_close(a, b, msg=name)
-    for a, b in zip(ours.parameters(), theirs.parameters()):
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=False):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
 
 
@@ -92,24 +99,37 @@ def test_functional_matches_torch():
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(rm, rm2)
     torch.testing.assert_close(rv, rv2)
-    torch.testing.assert_close(custom_bn.functional.batch_norm(x, rm, rv),
-                               F.batch_norm(x, rm2, rv2))
+    torch.testing.assert_close(
+        custom_bn.functional.batch_norm(x, rm, rv), F.batch_norm(x, rm2, rv2)
+    )
     with pytest.raises(ValueError) as ours_error:
         custom_bn.functional.batch_norm(torch.randn(1, 4), None, None, training=True)
     with pytest.raises(ValueError) as torch_error:
         F.batch_norm(torch.randn(1, 4), None, None, training=True)
-    assert str(ours_error.value) == str(torch_error.value).replace("torch.Size(", "").replace(")", "")
+    assert str(ours_error.value) == str(torch_error.value).replace("torch.Size(", "").replace(
+        ")", ""
+    )
 
 
 class SmallNet(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16, momentum=None),
-            torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten())
-        self.head = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
-                                        torch.nn.ReLU(), torch.nn.Linear(32, 3))
+            torch.nn.Conv2d(1, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 16, 3, padding=1),
+            torch.nn.BatchNorm2d(16, momentum=None),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+        )
+        self.head = torch.nn.Sequential(
+            torch.nn.Linear(64, 32),
+            torch.nn.BatchNorm1d(32),
+            torch.nn.ReLU(),
+            torch.nn.Linear(32, 3),
+        )
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -135,14 +155,18 @@ def test_convert_batchnorm_keeps_state_and_trains_in_lockstep():
     assert custom_bn.BatchNorm2d in kinds and custom_bn.BatchNorm1d in kinds
     assert torch.nn.BatchNorm2d not in kinds and torch.nn.BatchNorm1d not in kinds
     assert converted.features[4].momentum is None
-    for (k1, v1), (k2, v2) in zip(original.state_dict().items(), converted.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        original.state_dict().items(), converted.state_dict().items(), strict=False
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
 
     batches = [(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))) for _ in range(6)]
     losses_original = train_steps(original, batches)
     losses_converted = train_steps(converted, batches)
     torch.testing.assert_close(losses_converted, losses_original, rtol=1e-4, atol=1e-5)
-    for (k1, v1), (_, v2) in zip(original.state_dict().items(), converted.state_dict().items()):
+    for (k1, v1), (_, v2) in zip(
+        original.state_dict().items(), converted.state_dict().items(), strict=False
+    ):
         torch.testing.assert_close(v2, v1, rtol=1e-4, atol=1e-5, msg=k1)
     original.eval(), converted.eval()
     x = torch.randn(5, 1, 6, 6)
@@ -167,7 +191,9 @@ def test_compile_fullgraph_with_momentum_none_matches_eager():
     losses_eager = train_steps(eager, batches)
     losses_compiled = train_steps(compiled, batches)
     torch.testing.assert_close(losses_compiled, losses_eager, rtol=1e-4, atol=1e-5)
-    for (k, v1), (_, v2) in zip(eager.state_dict().items(), compiled_model.state_dict().items()):
+    for (k, v1), (_, v2) in zip(
+        eager.state_dict().items(), compiled_model.state_dict().items(), strict=False
+    ):
         torch.testing.assert_close(v2, v1, rtol=1e-4, atol=1e-5, msg=k)
     assert compiled_model.features[4].num_batches_tracked.item() == 4
 
@@ -183,8 +209,9 @@ def test_torch_jit_script():
 
 def run_import(env_library):
     env = dict(os.environ, CUSTOM_BN_LIBRARY=env_library, PYTHONPATH=str(ROOT / "python"))
-    return subprocess.run([sys.executable, "-c", "import custom_bn"], env=env,
-                          capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-c", "import custom_bn"], env=env, capture_output=True, text=True
+    )
 
 
 def test_import_fails_clearly_without_the_library(tmp_path):

@@ -11,10 +11,12 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from samples import DTYPES, TOLERANCES, Sample, reference_batch_norm
 
-settings.register_profile("ci", max_examples=300, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
-settings.register_profile("thorough", max_examples=5000, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "ci", max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "thorough", max_examples=5000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 settings.load_profile(os.environ.get("CUSTOM_BN_HYPOTHESIS_PROFILE", "ci"))
 
 ops = torch.ops.custom_bn
@@ -63,15 +65,22 @@ def inputs(draw):
 def samples(draw):
     x = draw(inputs())
     input_dtype = x.dtype
-    param_dtype = draw(st.sampled_from(
-        [input_dtype, torch.float32] if input_dtype in (torch.bfloat16, torch.float16)
-        else [input_dtype]))
+    param_dtype = draw(
+        st.sampled_from(
+            [input_dtype, torch.float32]
+            if input_dtype in (torch.bfloat16, torch.float16)
+            else [input_dtype]
+        )
+    )
     channels = x.shape[1]
     training = draw(st.booleans())
     running_stats = draw(st.booleans()) or not training
     affine = draw(st.booleans())
-    momentum = draw(st.one_of(st.none(), st.floats(0.0, 1.0))) if training and running_stats \
+    momentum = (
+        draw(st.one_of(st.none(), st.floats(0.0, 1.0)))
+        if training and running_stats
         else draw(st.floats(0.0, 1.0))
+    )
     eps = draw(st.floats(1e-6, 1e-1))
     weight = bias = rm = rv = nbt = None
     if affine:
@@ -105,7 +114,8 @@ def assert_close(actual, exact, same_dtype, dtype, what):
     theirs = (same_dtype.double() - exact).abs().max().item()
     assert ours <= 2 * theirs or is_close_scaled(actual, same_dtype, dtype), (
         f"{what}: max abs difference from float64 {ours:.3g}, torch's own {theirs:.3g}, "
-        f"largest magnitude {exact.abs().max().item():.3g}")
+        f"largest magnitude {exact.abs().max().item():.3g}"
+    )
 
 
 def assert_param_grads_close(ours, exact, same, dtype):
@@ -113,9 +123,13 @@ def assert_param_grads_close(ours, exact, same, dtype):
     per-channel sums over many products, so float32 gets float16's tolerance: a few ulps more."""
     for name in ("weight", "bias"):
         if getattr(ours, name) is not None:
-            assert_close(getattr(ours, name).grad, getattr(exact, name).grad,
-                         getattr(same, name).grad,
-                         torch.float16 if dtype == torch.float32 else dtype, f"grad {name}")
+            assert_close(
+                getattr(ours, name).grad,
+                getattr(exact, name).grad,
+                getattr(same, name).grad,
+                torch.float16 if dtype == torch.float32 else dtype,
+                f"grad {name}",
+            )
 
 
 def reference_sample(sample, dtype):
@@ -132,15 +146,23 @@ def reference_sample(sample, dtype):
         t = t.detach().clone(memory_format=torch.contiguous_format)
         return (t if dtype is None else t.to(dtype)).requires_grad_(grad)
 
-    return Sample(copy(sample.input, True), copy(sample.weight, True), copy(sample.bias, True),
-                  copy(sample.running_mean, False), copy(sample.running_var, False),
-                  sample.training, sample.momentum, sample.eps,
-                  None if sample.num_batches_tracked is None else sample.num_batches_tracked.clone())
+    return Sample(
+        copy(sample.input, True),
+        copy(sample.weight, True),
+        copy(sample.bias, True),
+        copy(sample.running_mean, False),
+        copy(sample.running_var, False),
+        sample.training,
+        sample.momentum,
+        sample.eps,
+        None if sample.num_batches_tracked is None else sample.num_batches_tracked.clone(),
+    )
 
 
 @given(samples())
 def test_randomized_parity_with_torch(sample):
-    note(f"{sample!r}, eps={sample.eps}, params={None if sample.weight is None else sample.weight.dtype}")
+    params = None if sample.weight is None else sample.weight.dtype
+    note(f"{sample!r}, eps={sample.eps}, params={params}")
     values_per_channel = sample.input.numel() // sample.input.shape[1]
     if sample.training and values_per_channel == 1:
         before = sample.clone()
@@ -159,7 +181,9 @@ def test_randomized_parity_with_torch(sample):
     assert_close(out, outputs["exact"], outputs["same"], dtype, "output")
     for name in ("running_mean", "running_var"):
         if getattr(ours, name) is not None:
-            assert_close(getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name)
+            assert_close(
+                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name
+            )
     if ours.num_batches_tracked is not None:
         assert ours.num_batches_tracked.item() == exact.num_batches_tracked.item()
 
@@ -200,7 +224,9 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     assert_close(out, torch.relu(pre_exact), torch.relu(pre_same), dtype, "output")
     for name in ("running_mean", "running_var"):
         if getattr(ours, name) is not None:
-            assert_close(getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name)
+            assert_close(
+                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name
+            )
 
     if out.numel() > 0:
         rtol, atol = TOLERANCES[dtype]

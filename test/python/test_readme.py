@@ -15,8 +15,9 @@ SNIPPETS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), 
 def test_readme_snippet_runs(snippet):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
     prelude = "import torch\n" if "import torch" not in snippet else ""
-    result = subprocess.run([sys.executable, "-c", prelude + snippet], cwd=ROOT, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + snippet], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -1,21 +1,21 @@
 """Large CPU results: CUSTOM_BN_RESULT_CACHE_MB, the cache of freed large results
-(csrc/cpu/result_memory.h), where results stay right with the cache off and a malformed
-setting is a clear error; and results larger than the last-level cache, written with
-non-temporal stores."""
+(csrc/cpu/result_memory.h): results stay right with the cache off, the plan puts large results
+in the cache only while it is on, and a malformed setting is a clear error."""
 
 import os
 import subprocess
 import sys
 
+import custom_bn
 import pytest
 import torch
-
-import custom_bn
-from conftest import ROOT, cache_bytes
+from conftest import ROOT, cpu_plan
 
 # Batch norm of a 16 MB input (above the 8 MB the cache starts at), twice, against torch.
 SCRIPT = """
-import torch, custom_bn
+import json, torch, custom_bn
+print(json.loads(torch.ops.custom_bn._cpu_plan(torch.empty(8, 32, 128, 128), "batch_norm_forward"))
+      ["result_memory"])
 for _ in range(2):
     x = torch.randn(8, 32, 128, 128)
     w, b = torch.rand(32), torch.randn(32)
@@ -26,96 +26,28 @@ print("ok")
 
 
 def run_with(cache_mb):
-    env = dict(os.environ, CUSTOM_BN_RESULT_CACHE_MB=cache_mb, PYTHONPATH=str(ROOT / "python"),
-               CUSTOM_BN_LIBRARY=custom_bn.library_path())
-    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
-                          text=True)
+    env = dict(
+        os.environ,
+        CUSTOM_BN_RESULT_CACHE_MB=cache_mb,
+        PYTHONPATH=str(ROOT / "python"),
+        CUSTOM_BN_LIBRARY=custom_bn.library_path(),
+    )
+    return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
 
 
-def test_results_are_right_with_the_cache_off():
-    result = run_with("0")
+@pytest.mark.parametrize("cache_mb,memory", [("0", "torch_allocator"), ("64", "result_cache")])
+def test_results_are_right_with_the_cache_on_and_off(cache_mb, memory):
+    result = run_with(cache_mb)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "ok"
+    assert result.stdout.split() == [memory, "ok"]
+
+
+def test_small_results_come_from_torchs_allocator():
+    plan = cpu_plan(torch.empty(8, 32, 16, 16))
+    assert plan["result_memory"] == "torch_allocator"
 
 
 def test_malformed_cache_size_names_the_variable():
     result = run_with("lots")
     assert result.returncode != 0
     assert "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got 'lots'" in result.stderr
-
-
-
-@pytest.mark.parametrize("dtype,memory_format,channels,spatial", [
-    (torch.float32, torch.contiguous_format, 32, 16),  # runs of 1 KB: streamed
-    (torch.float32, torch.contiguous_format, 32, 14),  # runs of 784 bytes: streamed flat
-    (torch.bfloat16, torch.channels_last, 64, 8),
-    (torch.float16, torch.contiguous_format, 16, 32),
-])
-def test_results_larger_than_the_cache_are_right(dtype, memory_format, channels, spatial):
-    """Results larger than the last-level cache are written with non-temporal stores
-    (csrc/cpu/kernels.cpp: streams_result, map_first_flat). Eval mode, so each sample's expected values follow
-    from it alone: the first, a middle and the last sample are checked in float64."""
-    per_sample = channels * spatial * spatial * torch.finfo(dtype).bits // 8
-    n = -(-cache_bytes() * 5 // 4 // per_sample)
-    x = torch.randn(n, channels, spatial, spatial).to(dtype).contiguous(memory_format=memory_format)
-    w, b = torch.rand(channels), torch.randn(channels)
-    rm, rv = torch.randn(channels), torch.rand(channels) + 0.5
-    xg = x.clone().requires_grad_()
-    grad = torch.randn_like(x)
-    out = torch.ops.custom_bn.batch_norm(xg, w, b, rm, rv, False, 0.1, 1e-5)
-    (dx,) = torch.autograd.grad(out, xg, grad)
-    fused = torch.ops.custom_bn.batch_norm_relu(x, w, b, rm, rv, False, 0.1, 1e-5)
-    scale = (w.double() / (rv.double() + 1e-5).sqrt()).view(1, -1, 1, 1)
-    tol = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}[dtype]
-    for i in (0, n // 2, n - 1):
-        expected = (x[i:i + 1].double() - rm.double().view(1, -1, 1, 1)) * scale \
-            + b.double().view(1, -1, 1, 1)
-        torch.testing.assert_close(out[i:i + 1], expected.to(dtype), rtol=tol, atol=tol)
-        torch.testing.assert_close(dx[i:i + 1], (grad[i:i + 1].double() * scale).to(dtype),
-                                   rtol=tol, atol=tol)
-        torch.testing.assert_close(fused[i:i + 1], expected.relu().to(dtype), rtol=tol, atol=tol)
-
-
-@pytest.mark.parametrize("dtype,spatial,cache_fraction", [
-    (torch.float32, (14, 14), 5 / 8),  # runs of 196 values (784 bytes), streamed
-    (torch.float32, (5, 7), 5 / 8),    # runs of 35: a boundary in most pairs of vectors
-    (torch.bfloat16, (28, 28), 5 / 8),  # 1568 bytes
-    (torch.float16, (11, 13), 5 / 8),
-    (torch.float32, (7, 7), 1 / 8),    # in cache: regular stores
-    (torch.bfloat16, (28, 28), 1 / 8),
-])
-def test_runs_that_are_not_whole_vectors_are_walked_flat_bitwise_right(dtype, spatial,
-                                                                      cache_fraction):
-    """Channels-first maps whose (n, c) runs are not whole vectors walk the tensor as one flat
-    array of aligned pairs of vectors (csrc/cpu/kernels.cpp, map_first_flat), streamed where
-    the pass exceeds the last-level cache; a pair that straddles two runs takes each lane's
-    parameters from its own channel. In eval mode every value must equal, bit for bit, the
-    same op on the channels-last copy of the input (walked row by row, by other code, with
-    the same per-lane arithmetic): the output, the input gradient, and the fused op's with a
-    residual."""
-    channels = 32  # channels-last rows of whole vector pairs: no scalar tail
-    per_sample = channels * spatial[0] * spatial[1] * torch.finfo(dtype).bits // 8
-    n = -(-int(cache_bytes() * cache_fraction) // per_sample)
-    x = (torch.randn(n, channels, *spatial) * 2 + 0.5).to(dtype)
-    residual, grad = torch.randn_like(x), torch.randn_like(x)
-    w, b = torch.rand(channels) + 0.5, torch.randn(channels)
-    rm, rv = torch.randn(channels), torch.rand(channels) + 0.5
-    ops = torch.ops.custom_bn
-
-    def elementwise_results(x, residual, grad):
-        xg = x.clone().requires_grad_()
-        (dx,) = torch.autograd.grad(ops.batch_norm(xg, w, b, rm, rv, False, 0.1, 1e-5), xg, grad)
-        rg = residual.clone().requires_grad_()
-        fused = ops.batch_norm_relu(xg, w, b, rm, rv, False, 0.1, 1e-5, None, rg)
-        fused_dx, fused_dr = torch.autograd.grad(fused, (xg, rg), grad)
-        return ops.batch_norm(x, w, b, rm, rv, False, 0.1, 1e-5), dx, fused, fused_dx, fused_dr
-
-    flat = elementwise_results(x, residual, grad)
-    last = torch.channels_last
-    by_rows = elementwise_results(x.contiguous(memory_format=last),
-                                  residual.contiguous(memory_format=last),
-                                  grad.contiguous(memory_format=last))
-    for name, result, reference in zip(("output", "grad_input", "fused", "fused grad_input",
-                                        "fused grad_residual"), flat, by_rows):
-        assert result.is_contiguous() and reference.is_contiguous(memory_format=last), name
-        assert torch.equal(result, reference), name

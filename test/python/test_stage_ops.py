@@ -34,8 +34,15 @@ def test_split_batch_matches_whole_batch(split, momentum):
     stats = [ops.batch_norm_stats(p) for p in parts]
     counts = torch.cat([s[0] for s in stats])
     mean, invstd = ops.batch_norm_gather_stats_with_counts(
-        torch.stack([s[1] for s in stats]), torch.stack([s[2] for s in stats]), counts,
-        rm, rv, nbt, momentum, 1e-5)
+        torch.stack([s[1] for s in stats]),
+        torch.stack([s[2] for s in stats]),
+        counts,
+        rm,
+        rv,
+        nbt,
+        momentum,
+        1e-5,
+    )
     out = torch.cat([ops.batch_norm_elemt(p, w, b, mean, invstd) for p in parts])
 
     ref_nbt.add_(1)
@@ -50,16 +57,22 @@ def test_split_batch_matches_whole_batch(split, momentum):
     grad = torch.randn_like(x)
     ref.backward(grad)
     grads = torch.split(grad, list(split))
-    reduced = [ops.batch_norm_backward_reduce(g, p, mean, invstd, w, True, True, True)
-               for g, p in zip(grads, parts)]
+    reduced = [
+        ops.batch_norm_backward_reduce(g, p, mean, invstd, w, True, True, True)
+        for g, p in zip(grads, parts, strict=False)
+    ]
     sum_dy = sum(r[0] for r in reduced)
     sum_dy_xmu = sum(r[1] for r in reduced)
     torch.testing.assert_close(sum(r[2] for r in reduced), wr.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(sum(r[3] for r in reduced), br.grad, rtol=1e-4, atol=1e-4)
-    grad_input = torch.cat([
-        ops.batch_norm_backward_elemt(g, p, mean, invstd, w, sum_dy, sum_dy_xmu,
-                                      counts.to(torch.int32))
-        for g, p in zip(grads, parts)])
+    grad_input = torch.cat(
+        [
+            ops.batch_norm_backward_elemt(
+                g, p, mean, invstd, w, sum_dy, sum_dy_xmu, counts.to(torch.int32)
+            )
+            for g, p in zip(grads, parts, strict=False)
+        ]
+    )
     torch.testing.assert_close(grad_input, xr.grad, **tolerance(torch.float32))
 
 
@@ -67,7 +80,8 @@ def test_backward_reduce_masks_give_none():
     x, g = torch.randn(4, 3, 5), torch.randn(4, 3, 5)
     _, mean, m2 = ops.batch_norm_stats(x)
     invstd = torch.rsqrt(m2 / 20 + 1e-5)
-    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(g, x, mean, invstd, None,
-                                                                False, True, False)
+    sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(
+        g, x, mean, invstd, None, False, True, False
+    )
     assert sum_dy is None and sum_dy_xmu is None and gb is None
     assert gw.shape == (3,)

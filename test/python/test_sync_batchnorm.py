@@ -1,6 +1,7 @@
 """custom_bn.SyncBatchNorm across 2-3 processes on loopback (gloo), against one process
 running custom_bn's BatchNorm on the concatenated batch."""
 
+import custom_bn
 import pytest
 import sync_workers
 import torch
@@ -8,15 +9,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import ROOT  # noqa: F401  (loads the library in this process)
 
-import custom_bn
-
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(),
+    reason="torch.distributed with gloo is not available",
+)
 
 
 def spawn(fn, world_size, *args, tmp_path):
-    mp.spawn(fn, args=(world_size, str(tmp_path / "rendezvous"), *args), nprocs=world_size,
-             join=True)
+    mp.spawn(
+        fn, args=(world_size, str(tmp_path / "rendezvous"), *args), nprocs=world_size, join=True
+    )
 
 
 @pytest.mark.parametrize(
@@ -76,8 +78,13 @@ def test_readme_example_runs():
     import sys
 
     env = dict(os.environ, PYTHONPATH=str(ROOT / "python"))
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "sync_batchnorm_gloo.py")],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "sync_batchnorm_gloo.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     # The two processes share stdout: their lines may interleave.
     means = re.findall(r"running_mean\[:3\] (\[[^\]]*\])", result.stdout)
