@@ -2,7 +2,7 @@
 // (include/custom_bn/ops.h); declaring them through decltype keeps one declaration per op.
 #pragma once
 
-#include <custom_bn/ops.h>
+#include "op_params.h"
 
 #define CUSTOM_BN_DECLARE_BACKEND_OPS                                                             \
   decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                                   \

@@ -3,7 +3,7 @@
 // with differentiable ATen ops so autograd can take its gradient.
 #include "autograd/common.h"
 
-#include <custom_bn/ops.h>
+#include "op_params.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -17,13 +17,7 @@ using namespace custom_bn::autograd;
 
 class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, bool training,
-                            std::optional<double> momentum, double eps,
-                            const std::optional<at::Tensor>& num_batches_tracked) {
+  static at::Tensor forward(AutogradContext* ctx, CUSTOM_BN_BATCH_NORM_PARAMS) {
     // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
     at::AutoDispatchBelowAutograd below_autograd;
     auto [output, save_mean, save_invstd] =
@@ -52,12 +46,7 @@ class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
   }
 };
 
-at::Tensor batch_norm_autograd(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var, bool training,
-                               std::optional<double> momentum, double eps,
-                               const std::optional<at::Tensor>& num_batches_tracked) {
+at::Tensor batch_norm_autograd(CUSTOM_BN_BATCH_NORM_PARAMS) {
   return BatchNormFunction::apply(input, defined_or_none(weight), defined_or_none(bias),
                                   defined_or_none(running_mean), defined_or_none(running_var),
                                   training, momentum, eps, defined_or_none(num_batches_tracked));

@@ -3,7 +3,7 @@
 // is the ReLU mask (the caller holds the output anyway: no extra activation is kept).
 #include "autograd/common.h"
 
-#include <custom_bn/ops.h>
+#include "op_params.h"
 
 #include <ATen/TensorOperators.h>
 #include <torch/autograd.h>
@@ -22,14 +22,7 @@ constexpr int kResidual = 9;
 
 class BatchNormReluFunction : public torch::autograd::Function<BatchNormReluFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& input,
-                            const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& running_mean,
-                            const std::optional<at::Tensor>& running_var, bool training,
-                            std::optional<double> momentum, double eps,
-                            const std::optional<at::Tensor>& num_batches_tracked,
-                            const std::optional<at::Tensor>& residual) {
+  static at::Tensor forward(AutogradContext* ctx, CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
     at::AutoDispatchBelowAutograd below_autograd;
     auto [output, save_mean, save_invstd] =
         batch_norm_relu_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -71,14 +64,7 @@ class BatchNormReluFunction : public torch::autograd::Function<BatchNormReluFunc
   }
 };
 
-at::Tensor batch_norm_relu_autograd(const at::Tensor& input,
-                                    const std::optional<at::Tensor>& weight,
-                                    const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& running_mean,
-                                    const std::optional<at::Tensor>& running_var, bool training,
-                                    std::optional<double> momentum, double eps,
-                                    const std::optional<at::Tensor>& num_batches_tracked,
-                                    const std::optional<at::Tensor>& residual) {
+at::Tensor batch_norm_relu_autograd(CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
   return BatchNormReluFunction::apply(input, defined_or_none(weight), defined_or_none(bias),
                                       defined_or_none(running_mean), defined_or_none(running_var),
                                       training, momentum, eps, defined_or_none(num_batches_tracked),

@@ -1,8 +1,7 @@
 // ADInplaceOrView kernels of the ops that write their arguments: bump the version counters of
 // what they wrote, as ATen does for its in-place ops, so autograd notices stale saved tensors.
-#include <custom_bn/ops.h>
-
 #include "checks.h"
+#include "op_params.h"
 
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -17,11 +16,7 @@ void bump_versions(std::initializer_list<const std::optional<at::Tensor>*> writt
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_inplace_or_view(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, bool training,
-    std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     return batch_norm_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
@@ -35,11 +30,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_inplace_or_vie
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_inplace_or_view(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
@@ -52,10 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_inplace_o
 }
 
 std::tuple<at::Tensor, at::Tensor> gather_stats_inplace_or_view(
-    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
-    double eps) {
+    CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS) {
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     return batch_norm_gather_stats_with_counts(mean, m2, counts, running_mean, running_var,

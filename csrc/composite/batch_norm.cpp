@@ -1,30 +1,19 @@
 // batch_norm and batch_norm_relu below autograd, for every backend (CPU, CUDA, Meta) at once:
 // the outputs of batch_norm_forward and batch_norm_relu_forward. Their Autograd kernels are
 // in csrc/autograd/.
-#include <custom_bn/ops.h>
+#include "op_params.h"
 
 #include <torch/library.h>
 
 namespace custom_bn {
 namespace {
 
-at::Tensor batch_norm_without_autograd(const at::Tensor& input,
-                                       const std::optional<at::Tensor>& weight,
-                                       const std::optional<at::Tensor>& bias,
-                                       const std::optional<at::Tensor>& running_mean,
-                                       const std::optional<at::Tensor>& running_var, bool training,
-                                       std::optional<double> momentum, double eps,
-                                       const std::optional<at::Tensor>& num_batches_tracked) {
+at::Tensor batch_norm_without_autograd(CUSTOM_BN_BATCH_NORM_PARAMS) {
   return std::get<0>(batch_norm_forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, training, momentum, eps));
 }
 
-at::Tensor batch_norm_relu_without_autograd(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, bool training, std::optional<double> momentum,
-    double eps, const std::optional<at::Tensor>& num_batches_tracked,
-    const std::optional<at::Tensor>& residual) {
+at::Tensor batch_norm_relu_without_autograd(CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
   return std::get<0>(batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
                                              num_batches_tracked, residual, training, momentum,
                                              eps));

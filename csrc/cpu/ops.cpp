@@ -153,31 +153,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, bool training,
-    std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   return forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean, running_var,
                  num_batches_tracked, training, momentum, eps, /*relu=*/false, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   return forward("custom_bn::batch_norm_relu_forward", input, weight, bias, running_mean,
                  running_var, num_batches_tracked, training, momentum, eps, /*relu=*/true,
                  residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
-    std::array<bool, 3> output_mask) {
+    CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
@@ -213,10 +202,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 // the elementwise pass reads it instead of (dy, output): one tensor less to read, and dz is
 // an output anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
+    CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, "custom_bn::batch_norm_relu_backward", output);
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
@@ -258,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
           grad_residual ? grad_residual->finish() : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {
   check_input("custom_bn::batch_norm_stats", input);
   const auto [mean, m2] = channel_stats(plan_input(input, "batch_norm_stats"));
   at::Tensor count = at::full({1}, static_cast<double>(values_per_channel(input)), mean.options());
@@ -266,10 +252,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
-    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
-    double eps) {
+    CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS) {
   check_gather_stats(mean, m2, counts, running_mean, running_var, num_batches_tracked, momentum);
   const MergedStats merged = merge_stats(mean, m2, counts);
   at::Tensor invstd = invstd_from_m2(merged.m2, merged.count, eps);
@@ -278,9 +261,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
   return {merged.mean, invstd};
 }
 
-at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd) {
+at::Tensor batch_norm_elemt(CUSTOM_BN_BATCH_NORM_ELEMT_PARAMS) {
   check_elemt("custom_bn::batch_norm_elemt", input, weight, bias, mean, invstd);
   return normalize(input, plan_input(input, "batch_norm_elemt"),
                    {mean.reshape({-1}).contiguous(), invstd.reshape({-1}).contiguous()}, weight,
@@ -288,9 +269,7 @@ at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool input_g, bool weight_g,
-    bool bias_g) {
+    CUSTOM_BN_BATCH_NORM_BACKWARD_REDUCE_PARAMS) {
   const char* op = "custom_bn::batch_norm_backward_reduce";
   check_elemt(op, input, weight, std::nullopt, mean, invstd);
   check_grad_output(op, grad_output, input);
@@ -303,11 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
           grad_bias};
 }
 
-at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     const std::optional<at::Tensor>& weight,
-                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     const at::Tensor& count) {
+at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS) {
   check_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   const double total = count.sum().item<double>();
   return grad_input_from_sums(

@@ -54,28 +54,15 @@ Walk choose_walk(const ChannelView& view, int64_t element_size, int64_t vector_b
   return flat ? Walk::kChannelsFirstFlat : Walk::kChannelsFirstRuns;
 }
 
-const char* name_of(Walk walk) {
-  switch (walk) {
-    case Walk::kChannelsLastRows:
-      return "channels_last_rows";
-    case Walk::kChannelsFirstRuns:
-      return "channels_first_runs";
-    case Walk::kChannelsFirstFlat:
-      return "channels_first_flat";
-  }
-  return "?";
-}
+// Names of the enumerators, in declaration order, for describe_plan.
+constexpr const char* kWalkNames[] = {"channels_last_rows", "channels_first_runs",
+                                      "channels_first_flat"};
+constexpr const char* kPrefetchNames[] = {"none", "whole_runs", "each_step"};
+constexpr const char* kResultMemoryNames[] = {"torch_allocator", "result_cache"};
 
-const char* name_of(Prefetch prefetch) {
-  switch (prefetch) {
-    case Prefetch::kNone:
-      return "none";
-    case Prefetch::kWholeRuns:
-      return "whole_runs";
-    case Prefetch::kEachStep:
-      return "each_step";
-  }
-  return "?";
+template <size_t N, typename Enum>
+const char* name_of(const char* const (&names)[N], Enum value) {
+  return names[static_cast<size_t>(value)];
 }
 
 }  // namespace
@@ -172,12 +159,12 @@ CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork&
 std::string describe_plan(const CpuPlan& plan) {
   std::ostringstream out;
   out << std::boolalpha << "{\"capability\": \"" << kernel_capability() << "\", \"walk\": \""
-      << name_of(plan.walk) << "\", \"channel_at_a_time\": " << plan.channel_at_a_time
+      << name_of(kWalkNames, plan.walk) << "\", \"channel_at_a_time\": " << plan.channel_at_a_time
       << ", \"stream_result\": " << plan.stream_result << ", \"prefetch\": \""
-      << name_of(plan.prefetch) << "\", \"prefetch_runs_ahead\": " << plan.prefetch_runs_ahead
-      << ", \"result_memory\": \""
-      << (plan.result_memory == ResultMemory::kResultCache ? "result_cache" : "torch_allocator")
-      << "\", \"l2_bytes\": " << cache_bytes(2) << ", \"l3_bytes\": " << cache_bytes(3) << "}";
+      << name_of(kPrefetchNames, plan.prefetch)
+      << "\", \"prefetch_runs_ahead\": " << plan.prefetch_runs_ahead << ", \"result_memory\": \""
+      << name_of(kResultMemoryNames, plan.result_memory) << "\", \"l2_bytes\": " << cache_bytes(2)
+      << ", \"l3_bytes\": " << cache_bytes(3) << "}";
   return out.str();
 }
 

@@ -31,11 +31,7 @@ at::Tensor empty_param_grad(const at::Tensor& input, const std::optional<at::Ten
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, bool training,
-    std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   check_batch_norm_forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean,
                            running_var, num_batches_tracked, training, momentum);
   if (!training) {
@@ -46,10 +42,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
-    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
-    std::array<bool, 3> output_mask) {
+    CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
   return {output_mask[0] ? empty_result_like(input) : at::Tensor(),
@@ -58,11 +51,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps) {
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward";
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
@@ -73,10 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
-    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
-    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask) {
+    CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_backward";
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, op, output);
@@ -86,33 +72,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
           output_mask[3] ? empty_result_like(input) : at::Tensor()};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(const at::Tensor& input) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {
   check_input("custom_bn::batch_norm_stats", input);
   return {empty_stat(input, 1, stat_dtype(input.scalar_type())), empty_channel_stat(input),
           empty_channel_stat(input)};
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
-    const at::Tensor& mean, const at::Tensor& m2, const at::Tensor& counts,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, std::optional<double> momentum,
-    double eps) {
+    CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS) {
   check_gather_stats(mean, m2, counts, running_mean, running_var, num_batches_tracked, momentum);
   return {empty_stat(mean, mean.sym_size(1), mean.scalar_type()),
           empty_stat(mean, mean.sym_size(1), mean.scalar_type())};
 }
 
-at::Tensor batch_norm_elemt(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias, const at::Tensor& mean,
-                            const at::Tensor& invstd) {
+at::Tensor batch_norm_elemt(CUSTOM_BN_BATCH_NORM_ELEMT_PARAMS) {
   check_elemt("custom_bn::batch_norm_elemt", input, weight, bias, mean, invstd);
   return empty_result_like(input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
-    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean,
-    const at::Tensor& invstd, const std::optional<at::Tensor>& weight, bool input_g, bool weight_g,
-    bool bias_g) {
+    CUSTOM_BN_BATCH_NORM_BACKWARD_REDUCE_PARAMS) {
   const char* op = "custom_bn::batch_norm_backward_reduce";
   check_elemt(op, input, weight, std::nullopt, mean, invstd);
   check_grad_output(op, grad_output, input);
@@ -122,11 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
           bias_g ? empty_param_grad(input, weight) : at::Tensor()};
 }
 
-at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Tensor& input,
-                                     const at::Tensor& mean, const at::Tensor& invstd,
-                                     const std::optional<at::Tensor>& weight,
-                                     const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                     const at::Tensor& count) {
+at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS) {
   check_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
   return empty_result_like(input);
 }

@@ -27,17 +27,9 @@ class _CustomBatchNorm(_BatchNorm):
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            training,
-            self.momentum,
-            self.eps,
-            num_batches_tracked,
-        )
+        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, running_mean,
+                                              running_var, training, self.momentum, self.eps,
+                                              num_batches_tracked)  # fmt: skip
 
 
 class BatchNorm1d(_CustomBatchNorm):
@@ -72,18 +64,9 @@ class BatchNormReLU2d(BatchNorm2d):
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm_relu(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            training,
-            self.momentum,
-            self.eps,
-            num_batches_tracked,
-            residual,
-        )
+        return torch.ops.custom_bn.batch_norm_relu(input, self.weight, self.bias, running_mean,
+                                                   running_var, training, self.momentum, self.eps,
+                                                   num_batches_tracked, residual)  # fmt: skip
 
 
 _REPLACEMENTS = {

@@ -87,6 +87,22 @@ class Sample:
             copy(self.num_batches_tracked),
         )
 
+    def forward_args(self):
+        """The arguments of batch_norm_forward."""
+        return (self.input, self.weight, self.bias, self.running_mean, self.running_var,
+                self.num_batches_tracked, self.training, self.momentum, self.eps)  # fmt: skip
+
+    def relu_forward_args(self, residual):
+        """The arguments of batch_norm_relu_forward."""
+        return (*self.forward_args()[:6], residual, self.training, self.momentum, self.eps)
+
+    def backward_args(self, grad, save_mean, save_invstd, mask, output=None):
+        """The arguments of batch_norm_backward, or with the forward's output given, of
+        batch_norm_relu_backward."""
+        inputs = (grad, self.input) if output is None else (grad, output, self.input)
+        return (*inputs, self.weight, self.running_mean, self.running_var, save_mean,
+                save_invstd, self.training, self.eps, mask)  # fmt: skip
+
     def args(self):
         return (
             self.input,
@@ -148,16 +164,9 @@ def all_samples(device="cpu", dims=(2, 3, 4, 5), dtype_names=tuple(DTYPES)) -> I
                     continue  # an error, tested on its own
                 if momentum is None and not (training and running_stats):
                     continue  # momentum only matters when running stats are updated
-                kwargs = dict(
-                    shape=SHAPES[dim],
-                    dtype_name=dtype_name,
-                    layout=layout,
-                    training=training,
-                    affine=affine,
-                    running_stats=running_stats,
-                    momentum=momentum,
-                    device=device,
-                )
+                kwargs = dict(shape=SHAPES[dim], dtype_name=dtype_name, layout=layout,
+                              training=training, affine=affine, running_stats=running_stats,
+                              momentum=momentum, device=device)  # fmt: skip
                 name = (
                     f"{dim}d-{layout}-{dtype_name}-{'train' if training else 'eval'}"
                     f"-{'affine' if affine else 'noaffine'}"

@@ -39,7 +39,7 @@ def fused_cases():
                     training=training,
                     with_residual=with_residual,
                     affine=True,
-                ),
+                ),  # fmt: skip
             )
         for layout in layouts_for(dim):
             yield (
@@ -209,37 +209,13 @@ def test_opcheck(kwargs, with_residual):
     residual = torch.randn_like(s.input) if with_residual else None
     grad_sample = s.clone(requires_grad=True)
     torch.library.opcheck(ops.batch_norm_relu, (*grad_sample.args(), residual))
-    forward_args = (
-        s.input,
-        s.weight,
-        s.bias,
-        s.running_mean,
-        s.running_var,
-        s.num_batches_tracked,
-        residual,
-        s.training,
-        s.momentum,
-        s.eps,
-    )
-    torch.library.opcheck(ops.batch_norm_relu_forward, forward_args)
-    out, save_mean, save_invstd = ops.batch_norm_relu_forward(*forward_args)
+    torch.library.opcheck(ops.batch_norm_relu_forward, s.relu_forward_args(residual))
+    out, save_mean, save_invstd = ops.batch_norm_relu_forward(*s.relu_forward_args(residual))
     grad = torch.randn_like(out)
     for mask in ([True, True, True, True], [True, False, False, False], [False, True, True, True]):
         torch.library.opcheck(
             ops.batch_norm_relu_backward,
-            (
-                grad,
-                out,
-                s.input,
-                s.weight,
-                s.running_mean,
-                s.running_var,
-                save_mean,
-                save_invstd,
-                s.training,
-                s.eps,
-                mask,
-            ),
+            s.backward_args(grad, save_mean, save_invstd, mask, output=out),
         )
 
 

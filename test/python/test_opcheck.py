@@ -34,35 +34,12 @@ def test_batch_norm(sample):
 @pytest.mark.parametrize("sample", [s for _, s in SAMPLES], ids=[n for n, _ in SAMPLES])
 def test_forward_and_backward(sample):
     s = sample.clone()
-    forward_args = (
-        s.input,
-        s.weight,
-        s.bias,
-        s.running_mean,
-        s.running_var,
-        s.num_batches_tracked,
-        s.training,
-        s.momentum,
-        s.eps,
-    )
-    torch.library.opcheck(ops.batch_norm_forward, forward_args)
-    _, save_mean, save_invstd = ops.batch_norm_forward(*forward_args)
+    torch.library.opcheck(ops.batch_norm_forward, s.forward_args())
+    _, save_mean, save_invstd = ops.batch_norm_forward(*s.forward_args())
     grad = torch.randn_like(s.input)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(
-            ops.batch_norm_backward,
-            (
-                grad,
-                s.input,
-                s.weight,
-                s.running_mean,
-                s.running_var,
-                save_mean,
-                save_invstd,
-                s.training,
-                s.eps,
-                mask,
-            ),
+            ops.batch_norm_backward, s.backward_args(grad, save_mean, save_invstd, mask)
         )
 
 
