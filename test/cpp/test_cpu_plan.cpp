@@ -1,17 +1,34 @@
 // The plan of a CPU call (csrc/cpu/plan.h): what it decides for the layouts and sizes models
 // produce, and that the paths it selects for layers larger than the last-level cache
 // (streamed results, a channel at a time) give torch's results.
+#include "cpu/kernels.h"
 #include "cpu/plan.h"
 #include "layout.h"
 #include "samples.h"
 
 #include <custom_bn/custom_bn.h>
 
+#include <cstdlib>
+#include <string>
+
 namespace custom_bn::testing {
 namespace {
 
 cpu::CpuPlan plan_of(const torch::Tensor& x, const char* op, bool training, bool residual = false) {
   return cpu::plan_call(make_dense(x).view, x.scalar_type(), cpu::work_of(op, training, residual));
+}
+
+// ctest runs this suite on a narrower kernel variant than the widest (CMakeLists.txt): the
+// one asked for is the one running, where the CPU has it.
+TEST(CpuPlan, RunsTheKernelVariantAskedFor) {
+  const char* requested = std::getenv("CUSTOM_BN_CPU_CAPABILITY");
+  if (requested == nullptr || std::string(requested) == "avx512") {
+    GTEST_SKIP() << "no narrower variant asked for";
+  }
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                        __builtin_cpu_supports("f16c");
+  const std::string expected = std::string(requested) == "avx2" && has_avx2 ? "avx2" : "default";
+  EXPECT_EQ(cpu::kernel_capability(), expected);
 }
 
 TEST(CpuPlan, WalksChannelsLastTensorsByRows) {
