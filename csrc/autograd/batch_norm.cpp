@@ -1,59 +1,158 @@
-// Autograd for batch_norm: forward through batch_norm_forward, backward through
-// batch_norm_backward. With create_graph (double backward), the backward is instead written
-// with differentiable ATen ops so autograd can take its gradient.
-#include "autograd/common.h"
-
+// The Autograd kernels of batch_norm_forward and batch_norm_relu_forward (batch_norm and
+// batch_norm_relu are compositions of them), built as ATen builds its own (its generated
+// VariableType kernels): the forward runs below autograd, a Node records what the backward
+// reads, and forward-mode tangents come from formulas.h. torch.func's transforms (grad, vjp,
+// jacrev, jvp, jacfwd, and their compositions) accept such kernels at every level; they
+// refuse C++ torch::autograd::Function.
+//
+// The backward runs the batch_norm(_relu)_backward op; when it must itself be differentiable
+// (create_graph, and always under torch.func), the formula of formulas.h instead.
+#include "autograd/formulas.h"
+#include "checks.h"
 #include "op_params.h"
 
+#include <ATen/TensorOperators.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
-namespace custom_bn {
+#include <mutex>
+
+namespace custom_bn::autograd {
 namespace {
 
-using torch::autograd::AutogradContext;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using namespace custom_bn::autograd;
 
-class BatchNormFunction : public torch::autograd::Function<BatchNormFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, CUSTOM_BN_BATCH_NORM_PARAMS) {
-    // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
-    at::AutoDispatchBelowAutograd below_autograd;
-    auto [output, save_mean, save_invstd] =
-        batch_norm_forward(input, weight, bias, running_mean, running_var, num_batches_tracked,
-                           training, momentum, eps);
-    save_batch_norm_context(ctx, input, weight, bias.has_value(), running_mean, running_var,
-                            training, eps, save_mean, save_invstd);
-    return output;
-  }
+// The backward of one call. Gradients in argument order: input, weight, bias and, for
+// batch_norm_relu, residual.
+struct BatchNormBackward final : torch::autograd::TraceableFunction {
+  SavedVariable input, weight, running_mean, running_var, save_mean, save_invstd;
+  SavedVariable output;  // batch_norm_relu's output: its sign is ReLU's mask
+  bool relu = false;
+  bool training = false;
+  double eps = 0;
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const BatchNormContext c = load_batch_norm_context(ctx);
-    const at::Tensor& grad_output = grad_outputs[0];
-    variable_list grads(9);  // one per forward argument
-    if (!grad_output.defined()) return grads;
-    if (at::GradMode::is_enabled()) {
-      const auto g = differentiable_backward(grad_output, c.input, c.weight, c.running_mean,
-                                             c.running_var, c.training, c.eps, c.output_mask);
-      std::copy(g.begin(), g.end(), grads.begin());
-    } else {
-      std::tie(grads[0], grads[1], grads[2]) = batch_norm_backward(
-          grad_output, c.input, as_optional(c.weight), as_optional(c.running_mean),
-          as_optional(c.running_var), c.save_mean, c.save_invstd, c.training, c.eps, c.output_mask);
+  std::string name() const override { return relu ? "BatchNormReluBackward" : "BatchNormBackward"; }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved :
+         {&input, &weight, &running_mean, &running_var, &save_mean, &save_invstd, &output}) {
+      saved->reset_data();
     }
-    return grads;
   }
+  variable_list apply(variable_list&& grads) override;
 };
 
-at::Tensor batch_norm_autograd(CUSTOM_BN_BATCH_NORM_PARAMS) {
-  return BatchNormFunction::apply(input, defined_or_none(weight), defined_or_none(bias),
-                                  defined_or_none(running_mean), defined_or_none(running_var),
-                                  training, momentum, eps, defined_or_none(num_batches_tracked));
+variable_list BatchNormBackward::apply(variable_list&& grads) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const at::Tensor& grad_output = grads[0];
+  variable_list result(relu ? 4 : 3);
+  if (!grad_output.defined()) return result;
+  const at::Tensor x = input.unpack(), w = weight.unpack();
+  const at::Tensor mean = running_mean.unpack(), var = running_var.unpack();
+  const at::Tensor out = relu ? output.unpack(shared_from_this()) : at::Tensor();
+  const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                 task_should_compute_output(2)};
+  const bool residual_grad = relu && task_should_compute_output(3);
+  if (at::GradMode::is_enabled()) {
+    // ReLU's second derivative is zero almost everywhere: its mask is a constant of the graph.
+    const at::Tensor dz =
+        relu ? grad_output * (out > 0).to(grad_output.scalar_type()) : grad_output;
+    const auto g = differentiable_backward(dz, x, w, mean, var, training, eps, mask);
+    std::copy(g.begin(), g.end(), result.begin());
+    if (residual_grad) result[3] = dz;
+    return result;
+  }
+  if (relu) {
+    std::tie(result[0], result[1], result[2], result[3]) = batch_norm_relu_backward(
+        grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), training, eps,
+        {mask[0], mask[1], mask[2], residual_grad});
+  } else {
+    std::tie(result[0], result[1], result[2]) =
+        batch_norm_backward(grad_output, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(),
+                            training, eps, mask);
+  }
+  return result;
+}
+
+at::Tensor tangent_of(const std::optional<at::Tensor>& t) {
+  return has(t) ? t->_fw_grad(/*level=*/0) : at::Tensor();
+}
+
+using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+// batch_norm_forward (relu = false) or batch_norm_relu_forward with autograd: the output is
+// differentiable, save_mean and save_invstd are not.
+ForwardResult forward_with_autograd(bool relu, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
+  std::shared_ptr<BatchNormBackward> node;
+  if (torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
+    node.reset(new BatchNormBackward(), torch::autograd::deleteNode);
+    node->set_next_edges(relu ? torch::autograd::collect_next_edges(input, weight, bias, residual)
+                              : torch::autograd::collect_next_edges(input, weight, bias));
+  }
+  at::Tensor output, save_mean, save_invstd;
+  {
+    // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
+    at::AutoDispatchBelowAutograd below_autograd;
+    std::tie(output, save_mean, save_invstd) =
+        relu ? batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, residual, training, momentum, eps)
+             : batch_norm_forward(input, weight, bias, running_mean, running_var,
+                                  num_batches_tracked, training, momentum, eps);
+  }
+  const at::Tensor w = weight.value_or(at::Tensor());
+  // Eval normalizes with the running stats; training needs only save_* (and mutates them).
+  const at::Tensor mean = training ? at::Tensor() : running_mean.value_or(at::Tensor());
+  const at::Tensor var = training ? at::Tensor() : running_var.value_or(at::Tensor());
+  if (node) {
+    torch::autograd::set_history(output, node);
+    node->relu = relu;
+    node->training = training;
+    node->eps = eps;
+    node->input = SavedVariable(input, false);
+    node->weight = SavedVariable(w, false);
+    node->running_mean = SavedVariable(mean, false);
+    node->running_var = SavedVariable(var, false);
+    node->save_mean = SavedVariable(save_mean, false);
+    node->save_invstd = SavedVariable(save_invstd, false);
+    if (relu) node->output = SavedVariable(output, true);
+  }
+  const at::Tensor input_tangent = input._fw_grad(/*level=*/0);
+  const at::Tensor residual_tangent = tangent_of(residual);
+  if (input_tangent.defined() || tangent_of(weight).defined() || tangent_of(bias).defined() ||
+      residual_tangent.defined()) {
+    // From the primals: a tangent must not carry a tangent of its own at the same level.
+    const auto primal = [](const at::Tensor& t) {
+      return t.defined() ? t._fw_primal(/*level=*/0) : t;
+    };
+    at::Tensor tangent =
+        forward_tangent(primal(input), primal(w), primal(mean), primal(var), training, eps,
+                        input_tangent, tangent_of(weight), tangent_of(bias));
+    if (relu) {
+      if (residual_tangent.defined()) tangent = tangent + residual_tangent;
+      tangent = tangent * (primal(output) > 0).to(tangent.scalar_type());
+    }
+    output._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
+  }
+  return {output, save_mean, save_invstd};
+}
+
+ForwardResult batch_norm_forward_autograd(CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
+  return forward_with_autograd(/*relu=*/false, input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, std::nullopt, training, momentum, eps);
+}
+
+ForwardResult batch_norm_relu_forward_autograd(CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
+  return forward_with_autograd(/*relu=*/true, input, weight, bias, running_mean, running_var,
+                               num_batches_tracked, residual, training, momentum, eps);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) { m.impl("batch_norm", TORCH_FN(batch_norm_autograd)); }
+TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
+  m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward_autograd));
+  m.impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward_autograd));
+}
 
-}  // namespace custom_bn
+}  // namespace custom_bn::autograd

@@ -1,0 +1,31 @@
+// batch_norm's derivatives written with differentiable ATen ops, once, for what the kernels
+// do not cover: double backward (the backward of the backward) and forward-mode AD (jvp).
+// Both differentiate the same normalization,
+//   x_hat = (x - mean) * invstd,   y = x_hat * weight + bias,
+// with mean and invstd the batch's (training: functions of x) or the running stats' (eval:
+// constants).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <array>
+
+namespace custom_bn::autograd {
+
+// batch_norm's backward: (grad_input, grad_weight, grad_bias), each undefined where
+// output_mask is false. The batch statistics are recomputed from input, so that their
+// dependence on input is part of the graph: second-order gradients need it.
+std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
+                                                  const at::Tensor& input, const at::Tensor& weight,
+                                                  const at::Tensor& running_mean,
+                                                  const at::Tensor& running_var, bool training,
+                                                  double eps, std::array<bool, 3> output_mask);
+
+// The tangent of y for tangents (input_tangent, weight_tangent, bias_tangent) of (input,
+// weight, bias); an undefined tangent is zero. In the output's dtype.
+at::Tensor forward_tangent(const at::Tensor& input, const at::Tensor& weight,
+                           const at::Tensor& running_mean, const at::Tensor& running_var,
+                           bool training, double eps, const at::Tensor& input_tangent,
+                           const at::Tensor& weight_tangent, const at::Tensor& bias_tangent);
+
+}  // namespace custom_bn::autograd
