@@ -14,6 +14,7 @@
 #include <ATen/TensorOperators.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -91,15 +92,23 @@ ForwardResult forward_with_autograd(bool relu, CUSTOM_BN_BATCH_NORM_RELU_FORWARD
     node->set_next_edges(relu ? torch::autograd::collect_next_edges(input, weight, bias, residual)
                               : torch::autograd::collect_next_edges(input, weight, bias));
   }
+  // A training forward run again during the backward pass (activation checkpointing
+  // recomputes it there) normalizes with the same batch statistics, but must not count the
+  // batch a second time in the running stats (torch does: pytorch issue 96136).
+  const bool recomputed = training && torch::autograd::get_current_graph_task_id() != -1;
+  const std::optional<at::Tensor> no_tensor;
+  const auto& updated_mean = recomputed ? no_tensor : running_mean;
+  const auto& updated_var = recomputed ? no_tensor : running_var;
+  const auto& counter = recomputed ? no_tensor : num_batches_tracked;
   at::Tensor output, save_mean, save_invstd;
   {
     // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
     at::AutoDispatchBelowAutograd below_autograd;
     std::tie(output, save_mean, save_invstd) =
-        relu ? batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
-                                       num_batches_tracked, residual, training, momentum, eps)
-             : batch_norm_forward(input, weight, bias, running_mean, running_var,
-                                  num_batches_tracked, training, momentum, eps);
+        relu ? batch_norm_relu_forward(input, weight, bias, updated_mean, updated_var, counter,
+                                       residual, training, momentum, eps)
+             : batch_norm_forward(input, weight, bias, updated_mean, updated_var, counter, training,
+                                  momentum, eps);
   }
   const at::Tensor w = weight.value_or(at::Tensor());
   // Eval normalizes with the running stats; training needs only save_* (and mutates them).

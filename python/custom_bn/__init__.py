@@ -8,7 +8,7 @@ from ._library import library_path, load
 
 load()
 
-from . import functional  # noqa: E402
+from . import _vmap, functional  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -17,6 +17,8 @@ from .modules import (  # noqa: E402
     convert_batchnorm,
 )
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
+
+_vmap.register()
 
 __all__ = [
     "BatchNorm1d",
