@@ -1,7 +1,11 @@
 #include "cpu/result_memory.h"
 
-#include <c10/util/Exception.h>
+#include <custom_bn/memory.h>
 
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -27,6 +31,9 @@ std::string setting(const char* name, const char* fallback) {
 
 ResultAllocator::ResultAllocator(size_t cache_limit, bool huge_pages)
     : cache_limit_(cache_limit), huge_pages_(huge_pages) {}
+
+void ResultAllocator::before_fork() { mutex_.lock(); }
+void ResultAllocator::after_fork() { mutex_.unlock(); }
 
 c10::DataPtr ResultAllocator::allocate(size_t n) {
   const size_t capacity = round_up(std::max<size_t>(n, 1), kHugePage);
@@ -132,10 +139,37 @@ ResultAllocator& result_allocator() {
     const unsigned long long megabytes = std::strtoull(cache_mb.c_str(), &end, 10);
     TORCH_CHECK(*end == '\0' && cache_mb[0] != '-',
                 "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got '", cache_mb, "'");
-    return new ResultAllocator(static_cast<size_t>(megabytes) << 20,
-                               setting("CUSTOM_BN_HUGE_PAGES", "1") != "0");
+    auto* created = new ResultAllocator(static_cast<size_t>(megabytes) << 20,
+                                        setting("CUSTOM_BN_HUGE_PAGES", "1") != "0");
+    // A process that forks (a DataLoader worker) while another thread holds the cache's lock
+    // would leave the child a lock nobody releases: fork waits for the lock, and both sides
+    // release it after.
+    pthread_atfork([] { result_allocator().before_fork(); },
+                   [] { result_allocator().after_fork(); },
+                   [] { result_allocator().after_fork(); });
+    return created;
   }();
   return *allocator;
 }
 
 }  // namespace custom_bn::cpu
+
+namespace custom_bn::memory {
+
+size_t cached_bytes() { return cpu::result_allocator().cached_bytes(); }
+
+void empty_cache() { cpu::result_allocator().release_cached(); }
+
+namespace {
+
+int64_t cached_bytes_op() { return static_cast<int64_t>(cached_bytes()); }
+
+}  // namespace
+
+// No tensor arguments, so no backend key: one kernel for every caller.
+TORCH_LIBRARY_IMPL(custom_bn, CompositeImplicitAutograd, m) {
+  m.impl("_result_cache_bytes", TORCH_FN(cached_bytes_op));
+  m.impl("_empty_result_cache", TORCH_FN(empty_cache));
+}
+
+}  // namespace custom_bn::memory

@@ -40,6 +40,10 @@ class ResultAllocator final : public c10::Allocator {
   // Unmaps every cached block.
   void release_cached();
 
+  // pthread_atfork handlers: hold the lock across fork, release it on both sides.
+  void before_fork();
+  void after_fork();
+
  private:
   struct Block {
     void* data;

@@ -8,7 +8,7 @@ from ._library import library_path, load
 
 load()
 
-from . import _vmap, functional  # noqa: E402
+from . import _vmap, functional, memory  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -28,6 +28,7 @@ __all__ = [
     "convert_batchnorm",
     "functional",
     "library_path",
+    "memory",
     "SyncBatchNorm",
 ]
 __version__ = "0.1.0"

@@ -6,6 +6,13 @@
 
 #include <custom_bn/custom_bn.h>
 
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <thread>
+
 namespace custom_bn::testing {
 namespace {
 
@@ -93,10 +100,76 @@ TEST(ResultMemory, ReleaseCachedFreesEverything) {
   EXPECT_EQ(allocator.cached_bytes(), 0u);
 }
 
+// A process that forks while another thread holds the cache's lock: fork waits for the lock
+// (pthread_atfork), so the child gets it released and can allocate. Without the handlers the
+// child's copy of the lock stays held and its first allocation waits forever.
+TEST(ResultMemory, ForkWhileAnotherThreadHoldsTheLockDoesNotDeadlock) {
+  ResultAllocator& allocator = cpu::result_allocator();
+  std::atomic<bool> holding{false};
+  std::thread holder([&] {
+    allocator.before_fork();  // takes the lock
+    holding = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    allocator.after_fork();
+  });
+  while (!holding) std::this_thread::yield();
+  const pid_t pid = fork();
+  if (pid == 0) {
+    alarm(20);  // a deadlocked child is killed, and the test fails
+    c10::DataPtr block = allocator.allocate(ResultAllocator::kMinCachedBytes);
+    block.clear();
+    allocator.release_cached();
+    _exit(block.get() == nullptr ? 0 : 1);
+  }
+  holder.join();
+  ASSERT_GT(pid, 0);
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "status " << status;
+}
+
+// Several threads allocate, fill and free results above the cache's threshold at once; each
+// result must hold exactly what its thread wrote, and the cache stays within its limit.
+TEST(ResultMemory, ConcurrentResultsStayApart) {
+  ResultAllocator allocator(64 * kMB, /*huge_pages=*/false);
+  std::vector<std::thread> threads;
+  std::atomic<int> mismatches{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int step = 0; step < 20; ++step) {
+        const size_t bytes = (9 + (t + step) % 3) * kMB;
+        c10::DataPtr block = allocator.allocate(bytes);
+        auto* values = static_cast<int32_t*>(block.get());
+        const size_t count = bytes / sizeof(int32_t);
+        for (size_t i = 0; i < count; i += 4096) values[i] = t * 1000 + step;
+        for (size_t i = 0; i < count; i += 4096) mismatches += values[i] != t * 1000 + step;
+      }
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  EXPECT_EQ(mismatches.load(), 0);
+  EXPECT_LE(allocator.cached_bytes(), 64 * kMB);
+  allocator.release_cached();
+  EXPECT_EQ(allocator.cached_bytes(), 0u);
+}
+
 class ResultMemoryOps : public SeededTest {};
 
 // Outputs and input gradients come from result_allocator(), and a reused block holds the new
 // result only: each call is compared with torch after a call that left other values there.
+// The public API (include/custom_bn/memory.h) sees and releases what the ops leave cached.
+TEST_F(ResultMemoryOps, CachedBytesAndEmptyCache) {
+  custom_bn::memory::empty_cache();
+  {
+    const torch::Tensor out =
+        custom_bn::batch_norm(torch::rand({8, 32, 96, 96}), {}, {}, {}, {}, true, 0.1, 1e-5);
+    EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
+  }
+  EXPECT_GE(custom_bn::memory::cached_bytes(), size_t(8 * 32 * 96 * 96 * 4));
+  custom_bn::memory::empty_cache();
+  EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
+}
+
 TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
   for (bool channels_last : {false, true}) {
     const auto format =
