@@ -14,6 +14,7 @@ from .modules import (  # noqa: E402
     BatchNorm2d,
     BatchNorm3d,
     BatchNormReLU2d,
+    FrozenBatchNorm2d,
     convert_batchnorm,
 )
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
@@ -25,6 +26,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormReLU2d",
+    "FrozenBatchNorm2d",
     "convert_batchnorm",
     "functional",
     "library_path",

@@ -87,14 +87,64 @@ def _convert_one(bn: _BatchNorm) -> _BatchNorm:
     return ours
 
 
-def convert_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+class FrozenBatchNorm2d(torch.nn.Module):
+    """Batch norm whose statistics and affine parameters never change, as
+    torchvision.ops.FrozenBatchNorm2d (the backbones of detection models use it): always the
+    running statistics, through the eval kernel, also after a parent's .train(). weight, bias,
+    running_mean and running_var are buffers, so nothing requires grad; the state_dict loads
+    from and into torchvision's FrozenBatchNorm2d and torch.nn.BatchNorm2d (whose
+    num_batches_tracked it ignores)."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_features = num_features
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, self.running_mean,
+                                              self.running_var, False, 0.0, self.eps)  # fmt: skip
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}"
+
+
+def _freeze_one(bn: _BatchNorm) -> FrozenBatchNorm2d:
+    if bn.running_mean is None:
+        raise ValueError(
+            f"convert_batchnorm(frozen=True): expected batch norm with running statistics to "
+            f"freeze, but got {bn} (track_running_stats=False)"
+        )
+    frozen = FrozenBatchNorm2d(bn.num_features, bn.eps)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            if getattr(bn, name) is not None:
+                getattr(frozen, name).copy_(getattr(bn, name))
+        frozen.running_mean.copy_(bn.running_mean)
+        frozen.running_var.copy_(bn.running_var)
+    return frozen.to(bn.running_mean.device, bn.running_mean.dtype)
+
+
+def convert_batchnorm(module: torch.nn.Module, frozen: bool = False) -> torch.nn.Module:
     """Replaces every torch.nn.BatchNorm{1,2,3}d in `module` (or `module` itself) by ours,
     keeping parameters, buffers, training mode and device. Subclasses (SyncBatchNorm, say)
-    are left alone."""
+    are left alone. With frozen=True, BatchNorm2d layers (torch's or ours) become
+    FrozenBatchNorm2d with their current statistics and affine parameters."""
+    if frozen and type(module) in (torch.nn.BatchNorm2d, BatchNorm2d):
+        return _freeze_one(module)
     if type(module) in _REPLACEMENTS:
         return _convert_one(module)
     for name, child in module.named_children():
-        converted = convert_batchnorm(child)
+        converted = convert_batchnorm(child, frozen)
         if converted is not child:
             setattr(module, name, converted)
     return module
