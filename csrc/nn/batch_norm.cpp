@@ -35,6 +35,28 @@ void BatchNormReLU2dImpl::pretty_print(std::ostream& stream) const {
   stream << ')';
 }
 
+FrozenBatchNorm2dImpl::FrozenBatchNorm2dImpl(int64_t num_features, double eps)
+    : num_features(num_features), eps(eps) {
+  reset();
+}
+
+void FrozenBatchNorm2dImpl::reset() {
+  weight = register_buffer("weight", torch::ones({num_features}));
+  bias = register_buffer("bias", torch::zeros({num_features}));
+  running_mean = register_buffer("running_mean", torch::zeros({num_features}));
+  running_var = register_buffer("running_var", torch::ones({num_features}));
+}
+
+torch::Tensor FrozenBatchNorm2dImpl::forward(const torch::Tensor& input) {
+  TORCH_CHECK(input.dim() == 4, "expected 4D input (got ", input.dim(), "D input)");
+  return custom_bn::batch_norm(input, weight, bias, running_mean, running_var,
+                               /*training=*/false, 0.0, eps);
+}
+
+void FrozenBatchNorm2dImpl::pretty_print(std::ostream& stream) const {
+  stream << "custom_bn::FrozenBatchNorm2d(" << num_features << ", eps=" << eps << ')';
+}
+
 template class BatchNormImplBase<1, BatchNorm1dImpl>;
 template class BatchNormImplBase<2, BatchNorm2dImpl>;
 template class BatchNormImplBase<3, BatchNorm3dImpl>;

@@ -112,6 +112,24 @@ class BatchNormReLU2dImpl : public BatchNormImplBase<2, BatchNormReLU2dImpl> {
 };
 TORCH_MODULE(BatchNormReLU2d);
 
+/// Batch norm whose statistics and affine parameters never change, as torchvision's
+/// FrozenBatchNorm2d: the running statistics always, through the eval kernel, also after a
+/// parent's train(). weight, bias, running_mean and running_var are buffers (nothing
+/// requires grad), named as BatchNorm2d's.
+class FrozenBatchNorm2dImpl : public torch::nn::Cloneable<FrozenBatchNorm2dImpl> {
+ public:
+  explicit FrozenBatchNorm2dImpl(int64_t num_features, double eps = 1e-5);
+
+  void reset() override;
+  torch::Tensor forward(const torch::Tensor& input);
+  void pretty_print(std::ostream& stream) const override;
+
+  int64_t num_features;
+  double eps;
+  torch::Tensor weight, bias, running_mean, running_var;
+};
+TORCH_MODULE(FrozenBatchNorm2d);
+
 extern template class BatchNormImplBase<1, BatchNorm1dImpl>;
 extern template class BatchNormImplBase<2, BatchNorm2dImpl>;
 extern template class BatchNormImplBase<3, BatchNorm3dImpl>;

@@ -165,6 +165,34 @@ TEST_F(Modules, SaveLoadBothWaysWithTorch) {
   EXPECT_EQ(back->num_batches_tracked.item<int64_t>(), 2);
 }
 
+// FrozenBatchNorm2d: torch's BatchNorm2d in eval, whatever the mode, and no state changes.
+TEST_F(Modules, FrozenBatchNormUsesTheRunningStatsAlways) {
+  torch::nn::BatchNorm2d source(3);
+  {
+    torch::NoGradGuard no_grad;
+    source->weight.uniform_(0.5, 1.5);
+    source->bias.normal_();
+  }
+  source(torch::randn({6, 3, 4, 4}) * 2 + 1);  // moves the running stats
+  source->eval();
+  FrozenBatchNorm2d frozen(3);
+  {
+    torch::NoGradGuard no_grad;
+    frozen->weight.copy_(source->weight);
+    frozen->bias.copy_(source->bias);
+    frozen->running_mean.copy_(source->running_mean);
+    frozen->running_var.copy_(source->running_var);
+  }
+  frozen->train();
+  const torch::Tensor x = torch::randn({2, 3, 5, 5});
+  expect_close(frozen(x), source(x), tolerance(torch::kFloat), "frozen output");
+  EXPECT_TRUE(frozen->parameters().empty());
+  EXPECT_TRUE(torch::equal(frozen->running_mean, source->running_mean));
+  std::ostringstream printed;
+  frozen->pretty_print(printed);
+  EXPECT_EQ(printed.str(), "custom_bn::FrozenBatchNorm2d(3, eps=1e-05)");
+}
+
 TEST_F(Modules, CloneIsDeep) {
   BatchNorm2d bn(3);
   bn(torch::randn({4, 3, 2, 2}));
