@@ -248,6 +248,17 @@ TEST(Readme, CppSnippetRuns) {
   custom_bn::BatchNormReLU2d bn_relu(16);
   torch::Tensor z = bn_relu(net->forward(x), /*residual=*/torch::randn({4, 16, 8, 8}));
 
+  // Frozen statistics and affine parameters, whatever the mode (torchvision's FrozenBatchNorm2d).
+  custom_bn::FrozenBatchNorm2d frozen(16);
+  torch::Tensor f = frozen(z);
+
+  // The cache of freed large CPU results: how much it holds, and release it.
+  size_t held = custom_bn::memory::cached_bytes();
+  custom_bn::memory::empty_cache();
+
+  EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
+  EXPECT_LE(custom_bn::memory::cached_bytes(), held);
+  expect_close(f, z / std::sqrt(1 + 1e-5), tolerance(torch::kFloat), "frozen");
   EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
   EXPECT_TRUE((z >= 0).all().item<bool>());
   expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
