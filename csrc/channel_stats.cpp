@@ -1,3 +1,4 @@
+// The host-side statistics helpers of channel_stats.h, shared by the CPU and CUDA backends.
 #include "channel_stats.h"
 
 #include "checks.h"

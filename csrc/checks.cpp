@@ -1,3 +1,4 @@
+// The argument checks of checks.h: each names the argument, what was expected and what came.
 #include "checks.h"
 
 #include <c10/core/SymBool.h>

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "channel_stats.h"
+#include "optional_tensor.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -76,7 +77,5 @@ void check_gather_stats(const at::Tensor& mean, const at::Tensor& m2, const at::
                         const std::optional<at::Tensor>& running_var,
                         const std::optional<at::Tensor>& num_batches_tracked,
                         std::optional<double> momentum);
-
-inline bool has(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 }  // namespace custom_bn

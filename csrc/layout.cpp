@@ -1,3 +1,4 @@
+// Dense views of tensors for the kernels (layout.h).
 #include "layout.h"
 
 #include <c10/util/Exception.h>

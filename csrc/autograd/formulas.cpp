@@ -1,3 +1,4 @@
+// The differentiable formulas of formulas.h, in ATen ops on the statistics dtype.
 #include "autograd/formulas.h"
 
 #include "channel_stats.h"

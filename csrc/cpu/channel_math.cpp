@@ -1,3 +1,4 @@
+// Per-channel loops of the CPU backend over the shared math of batch_norm_math.h.
 #include "cpu/channel_math.h"
 
 #include "batch_norm_math.h"

@@ -1,3 +1,5 @@
+// The plan of a CPU call (plan.h): its rules, the cache sizes they use, and the debug op
+// custom_bn::_cpu_plan that reports a plan.
 #include "cpu/plan.h"
 
 #include "cpu/kernels.h"

@@ -1,3 +1,5 @@
+// The allocator of large CPU results (result_memory.h) and the public memory API
+// (include/custom_bn/memory.h) over it.
 #include "cpu/result_memory.h"
 
 #include <custom_bn/memory.h>

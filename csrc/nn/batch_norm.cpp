@@ -1,3 +1,5 @@
+// The LibTorch batch-norm modules of include/custom_bn/nn.h: input checks, the fused and the
+// frozen variants, and the explicit instantiations of the shared base.
 #include "nn/batch_norm_impl.h"
 
 namespace custom_bn {
@@ -19,10 +21,9 @@ torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
                                            const torch::Tensor& residual) {
   check_input_dim(input);
   const StateArguments state = state_arguments();
-  return custom_bn::batch_norm_relu(input, detail::if_defined(weight), detail::if_defined(bias),
-                                    state.running_mean, state.running_var, state.use_batch_stats,
-                                    options.momentum(), options.eps(), state.num_batches_tracked,
-                                    detail::if_defined(residual));
+  return custom_bn::batch_norm_relu(input, if_defined(weight), if_defined(bias), state.running_mean,
+                                    state.running_var, state.use_batch_stats, options.momentum(),
+                                    options.eps(), state.num_batches_tracked, if_defined(residual));
 }
 
 void BatchNormReLU2dImpl::check_input_dim(const torch::Tensor& input) const {

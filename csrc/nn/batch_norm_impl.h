@@ -4,16 +4,11 @@
 #include <custom_bn/nn.h>
 #include <custom_bn/ops.h>
 
+#include "optional_tensor.h"
+
 #include <torch/nn/init.h>
 
 namespace custom_bn {
-namespace detail {
-
-inline std::optional<torch::Tensor> if_defined(const torch::Tensor& t) {
-  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
-}
-
-}  // namespace detail
 
 template <size_t D, typename Derived>
 BatchNormImplBase<D, Derived>::BatchNormImplBase(const BatchNormOptions& options)
@@ -68,18 +63,17 @@ typename BatchNormImplBase<D, Derived>::StateArguments
 BatchNormImplBase<D, Derived>::state_arguments() const {
   const bool training = this->is_training();
   const bool updates = training && options.track_running_stats();
-  return {detail::if_defined(running_mean), detail::if_defined(running_var),
-          training || !running_mean.defined(),
-          updates ? detail::if_defined(num_batches_tracked) : std::nullopt};
+  return {if_defined(running_mean), if_defined(running_var), training || !running_mean.defined(),
+          updates ? if_defined(num_batches_tracked) : std::nullopt};
 }
 
 template <size_t D, typename Derived>
 torch::Tensor BatchNormImplBase<D, Derived>::forward(const torch::Tensor& input) {
   check_input_dim(input);
   const StateArguments state = state_arguments();
-  return custom_bn::batch_norm(input, detail::if_defined(weight), detail::if_defined(bias),
-                               state.running_mean, state.running_var, state.use_batch_stats,
-                               options.momentum(), options.eps(), state.num_batches_tracked);
+  return custom_bn::batch_norm(input, if_defined(weight), if_defined(bias), state.running_mean,
+                               state.running_var, state.use_batch_stats, options.momentum(),
+                               options.eps(), state.num_batches_tracked);
 }
 
 // "<num_features>, eps=..., momentum=..., affine=..., track_running_stats=...": the options

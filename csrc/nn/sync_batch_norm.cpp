@@ -1,3 +1,5 @@
+// custom_bn::SyncBatchNorm (include/custom_bn/sync_batch_norm.h): batch statistics gathered
+// across the ranks of a c10d process group, with the stage ops.
 #include <custom_bn/ops.h>
 #include <custom_bn/sync_batch_norm.h>
 
@@ -72,10 +74,6 @@ class SyncBatchNormFunction : public torch::autograd::Function<SyncBatchNormFunc
     return grads;
   }
 };
-
-std::optional<torch::Tensor> if_defined(const torch::Tensor& t) {
-  return t.defined() ? std::optional<torch::Tensor>(t) : std::nullopt;
-}
 
 }  // namespace
 
