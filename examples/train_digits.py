@@ -1,6 +1,7 @@
 """The main job: train a small CNN on scikit-learn's 8x8 digits with torch.nn.BatchNorm2d and
 with custom_bn, from the same seed and initialisation, in Python and in the LibTorch C++
-example; print loss and accuracy side by side and plot the loss curves."""
+example; print loss and accuracy side by side and plot the loss curves. Then part two
+(batch_norm_lessons.py): what batch norm does to the same network."""
 
 import argparse
 import copy
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import batch_norm_lessons
 import custom_bn
 import matplotlib
 import torch
@@ -123,6 +125,7 @@ def plot(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--lesson-epochs", type=int, default=8)
     parser.add_argument("--build-dir", type=pathlib.Path, default=ROOT / "build")
     parser.add_argument("--out-dir", type=pathlib.Path, default=ROOT / "build" / "demo")
     args = parser.parse_args()
@@ -151,6 +154,11 @@ def main():
     png = args.out_dir / "loss_curves.png"
     plot(results, png)
     say(f"loss curves written to {png}")
+
+    started = time.time()
+    say("part two: what batch norm does (the same data and seed)")
+    batch_norm_lessons.run(data, args.lesson_epochs, args.out_dir, say, plt)
+    say(f"part two done in {time.time() - started:.1f} s")
 
 
 if __name__ == "__main__":
