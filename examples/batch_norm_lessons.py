@@ -139,14 +139,17 @@ def explain_modes(net, data, say):
 
 
 def plot(results, path, plt):
-    fig, axes = plt.subplots(1, len(results), figsize=(6 * len(results), 4), squeeze=False)
-    for ax, (label, histories) in zip(axes[0], results.items(), strict=True):
+    """Training loss (top) and test accuracy (bottom) per epoch, one column per rate."""
+    fig, axes = plt.subplots(2, len(results), figsize=(6 * len(results), 7), squeeze=False)
+    for column, (label, histories) in enumerate(results.items()):
         for kind, history in histories.items():
-            losses = [loss for loss, _ in history]
-            ax.plot(range(1, len(losses) + 1), losses, "o-", label=kind)
-        ax.set(title=f"lr {LEARNING_RATES[label]} ({label})", xlabel="epoch",
-               ylabel="training loss", yscale="log")  # fmt: skip
-        ax.legend()
+            epochs = range(1, len(history) + 1)
+            axes[0][column].plot(epochs, [loss for loss, _ in history], "o-", label=kind)
+            axes[1][column].plot(epochs, [100 * acc for _, acc in history], "o-", label=kind)
+        axes[0][column].set(title=f"lr {LEARNING_RATES[label]} ({label})",
+                            ylabel="training loss", yscale="log")  # fmt: skip
+        axes[1][column].set(xlabel="epoch", ylabel="test accuracy (%)")
+        axes[0][column].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
