@@ -41,27 +41,33 @@ def make_net(kind):
     )  # fmt: skip
 
 
-def train(kind, lr, data, epochs, batch_size=64):
+def train_epoch(net, optimizer, data, order, batch_size=64):
+    """One epoch over the training images in `order`; (mean training loss, test accuracy).
+    The parity part trains with it too."""
+    net.train()
+    losses = []
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        optimizer.zero_grad()
+        loss = F.cross_entropy(net(data["x_train"][index]), data["y_train"][index])
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    net.eval()
+    with torch.no_grad():
+        accuracy = (net(data["x_test"]).argmax(1) == data["y_test"]).double().mean().item()
+    return sum(losses) / len(losses), accuracy
+
+
+def train(kind, lr, data, epochs):
     """Per-epoch (mean training loss, test accuracy); the trained network."""
     torch.manual_seed(0)
     net = make_net(kind)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
-    history = []
-    for _ in range(epochs):
-        net.train()
-        order = torch.randperm(len(data["x_train"]))
-        losses = []
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            optimizer.zero_grad()
-            loss = F.cross_entropy(net(data["x_train"][index]), data["y_train"][index])
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-        net.eval()
-        with torch.no_grad():
-            hits = net(data["x_test"]).argmax(1) == data["y_test"]
-        history.append((sum(losses) / len(losses), hits.double().mean().item()))
+    history = [
+        train_epoch(net, optimizer, data, torch.randperm(len(data["x_train"])))
+        for _ in range(epochs)
+    ]
     return history, net
 
 

@@ -14,7 +14,6 @@ import batch_norm_lessons
 import custom_bn
 import matplotlib
 import torch
-import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 matplotlib.use("Agg")
@@ -53,22 +52,6 @@ def make_net():
     )
 
 
-def train_epoch(net, optimizer, data, order, batch_size=64):
-    net.train()
-    losses = []
-    for start in range(0, len(order), batch_size):
-        index = order[start : start + batch_size]
-        optimizer.zero_grad()
-        loss = F.cross_entropy(net(data["x_train"][index]), data["y_train"][index])
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    net.eval()
-    with torch.no_grad():
-        accuracy = (net(data["x_test"]).argmax(1) == data["y_test"]).double().mean().item()
-    return sum(losses) / len(losses), accuracy
-
-
 def train_python(data, epochs):
     torch.manual_seed(0)
     torch_net = make_net()
@@ -83,8 +66,8 @@ def train_python(data, epochs):
     )
     for epoch in range(1, epochs + 1):
         order = torch.randperm(len(data["x_train"]))  # the same batches for both
-        theirs = train_epoch(torch_net, optimizers[0], data, order)
-        ours = train_epoch(ours_net, optimizers[1], data, order)
+        theirs = batch_norm_lessons.train_epoch(torch_net, optimizers[0], data, order)
+        ours = batch_norm_lessons.train_epoch(ours_net, optimizers[1], data, order)
         rows.append((epoch, theirs[0], ours[0], theirs[1], ours[1]))
         print(
             f"{'Python':15s} {epoch:5d}  {theirs[0]:12.6f} {ours[0]:12.6f}  "
