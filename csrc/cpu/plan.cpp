@@ -96,7 +96,7 @@ int64_t cache_bytes(int level) {
   return level == 2 ? l2 : l3;
 }
 
-CallWork work_of(const std::string& op, bool training, bool residual) {
+CallWork work_of(std::string_view op, bool training, bool residual) {
   if (op == "batch_norm_forward") return {1, training};
   if (op == "batch_norm_relu_forward") return {residual ? 2 : 1, training && !residual};
   if (op == "batch_norm_backward") return {2, training};
@@ -179,7 +179,8 @@ std::string cpu_plan_op(const at::Tensor& input, c10::string_view op, bool train
               "dimensions (N, C, *), but got input of shape ", input.sizes());
   const DenseTensor dense = make_dense(input);
   return describe_plan(
-      plan_call(dense.view, input.scalar_type(), work_of(std::string(op), training, residual)));
+      plan_call(dense.view, input.scalar_type(),
+                work_of(std::string_view(op.data(), op.size()), training, residual)));
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 namespace custom_bn::cpu {
 
@@ -52,7 +53,7 @@ struct CallWork {
 // The CallWork of an op ("batch_norm_forward", "batch_norm_backward",
 // "batch_norm_relu_forward", "batch_norm_relu_backward", "batch_norm_elemt",
 // "batch_norm_backward_elemt"): one table for the ops and the debug op.
-CallWork work_of(const std::string& op, bool training, bool residual);
+CallWork work_of(std::string_view op, bool training, bool residual);
 
 struct CpuPlan {
   ChannelView view;
