@@ -6,6 +6,22 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 
+def _fx_leaf(module: torch.nn.Module, *args: object) -> torch.fx.Proxy | None:
+    """While torch.fx traces a model, the call_module node for this call of `module`, as
+    torch.fx records for a leaf module; None outside tracing and for the traced root itself.
+
+    torch.fx keeps modules from torch.nn as leaves and traces through all others; ours ask to
+    be leaves themselves, so that a traced model keeps them (and their training flag) as it
+    keeps torch's batch norm, and passes that match modules by their target (fusion,
+    quantization) see them."""
+    if not isinstance(args[0], torch.fx.Proxy):
+        return None
+    tracer = args[0].tracer
+    if module is tracer.root:
+        return None
+    return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
+
+
 class _CustomBatchNorm(_BatchNorm):
     def _state_arguments(
         self,
@@ -25,6 +41,10 @@ class _CustomBatchNorm(_BatchNorm):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
         return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, running_mean,
@@ -62,6 +82,10 @@ class BatchNormReLU2d(BatchNorm2d):
     BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d)."""
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        if not torch.jit.is_scripting():
+            leaf = _fx_leaf(self, input) if residual is None else _fx_leaf(self, input, residual)
+            if leaf is not None:
+                return leaf
         self._check_input_dim(input)
         running_mean, running_var, training, num_batches_tracked = self._state_arguments()
         return torch.ops.custom_bn.batch_norm_relu(input, self.weight, self.bias, running_mean,
@@ -76,15 +100,15 @@ _REPLACEMENTS = {
 }
 
 
-def _convert_one(bn: _BatchNorm) -> _BatchNorm:
-    ours = _REPLACEMENTS[type(bn)].__new__(_REPLACEMENTS[type(bn)])
-    # The same attributes, parameters and buffers (the very tensors: optimizers and other
-    # references to them keep working), training mode and device.
-    ours.__dict__.update(bn.__dict__)
-    ours._parameters = dict(bn._parameters)
-    ours._buffers = dict(bn._buffers)
-    ours._modules = dict(bn._modules)
-    return ours
+def _retype(bn: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+    """A `cls` batch norm over the same attributes, parameters and buffers (the very tensors:
+    optimizers and other references to them keep working), training mode and device."""
+    retyped = cls.__new__(cls)
+    retyped.__dict__.update(bn.__dict__)
+    retyped._parameters = dict(bn._parameters)
+    retyped._buffers = dict(bn._buffers)
+    retyped._modules = dict(bn._modules)
+    return retyped
 
 
 class FrozenBatchNorm2d(torch.nn.Module):
@@ -109,6 +133,10 @@ class FrozenBatchNorm2d(torch.nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
         return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, self.running_mean,
@@ -142,7 +170,7 @@ def convert_batchnorm(module: torch.nn.Module, frozen: bool = False) -> torch.nn
     if frozen and type(module) in (torch.nn.BatchNorm2d, BatchNorm2d):
         return _freeze_one(module)
     if type(module) in _REPLACEMENTS:
-        return _convert_one(module)
+        return _retype(module, _REPLACEMENTS[type(module)])
     for name, child in module.named_children():
         converted = convert_batchnorm(child, frozen)
         if converted is not child:

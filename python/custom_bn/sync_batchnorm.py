@@ -12,6 +12,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .modules import _fx_leaf
+
 ops = torch.ops.custom_bn
 
 
@@ -89,6 +91,10 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
+        if not torch.jit.is_scripting():
+            leaf = _fx_leaf(self, input)
+            if leaf is not None:
+                return leaf
         self._check_input_dim(input)
         if input.size(1) == 0:
             raise ValueError("SyncBatchNorm number of input channels should be non-zero")
