@@ -8,7 +8,8 @@ from ._library import library_path, load
 
 load()
 
-from . import _vmap, functional, memory  # noqa: E402
+from . import _vmap, functional, memory, quantization  # noqa: E402
+from .fusion import fuse_batchnorm_relu  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
@@ -20,6 +21,7 @@ from .modules import (  # noqa: E402
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 _vmap.register()
+quantization.register_fuser_methods()
 
 __all__ = [
     "BatchNorm1d",
@@ -28,9 +30,11 @@ __all__ = [
     "BatchNormReLU2d",
     "FrozenBatchNorm2d",
     "convert_batchnorm",
+    "fuse_batchnorm_relu",
     "functional",
     "library_path",
     "memory",
+    "quantization",
     "SyncBatchNorm",
 ]
 __version__ = "0.1.0"

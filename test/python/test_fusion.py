@@ -1,0 +1,166 @@
+"""custom_bn.fuse_batchnorm_relu: BN then ReLU, with or without a residual in between,
+becomes one batch_norm_relu call, and the fused model computes and trains as the original."""
+
+import copy
+
+import custom_bn
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+def _fused_calls(model: nn.Module) -> int:
+    return sum(type(m) is custom_bn.BatchNormReLU2d for m in model.modules())
+
+
+def _train_in_lockstep(model: nn.Module, fused: nn.Module, steps: int, shape) -> None:
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (model, fused)]
+    for _ in range(steps):
+        x = torch.randn(shape, dtype=torch.float64)
+        target = torch.randint(0, 10, (shape[0],))
+        losses = []
+        for m, optimizer in zip((model, fused), optimizers, strict=True):
+            optimizer.zero_grad()
+            loss = F.cross_entropy(m(x), target)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-9, atol=0)
+    fused_state = fused.state_dict()
+    assert list(fused_state) == list(model.state_dict())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(
+            fused_state[key], value, rtol=1e-7, atol=1e-9, msg=lambda m, key=key: f"{key}: {m}"
+        )
+
+
+@pytest.mark.parametrize("arch, fusions", [("resnet18", 17), ("resnet50", 49)])
+@pytest.mark.parametrize("convert_first", [False, True])
+def test_fused_resnet_trains_in_lockstep_in_float64(arch, fusions, convert_first):
+    model = getattr(torchvision.models, arch)(num_classes=10).double()
+    if convert_first:
+        model = custom_bn.convert_batchnorm(model)
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    # Every block's BN then ReLU (with the residual in the last) and the stem's.
+    assert _fused_calls(fused) == fusions
+    _train_in_lockstep(model, fused, steps=2, shape=(4, 3, 64, 64))
+    model.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-7, atol=1e-9)
+
+
+def test_fused_model_keeps_parameters_buffers_and_mode():
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert not fused.training and not fused.get_submodule("layer1.0.bn2").training
+    for name, parameter in model.named_parameters():
+        assert fused.get_parameter(name) is parameter
+    for name, buffer in model.named_buffers():
+        assert fused.get_buffer(name) is buffer
+    # The original model is untouched.
+    assert type(model.layer1[0].bn2) is nn.BatchNorm2d
+
+
+def test_fused_model_compiles_fullgraph():
+    model = torchvision.models.resnet18(num_classes=10)
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(4, 3, 64, 64)
+    y = compiled(x)
+    y.sum().backward()
+    expected = model(x)
+    torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fused.bn1.running_var, model.bn1.running_var)
+
+
+def test_model_without_a_fusible_pattern_comes_back_unchanged():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Sigmoid(), nn.ReLU())
+    assert custom_bn.fuse_batchnorm_relu(model) is model
+    # BatchNormReLU2d is 2-D: a 3-D batch norm then ReLU stays as it is.
+    model = nn.Sequential(nn.BatchNorm3d(4), nn.ReLU())
+    assert custom_bn.fuse_batchnorm_relu(model) is model
+
+
+class _Block(nn.Module):
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        self.bn = nn.BatchNorm2d(4)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x, identity):
+        out = self.bn(x)
+        if self.form == "iadd":
+            out += identity
+            return self.relu(out)
+        if self.form == "add_right":
+            return F.relu(identity + out)
+        if self.form == "torch_add":
+            return torch.relu(torch.add(out, identity))
+        if self.form == "method":
+            return out.add_(identity).relu_()
+        if self.form == "inplace_functional":
+            return F.relu(out, inplace=True)
+        raise AssertionError(self.form)
+
+
+@pytest.mark.parametrize("form", ["iadd", "add_right", "torch_add", "method", "inplace_functional"])
+def test_every_spelling_of_relu_and_add_fuses(form):
+    model = _Block(form)
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    assert _fused_calls(fused) == 1
+    x, identity = torch.randn(3, 4, 5, 5, requires_grad=True), torch.randn(3, 4, 5, 5)
+    torch.testing.assert_close(fused(x, identity.clone()), model(x, identity.clone()))
+    torch.testing.assert_close(fused.bn.running_mean, model.bn.running_mean)
+
+
+def test_in_place_add_into_the_residual_is_left_alone():
+    # identity += bn(x) writes identity, which the fused call would not.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x, identity):
+            identity += self.bn(x)
+            return F.relu(identity), identity
+
+    model = Block()
+    assert custom_bn.fuse_batchnorm_relu(model) is model
+
+
+def test_batch_norm_also_called_without_relu_is_left_alone():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return F.relu(self.bn(x)) + self.bn(x * 2)
+
+    model = Shared()
+    assert custom_bn.fuse_batchnorm_relu(model) is model
+
+
+def test_untraceable_parent_has_its_children_fused():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 1), custom_bn.BatchNorm2d(4), nn.ReLU())
+
+        def forward(self, x):
+            return self.body(x) if x.sum() > 0 else -self.body(x)
+
+    model = DataDependent()
+    expected_x = torch.randn(2, 3, 4, 4)
+    expected = copy.deepcopy(model)(expected_x)
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert fused is model and _fused_calls(model.body) == 1
+    torch.testing.assert_close(fused(expected_x), expected)
+
+
+def test_mobilenet_relu6_is_not_fused():
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    assert custom_bn.fuse_batchnorm_relu(model) is model
