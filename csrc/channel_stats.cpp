@@ -19,12 +19,17 @@ int64_t values_per_channel(const at::Tensor& input) {
   return input.size(1) == 0 ? 0 : input.numel() / input.size(1);
 }
 
+at::Tensor channel_vector(const at::Tensor& t, int64_t channels, at::ScalarType dtype) {
+  if (t.dim() == 1 && t.scalar_type() == dtype && t.is_contiguous()) return t;
+  return t.reshape({channels}).to(dtype).contiguous();
+}
+
 ChannelStats eval_stats(const at::Tensor& input, const std::optional<at::Tensor>& running_mean,
                         const std::optional<at::Tensor>& running_var, double eps,
                         EvalInvstd eval_invstd) {
   TORCH_INTERNAL_ASSERT(has(running_mean) && has(running_var), "checked before");
   const at::TensorOptions options = stat_options(input);
-  return {running_mean->reshape({input.size(1)}).to(options.dtype()).contiguous(),
+  return {channel_vector(*running_mean, input.size(1), options.dtype().toScalarType()),
           eval_invstd(*running_var, options, eps)};
 }
 
@@ -33,7 +38,9 @@ ChannelStats backward_stats(const at::Tensor& input, const std::optional<at::Ten
                             const at::Tensor& save_mean, const at::Tensor& save_invstd,
                             bool training, double eps, EvalInvstd eval_invstd) {
   if (!training) return eval_stats(input, running_mean, running_var, eps, eval_invstd);
-  return {save_mean.reshape({-1}).contiguous(), save_invstd.reshape({-1}).contiguous()};
+  const int64_t channels = save_mean.numel();
+  return {channel_vector(save_mean, channels, save_mean.scalar_type()),
+          channel_vector(save_invstd, channels, save_invstd.scalar_type())};
 }
 
 std::pair<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,
@@ -42,11 +49,12 @@ std::pair<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,
                                               const std::optional<at::Tensor>& weight,
                                               bool weight_g, bool bias_g) {
   const at::ScalarType dtype = has(weight) ? weight->scalar_type() : input.scalar_type();
-  const auto fresh = [dtype](const at::Tensor& t) {
-    return t.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  const at::Tensor invstd_c = channel_vector(invstd, invstd.numel(), invstd.scalar_type());
+  const auto in_dtype = [dtype](const at::Tensor& t) {
+    return t.scalar_type() == dtype ? t : t.to(dtype);
   };
-  return {weight_g ? fresh(sum_dy_xmu * invstd.reshape({-1})) : at::Tensor(),
-          bias_g ? fresh(sum_dy) : at::Tensor()};
+  return {weight_g ? in_dtype(sum_dy_xmu * invstd_c) : at::Tensor(),
+          bias_g ? in_dtype(sum_dy) : at::Tensor()};
 }
 
 }  // namespace custom_bn

@@ -19,6 +19,11 @@ at::TensorOptions stat_options(const at::Tensor& input);
 // N * S of an (N, C, *) input; 0 when it has no channels.
 int64_t values_per_channel(const at::Tensor& input);
 
+// `t` (any shape of `channels` elements) as a contiguous (channels,) tensor of `dtype`: `t`
+// itself when it already is one, without a dispatcher call (every op's per-call path reads its
+// parameters and statistics through this), else a converted copy.
+at::Tensor channel_vector(const at::Tensor& t, int64_t channels, at::ScalarType dtype);
+
 // What normalizes a channel: mean and invstd, contiguous (C,) tensors of the statistics dtype.
 struct ChannelStats {
   at::Tensor mean;
@@ -42,8 +47,9 @@ ChannelStats backward_stats(const at::Tensor& input, const std::optional<at::Ten
                             bool training, double eps, EvalInvstd eval_invstd);
 
 // (grad_weight, grad_bias) = (sum_dy_xmu * invstd, sum_dy) in weight's dtype (the input's when
-// there is none), each undefined unless wanted. Always fresh tensors: a returned gradient
-// must not alias another output.
+// there is none), each undefined unless wanted. grad_weight is a fresh tensor; grad_bias is
+// sum_dy itself when that has the dtype already, so a caller that also returns sum_dy (an
+// output must not alias another) copies one of them.
 std::pair<at::Tensor, at::Tensor> param_grads(const at::Tensor& sum_dy,
                                               const at::Tensor& sum_dy_xmu,
                                               const at::Tensor& invstd, const at::Tensor& input,

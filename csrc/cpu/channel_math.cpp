@@ -2,6 +2,7 @@
 #include "cpu/channel_math.h"
 
 #include "batch_norm_math.h"
+#include "channel_stats.h"
 #include "checks.h"
 
 #include <ATen/Dispatch.h>
@@ -32,7 +33,7 @@ at::Tensor empty_like_stat(const at::Tensor& stat) {
 at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channels,
                          const at::TensorOptions& options, double fill) {
   if (!has(param)) return at::full({channels}, fill, options);
-  return param->reshape({channels}).to(options.dtype()).contiguous();
+  return channel_vector(*param, channels, options.dtype().toScalarType());
 }
 
 at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
@@ -51,7 +52,7 @@ at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
 
 at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_options,
                            double eps) {
-  at::Tensor var_stat = var.reshape({var.numel()}).to(stat_options.dtype()).contiguous();
+  const at::Tensor var_stat = channel_vector(var, var.numel(), stat_options.dtype().toScalarType());
   at::Tensor invstd = empty_like_stat(var_stat);
   AT_DISPATCH_FLOATING_TYPES(var_stat.scalar_type(), "invstd_from_var", [&] {
     const scalar_t* in = data<scalar_t>(var_stat);
@@ -157,9 +158,10 @@ void update_running_stats(const at::Tensor& batch_mean, const at::Tensor& batch_
       rv[c] = running_update(rv[c], unbiased_var(m2_data[c], static_cast<scalar_t>(count)), m);
     }
   });
-  // copy_ writes through any strides and rounds into the running stats' own dtype.
-  running_mean->copy_(new_mean.view(running_mean->sizes()));
-  running_var->copy_(new_var.view(running_var->sizes()));
+  // Updated in place when the running stats are contiguous (C,) tensors of the statistics
+  // dtype; otherwise copy_ writes through their strides and rounds into their own dtype.
+  if (!new_mean.is_same(*running_mean)) running_mean->copy_(new_mean.view(running_mean->sizes()));
+  if (!new_var.is_same(*running_var)) running_var->copy_(new_var.view(running_var->sizes()));
 }
 
 }  // namespace custom_bn::cpu

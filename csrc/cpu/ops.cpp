@@ -278,8 +278,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
                 mean.reshape({-1}).contiguous());
   const auto [grad_weight, grad_bias] =
       param_grads(sum_dy, sum_dy_xmu, invstd.contiguous(), input, weight, weight_g, bias_g);
+  // grad_bias may be sum_dy itself; both are outputs.
   return {input_g ? sum_dy : at::Tensor(), input_g ? sum_dy_xmu : at::Tensor(), grad_weight,
-          grad_bias};
+          input_g && grad_bias.is_same(sum_dy) ? grad_bias.clone() : grad_bias};
 }
 
 at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS) {
