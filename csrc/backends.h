@@ -6,6 +6,7 @@
 
 #define CUSTOM_BN_DECLARE_BACKEND_OPS                                                             \
   decltype(::custom_bn::batch_norm_forward) batch_norm_forward;                                   \
+  decltype(::custom_bn::batch_norm_eval) batch_norm_eval;                                         \
   decltype(::custom_bn::batch_norm_backward) batch_norm_backward;                                 \
   decltype(::custom_bn::batch_norm_relu_forward) batch_norm_relu_forward;                         \
   decltype(::custom_bn::batch_norm_relu_backward) batch_norm_relu_backward;                       \
@@ -34,6 +35,7 @@ CUSTOM_BN_DECLARE_BACKEND_OPS
 #define CUSTOM_BN_REGISTER_BACKEND_OPS(m)                                         \
   do {                                                                            \
     (m).impl("batch_norm_forward", TORCH_FN(batch_norm_forward));                 \
+    (m).impl("batch_norm_eval", TORCH_FN(batch_norm_eval));                       \
     (m).impl("batch_norm_backward", TORCH_FN(batch_norm_backward));               \
     (m).impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward));       \
     (m).impl("batch_norm_relu_backward", TORCH_FN(batch_norm_relu_backward));     \

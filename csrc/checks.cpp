@@ -148,6 +148,18 @@ void check_batch_norm_forward(const char* op, const at::Tensor& input,
   if (has(residual)) check_like_input(op, "residual", *residual, input);
 }
 
+void check_batch_norm_eval(const char* op, const at::Tensor& input,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, bool relu,
+                           const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK_VALUE(relu || !has(residual), op,
+                    ": residual is added before the ReLU, so it needs relu=True, but got "
+                    "relu=False and a residual tensor");
+  check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, std::nullopt,
+                           /*training=*/false, std::nullopt, residual);
+}
+
 void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
                                const std::optional<at::Tensor>& weight,
                                const std::optional<at::Tensor>& running_mean,

@@ -22,6 +22,14 @@ void check_channel_params(const char* op, const at::Tensor& input,
                           const std::optional<at::Tensor>& running_mean,
                           const std::optional<at::Tensor>& running_var);
 
+// batch_norm_eval's arguments: batch_norm_forward's in evaluation mode, and a residual only
+// with relu.
+void check_batch_norm_eval(const char* op, const at::Tensor& input,
+                           const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, bool relu,
+                           const std::optional<at::Tensor>& residual);
+
 // A per-channel statistics tensor (mean, invstd, save_*): `channels` elements of `dtype`.
 void check_stat(const char* op, const char* name, const at::Tensor& stat, const at::Tensor& input,
                 const c10::SymInt& channels, at::ScalarType dtype);

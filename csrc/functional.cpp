@@ -29,6 +29,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                      momentum, eps);
 }
 
+at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_eval);
+  return handle.call(input, weight, bias, running_mean, running_var, eps, relu, residual);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_backward);

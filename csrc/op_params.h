@@ -43,6 +43,10 @@
   const std::optional<at::Tensor>& residual, bool training, std::optional<double> momentum, \
   double eps
 
+#define CUSTOM_BN_BATCH_NORM_EVAL_PARAMS \
+  const at::Tensor& input, const std::optional<at::Tensor>& weight, \
+  const std::optional<at::Tensor>& bias, const at::Tensor& running_mean, \
+  const at::Tensor& running_var, double eps, bool relu, const std::optional<at::Tensor>& residual
 #define CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS \
   const at::Tensor& grad_output, const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS, \
   std::array<bool, 3> output_mask
@@ -92,6 +96,7 @@ struct ReturnType<Result(Args...)> {
 
 CUSTOM_BN_CHECK_PARAMS(batch_norm, CUSTOM_BN_BATCH_NORM_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_forward, CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS);
+CUSTOM_BN_CHECK_PARAMS(batch_norm_eval, CUSTOM_BN_BATCH_NORM_EVAL_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_backward, CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_relu, CUSTOM_BN_BATCH_NORM_RELU_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_forward, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS);

@@ -11,6 +11,12 @@ TORCH_LIBRARY(custom_bn, m) {
       "batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, bool training, float? momentum, "
       "float eps) -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
+  // Evaluation mode without mutation: normalizes with the running statistics, which it only
+  // reads (batch_norm with training=False calls it, so that an exported eval graph writes no
+  // state); with relu, relu(batch_norm(input) + residual).
+  m.def(
+      "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
+      "Tensor running_var, float eps, bool relu=False, Tensor? residual=None) -> Tensor");
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
       "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "

@@ -8,10 +8,12 @@
 // The backward runs the batch_norm(_relu)_backward op; when it must itself be differentiable
 // (create_graph, and always under torch.func), the formula of formulas.h instead.
 #include "autograd/formulas.h"
+#include "channel_stats.h"
 #include "checks.h"
 #include "op_params.h"
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
@@ -83,9 +85,14 @@ at::Tensor tangent_of(const std::optional<at::Tensor>& t) {
 
 using ForwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 
-// batch_norm_forward (relu = false) or batch_norm_relu_forward with autograd: the output is
-// differentiable, save_mean and save_invstd are not.
-ForwardResult forward_with_autograd(bool relu, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
+// Which op runs below autograd.
+enum class ForwardOp { kForward, kEval };
+
+// batch_norm_forward (relu = false), batch_norm_relu_forward or (ForwardOp::kEval, training =
+// false) batch_norm_eval with autograd: the output is differentiable, save_mean and
+// save_invstd are not.
+ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
+                                    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   std::shared_ptr<BatchNormBackward> node;
   if (torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
     node.reset(new BatchNormBackward(), torch::autograd::deleteNode);
@@ -104,11 +111,17 @@ ForwardResult forward_with_autograd(bool relu, CUSTOM_BN_BATCH_NORM_RELU_FORWARD
   {
     // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
     at::AutoDispatchBelowAutograd below_autograd;
-    std::tie(output, save_mean, save_invstd) =
-        relu ? batch_norm_relu_forward(input, weight, bias, updated_mean, updated_var, counter,
-                                       residual, training, momentum, eps)
-             : batch_norm_forward(input, weight, bias, updated_mean, updated_var, counter, training,
-                                  momentum, eps);
+    if (forward_op == ForwardOp::kEval) {
+      output =
+          batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, relu, residual);
+      save_mean = save_invstd = at::empty({0}, stat_options(input));
+    } else {
+      std::tie(output, save_mean, save_invstd) =
+          relu ? batch_norm_relu_forward(input, weight, bias, updated_mean, updated_var, counter,
+                                         residual, training, momentum, eps)
+               : batch_norm_forward(input, weight, bias, updated_mean, updated_var, counter,
+                                    training, momentum, eps);
+    }
   }
   const at::Tensor w = weight.value_or(at::Tensor());
   // Eval normalizes with the running stats; training needs only save_* (and mutates them).
@@ -148,13 +161,21 @@ ForwardResult forward_with_autograd(bool relu, CUSTOM_BN_BATCH_NORM_RELU_FORWARD
 }
 
 ForwardResult batch_norm_forward_autograd(CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
-  return forward_with_autograd(/*relu=*/false, input, weight, bias, running_mean, running_var,
-                               num_batches_tracked, std::nullopt, training, momentum, eps);
+  return forward_with_autograd(ForwardOp::kForward, /*relu=*/false, input, weight, bias,
+                               running_mean, running_var, num_batches_tracked, std::nullopt,
+                               training, momentum, eps);
 }
 
 ForwardResult batch_norm_relu_forward_autograd(CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
-  return forward_with_autograd(/*relu=*/true, input, weight, bias, running_mean, running_var,
-                               num_batches_tracked, residual, training, momentum, eps);
+  return forward_with_autograd(ForwardOp::kForward, /*relu=*/true, input, weight, bias,
+                               running_mean, running_var, num_batches_tracked, residual, training,
+                               momentum, eps);
+}
+
+at::Tensor batch_norm_eval_autograd(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
+  return std::get<0>(forward_with_autograd(ForwardOp::kEval, relu, input, weight, bias,
+                                           running_mean, running_var, std::nullopt, residual,
+                                           /*training=*/false, std::nullopt, eps));
 }
 
 }  // namespace
@@ -162,6 +183,7 @@ ForwardResult batch_norm_relu_forward_autograd(CUSTOM_BN_BATCH_NORM_RELU_FORWARD
 TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
   m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward_autograd));
   m.impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward_autograd));
+  m.impl("batch_norm_eval", TORCH_FN(batch_norm_eval_autograd));
 }
 
 }  // namespace custom_bn::autograd

@@ -165,6 +165,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
                  residual);
 }
 
+at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
+  const char* op = "custom_bn::batch_norm_eval";
+  check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
+  return std::get<0>(forward(op, input, weight, bias, running_mean, running_var, std::nullopt,
+                             /*training=*/false, std::nullopt, eps, relu, residual));
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,

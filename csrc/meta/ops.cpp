@@ -41,6 +41,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
   return {empty_result_like(input), empty_channel_stat(input), empty_channel_stat(input)};
 }
 
+at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
+  check_batch_norm_eval("custom_bn::batch_norm_eval", input, weight, bias, running_mean,
+                        running_var, relu, residual);
+  return empty_result_like(input);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,

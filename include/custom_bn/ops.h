@@ -29,6 +29,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     const std::optional<at::Tensor>& num_batches_tracked, bool training,
     std::optional<double> momentum, double eps);
 
+// Evaluation mode as a pure function: normalizes with running_mean and running_var, which it
+// only reads; with relu, relu(batch_norm(input) + residual) (residual only with relu).
+// batch_norm and batch_norm_relu with training=False call it.
+at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
+                           const at::Tensor& running_var, double eps, bool relu = false,
+                           const std::optional<at::Tensor>& residual = std::nullopt);
+
 // Returns (grad_input, grad_weight, grad_bias); a gradient masked out is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,

@@ -207,6 +207,19 @@ def _batch_norm_relu_rule(forward_rule):
     return rule
 
 
+def _eval_rule(info, in_dims, input, weight, bias, running_mean, running_var, eps, relu=False,
+               residual=None):  # fmt: skip
+    """batch_norm_eval: reads the running stats only, so unbatched ones are shared."""
+    dims = (*in_dims, None, None)[:8]
+    batch_size = info.batch_size
+    x = _fold_input(input, dims[0], batch_size)
+    r = None if residual is None else _fold_input(residual, dims[7], batch_size)
+    w, b, mean, var = (_fold_channels(t, d, batch_size)
+                       for t, d in zip((weight, bias, running_mean, running_var), dims[1:5],
+                                       strict=True))  # fmt: skip
+    return _unfold_input(ops.batch_norm_eval(x, w, b, mean, var, eps, relu, r), batch_size), 0
+
+
 def register():
     forward = _forward_rule("batch_norm", relu=False)
     relu_forward = _forward_rule("batch_norm_relu", relu=True)
@@ -215,6 +228,7 @@ def register():
         ("batch_norm_relu_forward", relu_forward),
         ("batch_norm", _batch_norm_rule(forward)),
         ("batch_norm_relu", _batch_norm_relu_rule(relu_forward)),
+        ("batch_norm_eval", _eval_rule),
         ("batch_norm_backward", _backward_rule(relu=False)),
         ("batch_norm_relu_backward", _backward_rule(relu=True)),
     ):
