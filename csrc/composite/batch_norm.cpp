@@ -25,7 +25,8 @@ bool reads_running_stats_only(const char* op, const at::Tensor& input, bool trai
 at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
   if (reads_running_stats_only("custom_bn::batch_norm", input, training, running_mean, running_var,
                                num_batches_tracked, momentum)) {
-    return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps);
+    return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/false,
+                           std::nullopt);
   }
   return std::get<0>(batch_norm_forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, training, momentum, eps));

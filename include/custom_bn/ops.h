@@ -31,11 +31,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 
 // Evaluation mode as a pure function: normalizes with running_mean and running_var, which it
 // only reads; with relu, relu(batch_norm(input) + residual) (residual only with relu).
-// batch_norm and batch_norm_relu with training=False call it.
+// batch_norm and batch_norm_relu with training=False call it. (No default arguments: the
+// backends declare their kernels through this declaration's type, which nvcc refuses with them.)
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
-                           const at::Tensor& running_var, double eps, bool relu = false,
-                           const std::optional<at::Tensor>& residual = std::nullopt);
+                           const at::Tensor& running_var, double eps, bool relu,
+                           const std::optional<at::Tensor>& residual);
 
 // Returns (grad_input, grad_weight, grad_bias); a gradient masked out is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
