@@ -41,6 +41,29 @@ void BatchNormImplBase<D, Derived>::reset() {
 }
 
 template <size_t D, typename Derived>
+void BatchNormImplBase<D, Derived>::share_state(const torch::Tensor& weight,
+                                                const torch::Tensor& bias,
+                                                const torch::Tensor& running_mean,
+                                                const torch::Tensor& running_var,
+                                                const torch::Tensor& num_batches_tracked) {
+  for (auto [name, own, given] :
+       {std::tuple{"weight", &this->weight, &weight}, std::tuple{"bias", &this->bias, &bias}}) {
+    if (!given->defined() || !own->defined()) continue;
+    TORCH_CHECK(given->sizes() == own->sizes(), "share_state: expected ", name, " of shape ",
+                own->sizes(), ", but got ", given->sizes());
+    this->parameters_[name] = *given;
+    *own = *given;
+  }
+  // The registered buffer tensors stay registered and take the given ones' storage (shared),
+  // dtype and device.
+  for (auto [own, given] :
+       {std::pair{&this->running_mean, &running_mean}, std::pair{&this->running_var, &running_var},
+        std::pair{&this->num_batches_tracked, &num_batches_tracked}}) {
+    if (given->defined() && own->defined()) own->set_data(*given);
+  }
+}
+
+template <size_t D, typename Derived>
 void BatchNormImplBase<D, Derived>::reset_running_stats() {
   if (!options.track_running_stats()) return;
   torch::NoGradGuard no_grad;

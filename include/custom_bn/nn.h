@@ -45,6 +45,14 @@ class BatchNormImplBase : public torch::nn::Cloneable<Derived> {
 
   void pretty_print(std::ostream& stream) const override;
 
+  /// Takes over another batch norm's state, as fuse_batchnorm_relu does: the given parameters
+  /// become this module's (the very tensors, so optimizers over them keep working) and its
+  /// buffers share storage with the given ones. Undefined tensors are skipped; shapes must be
+  /// this module's.
+  void share_state(const torch::Tensor& weight, const torch::Tensor& bias,
+                   const torch::Tensor& running_mean, const torch::Tensor& running_var,
+                   const torch::Tensor& num_batches_tracked);
+
   BatchNormOptions options;
   torch::Tensor weight;               ///< defined if options.affine()
   torch::Tensor bias;                 ///< defined if options.affine()
