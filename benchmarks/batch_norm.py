@@ -13,6 +13,9 @@ import os
 import pathlib
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import custom_bn  # noqa: F401  (loads the ops)
@@ -219,12 +222,37 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def torch_under_tcmalloc(argv):
+    """The torch column again, in a child process whose allocator is tcmalloc (LD_PRELOAD of
+    Debian's libtcmalloc-minimal4): ms per row, in the rows' order, or None without it. The
+    child times torch alone, so its rows are not interleaved with ours."""
+    if not os.path.exists(TCMALLOC):
+        print(f"no {TCMALLOC} (Debian's libtcmalloc-minimal4): no tcmalloc column")
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "torch.json"
+        env = dict(os.environ, LD_PRELOAD=TCMALLOC)
+        subprocess.run([sys.executable, __file__, *argv, "--torch-only", str(out)], env=env,
+                       check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+        return json.loads(out.read_text())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a one-minute subset")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
+    parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc column")
+    parser.add_argument("--torch-only", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    tcmalloc_ms = None
+    if not args.torch_only and not args.no_tcmalloc:
+        argv = ["--quick"] if args.quick else []
+        argv += ["--repeats", str(args.repeats)] if args.repeats else []
+        tcmalloc_ms = torch_under_tcmalloc(argv)
     repeats = args.repeats or (7 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +267,7 @@ def main():
     header = (
         f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} "
         f"{'ours ms':>8s} {'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} "
-        f"{'GB/s':>6s} {'% copy':>6s}"
+        f"{'GB/s':>6s} {'% copy':>6s}" + (f" {'vs tcm':>8s}" if tcmalloc_ms is not None else "")
     )
     print(header)
     rows = []
@@ -260,9 +288,13 @@ def main():
     ]
     for device, shape, layout, kind, mode in configs:
         for dtype in (torch.float32, torch.bfloat16):
-            bandwidth = copy_bandwidth(5)
             x = make_input(shape, layout, dtype, device)
             fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
+            if args.torch_only:
+                seconds = measure({"torch": fns["torch"]}, repeats, 0.3 if args.quick else 1.0)
+                rows.append(1e3 * seconds["torch"])
+                continue
+            bandwidth = copy_bandwidth(5)
             seconds = measure(fns, repeats, 0.3 if args.quick else 1.0)
             passes = passes_over_memory(x, kind, mode)
             gbs = passes * x.numel() * x.element_size() / seconds["custom_bn"] / 1e9
@@ -282,28 +314,39 @@ def main():
                 "copy_gb_per_s": bandwidth,
                 "copy_fraction": gbs / bandwidth,
             }
+            if tcmalloc_ms is not None:
+                row["torch_tcmalloc_ms"] = tcmalloc_ms[len(rows)]
+                row["vs_torch_tcmalloc"] = row["torch_tcmalloc_ms"] / row["ours_ms"]
             rows.append(row)
             print(
                 f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
                 f"{mode:14s} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
                 f"{row['compile_ms']:8.2f} {row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x "
-                f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%",
+                f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%"
+                + (f" {row['vs_torch_tcmalloc']:7.2f}x" if tcmalloc_ms is not None else ""),
                 flush=True,
             )
+    if args.torch_only:
+        args.torch_only.write_text(json.dumps(rows))
+        return
     for name, selected in (
         ("batch_norm", [r for r in rows if r["op"] == "bn"]),
         ("batch_norm_relu", [r for r in rows if r["op"] != "bn"]),
     ):
         if not selected:
             continue
-        geo = {
-            k: math.exp(statistics.mean(math.log(r[k]) for r in selected))
-            for k in ("vs_torch", "vs_compile")
-        }
+        keys = ("vs_torch", "vs_compile") + (("vs_torch_tcmalloc",) if tcmalloc_ms else ())
+        geo = {k: math.exp(statistics.mean(math.log(r[k]) for r in selected)) for k in keys}
         print(
             f"{name}: geometric mean {geo['vs_torch']:.2f}x vs torch eager, "
-            f"{geo['vs_compile']:.2f}x vs torch.compile; slowest row vs torch "
-            f"{min(r['vs_torch'] for r in selected):.2f}x ({len(selected)} rows)"
+            f"{geo['vs_compile']:.2f}x vs torch.compile"
+            + (
+                f", {geo['vs_torch_tcmalloc']:.2f}x vs torch eager under tcmalloc"
+                if tcmalloc_ms
+                else ""
+            )
+            + f"; slowest row vs torch {min(r['vs_torch'] for r in selected):.2f}x"
+            + f" ({len(selected)} rows)"
         )
 
     copies = [r["copy_gb_per_s"] for r in rows]

@@ -19,6 +19,8 @@ ensure_system_packages() {
   command -v ccache >/dev/null || missing+=(ccache)
   [ -f /usr/include/gtest/gtest.h ] || missing+=(libgtest-dev)
   [ -f /usr/include/gloo/algorithm.h ] || missing+=(libgloo-dev)  # the C++ SyncBatchNorm test
+  # scripts/bench runs torch a second time under tcmalloc (LD_PRELOAD)
+  [ -f /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 ] || missing+=(libtcmalloc-minimal4)
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
