@@ -1,0 +1,74 @@
+"""AOTInductor end to end: a converted ResNet-18 exported in eval, compiled with
+aoti_compile_and_package, loaded in a fresh process (Python that imports custom_bn, and the
+C++ example examples/aoti_classify.cpp linked to the library), matching eager."""
+
+import pathlib
+import subprocess
+import sys
+
+import custom_bn
+import pytest
+import torch
+import torchvision
+from conftest import ROOT, library_path
+
+SHAPE = (2, 3, 64, 64)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory):
+    """(path of the .pt2, input, eager output)."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        model(torch.randn(*SHAPE))  # running stats that are not the initial ones
+    model = custom_bn.convert_batchnorm(model).eval()
+    x = torch.randn(*SHAPE)
+    program = torch.export.export(model, (x,))
+    path = tmp_path_factory.mktemp("aoti") / "resnet18.pt2"
+    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    with torch.no_grad():
+        expected = model(x)
+    return path, x, expected
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    env = {"PYTHONPATH": str(ROOT / "python")}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_package_runs_in_a_fresh_python_process_that_imports_custom_bn(package, tmp_path):
+    path, x, expected = package
+    torch.save(x, tmp_path / "x.pt")
+    result = _python(
+        "import torch, custom_bn\n"
+        f"model = torch._inductor.aoti_load_package({str(path)!r})\n"
+        f"torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    assert result.returncode == 0, result.stderr
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_loading_without_the_library_names_custom_bn(package):
+    # torch raises before any code of ours can run; its message names the missing op.
+    result = _python(
+        f"import torch\ntorch._inductor.aoti_load_package({str(package[0])!r})(torch.ones{SHAPE})\n"
+    )
+    assert result.returncode != 0
+    assert "custom_bn::" in result.stderr
+
+
+def test_cpp_example_runs_the_package(package, tmp_path):
+    build = pathlib.Path(library_path()).parent
+    if not (build / "CMakeCache.txt").exists():
+        pytest.skip(f"{build} is not a CMake build directory with examples/aoti_classify")
+    path, x, expected = package
+    raw = tmp_path / "x.f32"
+    x[:1].contiguous().numpy().tofile(raw)
+    command = [str(build / "aoti_classify"), str(path), str(raw), "1", *map(str, SHAPE[1:])]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.strip().splitlines())
+    logits = torch.tensor([float(v) for v in lines["logits"].split()])
+    torch.testing.assert_close(logits, expected[0], rtol=1e-4, atol=1e-4)
+    assert int(lines["top class"]) == expected[0].argmax().item()
