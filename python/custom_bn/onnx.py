@@ -8,8 +8,10 @@
   this module registers symbolics for `custom_bn::batch_norm`, `batch_norm_relu` and
   `batch_norm_eval`.
 
-Training mode is refused (the TorchScript-based exporter, told to keep it, raises ours; the
-dynamo exporter fails on the training op with its own ConversionError): ONNX's training-mode
+`export(model, args)` is torch.onnx.export with the table added, which first refuses a model
+whose batch norm is in training mode. Training mode is refused (by `export`, and by the
+TorchScript-based exporter told to keep it; the dynamo exporter called directly fails on the
+training op with its own ConversionError): ONNX's training-mode
 BatchNormalization updates the running variance with the biased batch variance where torch
 uses the unbiased one (onnx PR 3415), so the exported model would silently differ. Export a
 model in `.eval()`.
@@ -121,6 +123,21 @@ def _symbolic_batch_norm_eval_op(
     )
 
 
+def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
+    """torch.onnx.export with custom_translation_table added (dynamo=True unless given), after
+    checking that no batch norm of `model` is in training mode: raises this module's
+    explanation where the dynamo exporter would fail on the training op with its own error."""
+    training = [name for name, m in model.named_modules()
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]  # fmt: skip
+    if training:
+        raise RuntimeError(f"{_TRAINING_ERROR} (modules in training mode: {', '.join(training)})")
+    table = {**custom_translation_table, **kwargs.pop("custom_translation_table", {})}
+    kwargs.setdefault("dynamo", True)
+    if kwargs["dynamo"]:
+        kwargs["custom_translation_table"] = table
+    return torch.onnx.export(model, args, f, **kwargs)
+
+
 def register_symbolics() -> None:
     """Registers the symbolics of the TorchScript-based exporter (done on import)."""
     for name, symbolic in (
@@ -133,4 +150,4 @@ def register_symbolics() -> None:
 
 register_symbolics()
 
-__all__ = ["SYMBOLIC_OPSET", "custom_translation_table", "register_symbolics"]
+__all__ = ["SYMBOLIC_OPSET", "custom_translation_table", "export", "register_symbolics"]

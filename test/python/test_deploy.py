@@ -129,6 +129,16 @@ def _models():
 MODELS = list(_models())
 
 
+def test_onnx_export_helper_runs_in_onnxruntime(tmp_path):
+    name, model, inputs = MODELS[1]
+    program = custom_bn.onnx.export(model, inputs)
+    program.save(str(tmp_path / "block.onnx"))
+    with torch.no_grad():
+        expected = model(*inputs)
+    for got, want in zip(_run_onnx(str(tmp_path / "block.onnx"), *inputs), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
 @pytest.mark.parametrize("name, model, inputs", MODELS, ids=[m[0] for m in MODELS])
 def test_onnx_export_runs_in_onnxruntime_like_eager(tmp_path, dynamo, name, model, inputs):
@@ -160,8 +170,13 @@ def test_onnx_export_of_training_mode_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match="training mode is not supported"):
         torch.onnx.export(model, (torch.randn(2, 3, 4, 4),), str(tmp_path / "m.onnx"), dynamo=False,
                           training=torch.onnx.TrainingMode.TRAINING)  # fmt: skip
-    # The dynamo exporter fails before any translation of ours runs, on the mutating training
-    # op (torch's message names it).
+    # custom_bn.onnx.export refuses it with the reason; the dynamo exporter called directly
+    # fails before any translation of ours runs, on the mutating training op (torch's message
+    # names it).
+    with pytest.raises(
+        RuntimeError, match=r"training mode is not supported.*modules in training mode: 1"
+    ):
+        custom_bn.onnx.export(model, (torch.randn(2, 3, 4, 4),))
     with pytest.raises(Exception, match="custom_bn.batch_norm_forward"):
         torch.onnx.export(
             model,
