@@ -69,16 +69,43 @@ def test_symbolic_trace_keeps_every_module_kind_as_a_leaf(module):
     torch.testing.assert_close(traced(x), copy.deepcopy(model)(x))
 
 
-def test_fx_optimization_fuse_runs_on_converted_models():
-    # torch.fx.experimental.optimization.fuse matches batch norm by exact type
-    # (`type(module) is nn.BatchNorm2d`), so it folds torch's and leaves ours in place; the
-    # fused model still computes what the unfused one does.
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_fx_optimization_fuse_folds_ours_as_torchs(dims):
+    # torch's pass matches batch norm by exact type; custom_bn widens its matcher on import
+    # (custom_bn/_fx_optimization.py), so ours are folded into the convolution as torch's.
     from torch.fx.experimental.optimization import fuse
 
-    model = custom_bn.convert_batchnorm(_trained_stats(_conv_bn_relu(), _input(), _input())).eval()
-    fused = fuse(model)
-    x = _input()
-    torch.testing.assert_close(fused(x), model(x))
+    theirs = _trained_stats(_conv_bn_relu(dims), _input(dims), _input(dims)).eval()
+    ours = custom_bn.convert_batchnorm(copy.deepcopy(theirs))
+    fused_theirs, fused_ours = fuse(theirs), fuse(ours)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused_ours.modules())
+    assert [type(m) for m in fused_ours.children()] == [type(m) for m in fused_theirs.children()]
+    x = _input(dims)
+    torch.testing.assert_close(fused_ours(x), fused_theirs(x))
+    torch.testing.assert_close(fused_ours(x), ours(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_optimization_fuse_folds_linear_and_our_batchnorm1d():
+    from torch.fx.experimental.optimization import fuse
+
+    theirs = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU())
+    _trained_stats(theirs, torch.randn(8, 6)).eval()
+    ours = custom_bn.convert_batchnorm(copy.deepcopy(theirs))
+    fused = fuse(ours)
+    assert [type(m) for m in fused.children()] == [nn.Linear, nn.ReLU]
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(fused(x), fuse(theirs)(x))
+    torch.testing.assert_close(fused(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fx_optimization_fuse_of_a_converted_resnet_matches_torchs():
+    from torch.fx.experimental.optimization import fuse
+
+    theirs, ours = _resnet_pair()
+    fused_theirs, fused_ours = fuse(theirs), fuse(ours)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused_ours.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused_ours(x), fused_theirs(x), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
