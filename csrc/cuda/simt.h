@@ -7,6 +7,8 @@
 //   simt::sync_block()          __syncthreads()
 //   simt::shuffle_down(v, d)    __shfl_down_sync over the full warp
 //   simt::shared_array<T>(n)    a block's shared memory (call in the same order in every thread)
+//   simt::load(p), store(p, v)  a global-memory read and write (*p, *p = v); the emulator
+//                               buffers stores and checks the order between blocks
 //   simt::atomic_add(p, v)      atomicAdd, returning the old value
 //   simt::thread_fence()        __threadfence()
 #pragma once
@@ -33,6 +35,16 @@ CUSTOM_BN_DEVICE void thread_fence() { __threadfence(); }
 template <typename T>
 CUSTOM_BN_DEVICE T shuffle_down(T value, int delta) {
   return __shfl_down_sync(0xffffffffu, value, delta);
+}
+
+template <typename T>
+CUSTOM_BN_DEVICE T load(const T* address) {
+  return *address;
+}
+
+template <typename T>
+CUSTOM_BN_DEVICE void store(T* address, const T& value) {
+  *address = value;
 }
 
 template <typename T>

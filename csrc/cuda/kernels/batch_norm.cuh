@@ -49,11 +49,14 @@ struct RunningUpdate {
   template <typename acc_t, typename index_t>
   CUSTOM_BN_DEVICE void apply(index_t c, const WelfordStats<acc_t>& batch) const {
     if (mean == nullptr || !(batch.count > acc_t(0))) return;  // an empty batch updates nothing
-    const acc_t factor = momentum >= 0 ? static_cast<acc_t>(momentum)
-                                       : acc_t(1) / static_cast<acc_t>(*num_batches_tracked);
-    mean[c] = static_cast<param_t>(running_update(static_cast<acc_t>(mean[c]), batch.mean, factor));
-    var[c] = static_cast<param_t>(
-        running_update(static_cast<acc_t>(var[c]), unbiased_var(batch.m2, batch.count), factor));
+    const acc_t factor = momentum >= 0
+                             ? static_cast<acc_t>(momentum)
+                             : acc_t(1) / static_cast<acc_t>(simt::load(num_batches_tracked));
+    simt::store(mean + c, static_cast<param_t>(running_update(
+                              static_cast<acc_t>(simt::load(mean + c)), batch.mean, factor)));
+    simt::store(var + c,
+                static_cast<param_t>(running_update(static_cast<acc_t>(simt::load(var + c)),
+                                                    unbiased_var(batch.m2, batch.count), factor)));
   }
 };
 
@@ -74,7 +77,7 @@ struct StatsAccumulator {
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0), acc_t(0)}; }
   template <typename index_t>
   CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t) const {
-    const acc_t value = static_cast<acc_t>(x[offset]);
+    const acc_t value = static_cast<acc_t>(simt::load(x + offset));
     s.count += acc_t(1);
     const acc_t delta = value - s.mean;
     s.mean += delta / s.count;
@@ -84,21 +87,23 @@ struct StatsAccumulator {
     return welford_merge(a, b);
   }
   CUSTOM_BN_DEVICE void store(acc_t* out, const value_t& s) const {
-    out[0] = s.count;
-    out[1] = s.mean;
-    out[2] = s.m2;
+    simt::store(out, s.count);
+    simt::store(out + 1, s.mean);
+    simt::store(out + 2, s.m2);
   }
-  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const { return {in[0], in[1], in[2]}; }
+  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const {
+    return {simt::load(in), simt::load(in + 1), simt::load(in + 2)};
+  }
   CUSTOM_BN_DEVICE value_t shuffle_down(const value_t& s, int delta) const {
     return {simt::shuffle_down(s.count, delta), simt::shuffle_down(s.mean, delta),
             simt::shuffle_down(s.m2, delta)};
   }
   template <typename index_t>
   CUSTOM_BN_DEVICE void finish(index_t c, const value_t& s) const {
-    mean[c] = s.mean;
-    m2[c] = s.m2;
+    simt::store(mean + c, s.mean);
+    simt::store(m2 + c, s.m2);
     if (invstd != nullptr) {
-      invstd[c] = s.count > acc_t(0) ? invstd_from_var(s.m2 / s.count, eps) : acc_t(0);
+      simt::store(invstd + c, s.count > acc_t(0) ? invstd_from_var(s.m2 / s.count, eps) : acc_t(0));
     }
     running.apply(c, s);
   }
@@ -128,27 +133,31 @@ struct GradAccumulator {
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0)}; }
   template <typename index_t>
   CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t c) const {
-    acc_t dy = static_cast<acc_t>(grad_output[offset]);
-    if (output != nullptr) dy = relu_grad(dy, static_cast<acc_t>(output[offset]));
-    if (grad_masked != nullptr) grad_masked[offset] = static_cast<scalar_t>(dy);  // dy or 0: exact
+    acc_t dy = static_cast<acc_t>(simt::load(grad_output + offset));
+    if (output != nullptr) dy = relu_grad(dy, static_cast<acc_t>(simt::load(output + offset)));
+    if (grad_masked != nullptr) {
+      simt::store(grad_masked + offset, static_cast<scalar_t>(dy));  // dy or 0: exact
+    }
     s.sum_dy += dy;
-    s.sum_dy_xmu += dy * (static_cast<acc_t>(x[offset]) - mean[c]);
+    s.sum_dy_xmu += dy * (static_cast<acc_t>(simt::load(x + offset)) - simt::load(mean + c));
   }
   CUSTOM_BN_DEVICE value_t merge(const value_t& a, const value_t& b) const {
     return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
   }
   CUSTOM_BN_DEVICE void store(acc_t* out, const value_t& s) const {
-    out[0] = s.sum_dy;
-    out[1] = s.sum_dy_xmu;
+    simt::store(out, s.sum_dy);
+    simt::store(out + 1, s.sum_dy_xmu);
   }
-  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const { return {in[0], in[1]}; }
+  CUSTOM_BN_DEVICE value_t load(const acc_t* in) const {
+    return {simt::load(in), simt::load(in + 1)};
+  }
   CUSTOM_BN_DEVICE value_t shuffle_down(const value_t& s, int delta) const {
     return {simt::shuffle_down(s.sum_dy, delta), simt::shuffle_down(s.sum_dy_xmu, delta)};
   }
   template <typename index_t>
   CUSTOM_BN_DEVICE void finish(index_t c, const value_t& s) const {
-    sum_dy[c] = s.sum_dy;
-    sum_dy_xmu[c] = s.sum_dy_xmu;
+    simt::store(sum_dy + c, s.sum_dy);
+    simt::store(sum_dy_xmu + c, s.sum_dy_xmu);
   }
 };
 
@@ -204,7 +213,7 @@ CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const ChannelView& v, acc_
           total = acc.merge(total, acc.load(partials + (c * slices + j) * Acc::kFields));
         }
         acc.finish(c, total);
-        arrivals[c] = 0;
+        simt::store(arrivals + c, 0);
       }
     }
     return;
@@ -238,7 +247,7 @@ CUSTOM_BN_DEVICE void reduce_channels(const Acc& acc, const ChannelView& v, acc_
       }
       acc.finish(c, total);
     }
-    if (t == 0) arrivals[simt::block_y()] = 0;
+    if (t == 0) simt::store(arrivals + simt::block_y(), 0);
   }
 }
 
@@ -271,11 +280,12 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const C
                                          const scalar_t* residual = nullptr) {
   for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
-    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
-    const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c]) : acc_t(0);
-    acc_t value = normalize(static_cast<acc_t>(x[i]), mean[c], invstd[c] * w, b);
-    if (residual != nullptr) value += static_cast<acc_t>(residual[i]);
-    y[i] = static_cast<scalar_t>(apply_relu ? relu(value) : value);
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(simt::load(weight + c)) : acc_t(1);
+    const acc_t b = bias != nullptr ? static_cast<acc_t>(simt::load(bias + c)) : acc_t(0);
+    acc_t value = normalize(static_cast<acc_t>(simt::load(x + i)), simt::load(mean + c),
+                            simt::load(invstd + c) * w, b);
+    if (residual != nullptr) value += static_cast<acc_t>(simt::load(residual + i));
+    simt::store(y + i, static_cast<scalar_t>(apply_relu ? relu(value) : value));
   });
 }
 
@@ -288,20 +298,25 @@ CUSTOM_BN_DEVICE void grad_input_elements(const scalar_t* grad_output, const sca
                                           const acc_t* sum_dy_xmu, acc_t count, bool training) {
   for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
-    const acc_t w = weight != nullptr ? static_cast<acc_t>(weight[c]) : acc_t(1);
+    const acc_t w = weight != nullptr ? static_cast<acc_t>(simt::load(weight + c)) : acc_t(1);
+    const acc_t channel_invstd = simt::load(invstd + c);
     const GradInputCoefficients<acc_t> k =
-        training ? grad_input_coefficients_training(invstd[c], w, sum_dy[c], sum_dy_xmu[c], count)
-                 : grad_input_coefficients_eval(invstd[c], w);
-    grad_input[i] = static_cast<scalar_t>(
-        ::custom_bn::grad_input(static_cast<acc_t>(grad_output[i]), static_cast<acc_t>(x[i]),
-                                mean[c], k.dy_mean, k.a, k.b));
+        training ? grad_input_coefficients_training(channel_invstd, w, simt::load(sum_dy + c),
+                                                    simt::load(sum_dy_xmu + c), count)
+                 : grad_input_coefficients_eval(channel_invstd, w);
+    simt::store(grad_input + i, static_cast<scalar_t>(::custom_bn::grad_input(
+                                    static_cast<acc_t>(simt::load(grad_output + i)),
+                                    static_cast<acc_t>(simt::load(x + i)), simt::load(mean + c),
+                                    k.dy_mean, k.a, k.b)));
   });
 }
 
 // invstd = 1 / sqrt(var + eps) per channel, for eval: one thread a channel.
 template <typename acc_t>
 CUSTOM_BN_DEVICE void eval_invstd(const acc_t* var, acc_t* invstd, int64_t channels, double eps) {
-  for_grid_stride(channels, [&](int64_t c) { invstd[c] = invstd_from_var(var[c], eps); });
+  for_grid_stride(channels, [&](int64_t c) {
+    simt::store(invstd + c, invstd_from_var(simt::load(var + c), eps));
+  });
 }
 
 // Merges per-rank (count, mean, M2) by parallel Welford, rank by rank: one thread a channel.
@@ -314,11 +329,12 @@ CUSTOM_BN_DEVICE void merge_rank_stats(const acc_t* means, const acc_t* m2s, con
     WelfordStats<acc_t> total{acc_t(0), acc_t(0), acc_t(0)};
     for (int64_t r = 0; r < ranks; ++r) {
       total = welford_merge(
-          total, WelfordStats<acc_t>{counts[r], means[r * channels + c], m2s[r * channels + c]});
+          total, WelfordStats<acc_t>{simt::load(counts + r), simt::load(means + r * channels + c),
+                                     simt::load(m2s + r * channels + c)});
     }
-    mean_out[c] = total.mean;
-    invstd_out[c] =
-        total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0);
+    simt::store(mean_out + c, total.mean);
+    simt::store(invstd_out + c,
+                total.count > acc_t(0) ? invstd_from_var(total.m2 / total.count, eps) : acc_t(0));
     running.apply(c, total);
   });
 }

@@ -1,0 +1,145 @@
+// The emulator's model of global memory between blocks (simt_memory.h) can fail: the
+// last-block-finishes reduction that the real kernels use, with one piece of its ordering
+// removed at a time, is caught under every seed; the pattern as written passes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "simt_runtime.h"
+
+namespace custom_bn::testing {
+namespace {
+
+constexpr int kBlocks = 6;
+constexpr int kSeeds = 24;
+constexpr double kExpectedSum = kBlocks * (kBlocks + 1) / 2.0;
+
+// What to break in the pattern.
+struct Variant {
+  bool fence_before_count = true;     // publishes the partial before the arrival is counted
+  bool fence_after_count = true;      // the last block orders its reads after the count
+  bool one_shared_partial = false;    // every block writes partial 0
+  int merging_arrival = kBlocks - 1;  // which arrival merges: kBlocks - 2 merges too early
+};
+
+struct Outcome {
+  double sum = std::nan("");
+  std::string error;  // empty: the launch passed
+};
+
+// Each block writes partial[b] = b + 1 and counts its arrival; the block whose arrival is
+// `merging_arrival` sums the partials. Partials start as NaN: a read of one not yet visible
+// shows in the sum.
+Outcome last_block_sum(const Variant& v, uint64_t seed) {
+  std::vector<double> partials(kBlocks, std::nan(""));
+  int arrivals = 0;
+  Outcome outcome;
+  try {
+    simt::launch(
+        {kBlocks, 1}, 32, 0,
+        [&] {
+          if (simt::thread_index() != 0) return;
+          const int b = simt::block_x();
+          simt::store(partials.data() + (v.one_shared_partial ? 0 : b), b + 1.0);
+          if (v.fence_before_count) simt::thread_fence();
+          if (simt::atomic_add(&arrivals, 1) != v.merging_arrival) return;
+          if (v.fence_after_count) simt::thread_fence();
+          double sum = 0;
+          for (int j = 0; j < kBlocks; ++j) sum += simt::load(partials.data() + j);
+          outcome.sum = sum;  // host memory, read after the launch
+        },
+        seed);
+  } catch (const std::runtime_error& e) {
+    outcome.error = e.what();
+  }
+  return outcome;
+}
+
+TEST(SimtMemoryModel, TheLastBlockPatternPassesUnderEverySeed) {
+  for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+    const Outcome o = last_block_sum({}, seed);
+    EXPECT_EQ(o.error, "") << "seed " << seed;
+    EXPECT_EQ(o.sum, kExpectedSum) << "seed " << seed;
+  }
+}
+
+TEST(SimtMemoryModel, CatchesAMissingFenceBeforeTheCount) {
+  Variant v;
+  v.fence_before_count = false;
+  for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+    const Outcome o = last_block_sum(v, seed);
+    EXPECT_NE(o.error.find("has not fenced"), std::string::npos) << "seed " << seed << o.error;
+    // And the last block saw the other blocks' partials as memory held them (NaN).
+    EXPECT_TRUE(std::isnan(o.sum)) << "seed " << seed;
+  }
+}
+
+TEST(SimtMemoryModel, CatchesAMissingFenceAfterTheCount) {
+  Variant v;
+  v.fence_after_count = false;
+  for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+    const Outcome o = last_block_sum(v, seed);
+    EXPECT_NE(o.error.find("without synchronizing"), std::string::npos)
+        << "seed " << seed << o.error;
+  }
+}
+
+TEST(SimtMemoryModel, CatchesTwoBlocksWritingOnePartial) {
+  Variant v;
+  v.one_shared_partial = true;
+  for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+    const Outcome o = last_block_sum(v, seed);
+    EXPECT_NE(o.error.find("both wrote"), std::string::npos) << "seed " << seed << o.error;
+  }
+}
+
+TEST(SimtMemoryModel, CatchesAReadBeforeTheCounterSaysDone) {
+  // The next-to-last arrival merges: the last block's partial is either not written yet
+  // (the sum holds its NaN) or written without the order that would make it visible.
+  Variant v;
+  v.merging_arrival = kBlocks - 2;
+  for (uint64_t seed = 0; seed < kSeeds; ++seed) {
+    const Outcome o = last_block_sum(v, seed);
+    EXPECT_TRUE(!o.error.empty() || std::isnan(o.sum)) << "seed " << seed;
+  }
+}
+
+TEST(SimtMemoryModel, BlocksRunInterleaved) {
+  // Block b logs its start, then its end after an atomic (a point where others may run).
+  int overlapping_runs = 0;
+  for (uint64_t seed = 0; seed < 8; ++seed) {
+    std::vector<int> log;  // +b+1 at the start, -(b+1) at the end
+    int counter = 0;
+    simt::launch(
+        {kBlocks, 1}, 32, 0,
+        [&] {
+          if (simt::thread_index() != 0) return;
+          log.push_back(simt::block_x() + 1);
+          simt::atomic_add(&counter, 1);
+          log.push_back(-(simt::block_x() + 1));
+        },
+        seed);
+    ASSERT_EQ(log.size(), 2u * kBlocks);
+    int running = 0, most = 0;
+    for (int event : log) most = std::max(most, running += event > 0 ? 1 : -1);
+    if (most > 1) ++overlapping_runs;
+  }
+  EXPECT_GT(overlapping_runs, 0) << "some seed must run two blocks at once";
+}
+
+TEST(SimtMemoryModel, AStoreIsVisibleToItsOwnBlockAtOnce) {
+  double value = 0, seen = -1;
+  simt::launch({2, 1}, 32, 0, [&] {
+    if (simt::thread_index() != 0 || simt::block_x() != 0) return;
+    simt::store(&value, 42.0);
+    seen = simt::load(&value);
+  });
+  EXPECT_EQ(seen, 42.0);
+  EXPECT_EQ(value, 42.0) << "every store reaches memory at the kernel's end";
+}
+
+}  // namespace
+}  // namespace custom_bn::testing
