@@ -246,12 +246,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
     parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc column")
+    parser.add_argument(
+        "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
+    )
+    parser.add_argument(
+        "--no-cudnn", action="store_true", help="torch's CUDA column with its native kernels"
+    )
     parser.add_argument("--torch-only", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.no_cudnn:
+        torch.backends.cudnn.enabled = False
     tcmalloc_ms = None
     if not args.torch_only and not args.no_tcmalloc:
         argv = ["--quick"] if args.quick else []
         argv += ["--repeats", str(args.repeats)] if args.repeats else []
+        argv += ["--devices", *args.devices] if args.devices else []
+        argv += ["--no-cudnn"] if args.no_cudnn else []
         tcmalloc_ms = torch_under_tcmalloc(argv)
     repeats = args.repeats or (7 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -271,7 +281,7 @@ def main():
     )
     print(header)
     rows = []
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     fused_shapes = QUICK_FUSED_SHAPES if args.quick else FUSED_SHAPES
     configs = [
         (d, shape, layout, "bn", mode)
