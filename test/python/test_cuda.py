@@ -117,3 +117,29 @@ def test_batch_norm_relu_on_cuda_matches_the_cpu(layout, dtype_name, training):
     )
     for a, b in zip(back_cpu, back_gpu, strict=False):
         torch.testing.assert_close(b.cpu(), a, **tol)
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_eval_on_cuda_matches_the_cpu_and_writes_nothing(relu, layout):
+    s = make_sample((4, 6, 5, 7), training=False, layout=layout, device="cuda")
+    residual = torch.randn_like(s.input) if relu else None
+    before = (s.running_mean.clone(), s.running_var.clone())
+    args = (s.input, s.weight, s.bias, s.running_mean, s.running_var, s.eps, relu, residual)
+    out = ops.batch_norm_eval(*args)
+    expected = ops.batch_norm_eval(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.testing.assert_close(out.cpu(), expected, rtol=1e-5, atol=1e-5)
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    assert out.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close((s.running_mean, s.running_var), before, rtol=0, atol=0)
+
+
+def test_vmap_of_eval_batch_norm_on_cuda_matches_a_loop():
+    import custom_bn
+
+    bn = custom_bn.BatchNorm2d(5).cuda().eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(3, 4, 5, 6, 6, device="cuda")
+    batched = torch.func.vmap(bn)(x)
+    torch.testing.assert_close(batched, torch.stack([bn(xi) for xi in x]))
