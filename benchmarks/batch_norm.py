@@ -127,11 +127,17 @@ def callables(x, mode):
     compiled = torch.compile(
         lambda x, w, b, rm, rv: F.batch_norm(x, rm, rv, w, b, training), dynamic=False
     )
-    return {
+    fns = {
         "custom_bn": wrap(lambda: ops.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5)),
+        # torch's native kernels (cudnn_enabled=False); on CUDA also torch with cuDNN.
         "torch": wrap(lambda: torch.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5, False)),
         "compile": wrap(lambda: compiled(xg, w, b, rm, rv)),
     }
+    if x.device.type == "cuda":
+        fns["torch_cudnn"] = wrap(
+            lambda: torch.batch_norm(xg, w, b, rm, rv, training, 0.1, 1e-5, True)
+        )
+    return fns
 
 
 def fused_callables(x, kind):
@@ -145,8 +151,8 @@ def fused_callables(x, kind):
     residual = torch.randn_like(x).requires_grad_() if kind == "bn_add_relu" else None
     grad = torch.randn_like(x)
 
-    def reference(x, w, b, rm, rv, residual):
-        y = F.batch_norm(x, rm, rv, w, b, True)
+    def reference(x, w, b, rm, rv, residual, cudnn=False):
+        y = torch.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5, cudnn)
         return F.relu(y + residual if residual is not None else y)
 
     compiled = torch.compile(reference, dynamic=False)
@@ -161,13 +167,16 @@ def fused_callables(x, kind):
 
         return run
 
-    return {
+    fns = {
         "custom_bn": step(
             lambda: ops.batch_norm_relu(xg, w, b, rm, rv, True, 0.1, 1e-5, None, residual)
         ),
         "torch": step(lambda: reference(xg, w, b, rm, rv, residual)),
         "compile": step(lambda: compiled(xg, w, b, rm, rv, residual)),
     }
+    if x.device.type == "cuda":
+        fns["torch_cudnn"] = step(lambda: reference(xg, w, b, rm, rv, residual, cudnn=True))
+    return fns
 
 
 def measure(fns, repeats, seconds_per_row, warmup=3):
@@ -249,19 +258,13 @@ def main():
     parser.add_argument(
         "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
     )
-    parser.add_argument(
-        "--no-cudnn", action="store_true", help="torch's CUDA column with its native kernels"
-    )
     parser.add_argument("--torch-only", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.no_cudnn:
-        torch.backends.cudnn.enabled = False
     tcmalloc_ms = None
     if not args.torch_only and not args.no_tcmalloc:
         argv = ["--quick"] if args.quick else []
         argv += ["--repeats", str(args.repeats)] if args.repeats else []
         argv += ["--devices", *args.devices] if args.devices else []
-        argv += ["--no-cudnn"] if args.no_cudnn else []
         tcmalloc_ms = torch_under_tcmalloc(argv)
     repeats = args.repeats or (7 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
@@ -324,6 +327,9 @@ def main():
                 "copy_gb_per_s": bandwidth,
                 "copy_fraction": gbs / bandwidth,
             }
+            if "torch_cudnn" in seconds:
+                row["torch_cudnn_ms"] = 1e3 * seconds["torch_cudnn"]
+                row["vs_torch_cudnn"] = seconds["torch_cudnn"] / seconds["custom_bn"]
             if tcmalloc_ms is not None:
                 row["torch_tcmalloc_ms"] = tcmalloc_ms[len(rows)]
                 row["vs_torch_tcmalloc"] = row["torch_tcmalloc_ms"] / row["ours_ms"]
@@ -333,7 +339,8 @@ def main():
                 f"{mode:14s} {row['ours_ms']:8.2f} {row['torch_ms']:8.2f} "
                 f"{row['compile_ms']:8.2f} {row['vs_torch']:7.2f}x {row['vs_compile']:7.2f}x "
                 f"{gbs:6.1f} {100 * row['copy_fraction']:5.0f}%"
-                + (f" {row['vs_torch_tcmalloc']:7.2f}x" if tcmalloc_ms is not None else ""),
+                + (f" {row['vs_torch_tcmalloc']:7.2f}x" if tcmalloc_ms is not None else "")
+                + (f" cuDNN {row['vs_torch_cudnn']:.2f}x" if "vs_torch_cudnn" in row else ""),
                 flush=True,
             )
     if args.torch_only:
@@ -365,7 +372,8 @@ def main():
         f"{min(copies):.1f} to {max(copies):.1f} over the rows"
     )
     with open(args.out_dir / "batch_norm.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fields = list(dict.fromkeys(key for row in rows for key in row))  # CUDA rows add cuDNN's
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, args.out_dir / "batch_norm.png")
