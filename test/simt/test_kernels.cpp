@@ -419,58 +419,5 @@ TEST(SimtEvalInvstd, IsTheSharedDefinition) {
   }
 }
 
-// ---- the harness can fail -------------------------------------------------------------------
-
-// Sums a block's thread indices through shared memory; `synchronized` false drops the barrier.
-double shared_sum(bool synchronized, uint64_t seed) {
-  double result = 0;
-  simt::launch(
-      {1, 1}, 64, 64 * sizeof(double),
-      [&] {
-        int offset = 0;
-        double* slots = simt::shared_array<double>(64, offset);
-        slots[simt::thread_index()] = simt::thread_index();
-        if (synchronized) simt::sync_block();
-        if (simt::thread_index() == 0) {
-          double sum = 0;
-          for (int i = 0; i < 64; ++i) sum += slots[i];
-          result = sum;
-        }
-      },
-      seed);
-  return result;
-}
-
-TEST(SimtHarness, CatchesAMissingSyncthreads) {
-  int wrong = 0;
-  for (uint64_t seed = 0; seed < 8; ++seed) {
-    EXPECT_EQ(shared_sum(true, seed), 64 * 63 / 2);
-    if (shared_sum(false, seed) != 64 * 63 / 2) ++wrong;
-  }
-  EXPECT_GT(wrong, 0) << "without the barrier, some thread order must expose the race";
-}
-
-TEST(SimtHarness, CatchesAnOutOfBoundsWrite) {
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  EXPECT_DEATH(
-      {
-        std::vector<float> buffer(64);
-        float* data = buffer.data();
-        volatile int past_the_end = 64;  // not provably dead: the store must happen
-        simt::launch({2, 1}, 32, 0, [&] {
-          if (simt::block_x() == 1 && simt::thread_index() == 31) data[past_the_end] = 1.0f;
-        });
-      },
-      "heap-buffer-overflow");
-}
-
-TEST(SimtHarness, CatchesABarrierNotEveryThreadReaches) {
-  EXPECT_THROW(simt::launch({1, 1}, 64, 0,
-                            [] {
-                              if (simt::thread_index() < 32) simt::sync_block();
-                            }),
-               std::runtime_error);
-}
-
 }  // namespace
 }  // namespace custom_bn::testing
