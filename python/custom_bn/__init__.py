@@ -23,6 +23,7 @@ from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 _vmap.register()
 _fx_optimization.register()
 quantization.register_fuser_methods()
+quantization.register_backend_config()
 
 __all__ = [
     "BatchNorm1d",

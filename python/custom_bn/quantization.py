@@ -9,9 +9,12 @@ a torch.nn batch norm holding our layer's very parameters and buffers:
   without arguments (they are added to torch's table of fuser methods when custom_bn is
   imported; `FUSER_METHOD_MAPPING` passes them explicitly, as
   `fuse_custom_config_dict={"additional_fuser_method_mapping": ...}`);
-- FX mode: `prepare_fx`/`prepare_qat_fx`/`convert_fx` with `backend_config=get_backend_config()`.
+- FX mode: `prepare_fx`/`prepare_qat_fx`/`convert_fx` find the twins without arguments too
+  (their default, torch's native backend config, gets ours added when custom_bn is imported);
+  `get_backend_config(base)` adds them to any other config, to pass as `backend_config=`.
 """
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -86,4 +89,27 @@ def get_backend_config(base: BackendConfig | None = None) -> BackendConfig:
     return config
 
 
-__all__ = ["FUSER_METHOD_MAPPING", "get_backend_config", "register_fuser_methods"]
+def register_backend_config() -> None:
+    """FX quantization called without `backend_config` takes torch's native config from
+    `get_native_backend_config`, which each of its passes (fuse, prepare, convert) imported
+    by name; each is pointed at that config with ours added, so that the default pipeline
+    fuses and quantizes ours as torch's. Called on import."""
+    for name in ("fuse", "prepare", "convert"):  # the package's functions shadow the modules
+        module = importlib.import_module(f"torch.ao.quantization.fx.{name}")
+        native = module.get_native_backend_config
+        if hasattr(native, "__wrapped__"):
+            continue
+
+        def with_ours(native: Callable[[], BackendConfig] = native) -> BackendConfig:
+            return get_backend_config(native())
+
+        with_ours.__wrapped__ = native
+        module.get_native_backend_config = with_ours
+
+
+__all__ = [
+    "FUSER_METHOD_MAPPING",
+    "get_backend_config",
+    "register_backend_config",
+    "register_fuser_methods",
+]

@@ -152,13 +152,19 @@ def _resnet_pair():
     return theirs.eval(), custom_bn.convert_batchnorm(copy.deepcopy(theirs)).eval()
 
 
-def test_prepare_fx_and_convert_fx_match_torch():
+def _our_config(explicit: bool):
+    """Our backend config passed explicitly, or None: torch's default, which has ours too."""
+    return custom_bn.quantization.get_backend_config() if explicit else None
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["default_config", "explicit_config"])
+def test_prepare_fx_and_convert_fx_match_torch(explicit):
     theirs, ours = _resnet_pair()
     example = (torch.randn(2, 3, 32, 32),)
     qconfig = tq.get_default_qconfig_mapping("fbgemm")
     calibration = [torch.randn(2, 3, 32, 32) for _ in range(3)]
     results = []
-    for model, config in ((theirs, None), (ours, custom_bn.quantization.get_backend_config())):
+    for model, config in ((theirs, None), (ours, _our_config(explicit))):
         prepared = prepare_fx(model, qconfig, example, backend_config=config)
         for x in calibration:
             prepared(x)
@@ -170,23 +176,15 @@ def test_prepare_fx_and_convert_fx_match_torch():
     torch.testing.assert_close(results[1][1](x), results[0][1](x))
 
 
-def test_prepare_qat_fx_matches_torch():
+@pytest.mark.parametrize("explicit", [False, True], ids=["default_config", "explicit_config"])
+def test_prepare_qat_fx_matches_torch(explicit):
     theirs, ours = _resnet_pair()
     example = (torch.randn(2, 3, 32, 32),)
     qconfig = tq.get_default_qat_qconfig_mapping("fbgemm")
     prepared = [
         prepare_qat_fx(model.train(), qconfig, example, backend_config=config)
-        for model, config in ((theirs, None), (ours, custom_bn.quantization.get_backend_config()))
+        for model, config in ((theirs, None), (ours, _our_config(explicit)))
     ]
+    assert not any(isinstance(m, custom_bn.BatchNorm2d) for m in prepared[1].modules())
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(prepared[1](x), prepared[0](x))
-
-
-def test_prepare_fx_runs_without_our_backend_config():
-    # Without it, our batch norm is an unquantized leaf between quantized convolutions.
-    _, ours = _resnet_pair()
-    prepared = prepare_fx(
-        ours, tq.get_default_qconfig_mapping("fbgemm"), (torch.randn(2, 3, 32, 32),)
-    )
-    prepared(torch.randn(2, 3, 32, 32))
-    assert sum(isinstance(m, custom_bn.BatchNorm2d) for m in prepared.modules()) == 20
