@@ -203,6 +203,12 @@ void run_grid(Launch& l) {
     }
   }
   l.current = nullptr;
+  const bool stuck = std::any_of(l.slots.begin(), l.slots.end(),
+                                 [](const auto& slot) { return slot->unfinished > 0; });
+  if (stuck && l.error.empty()) {
+    // Every thread left waits at a barrier that the others will never reach.
+    l.error = "deadlock: every unfinished thread waits at a barrier (sync_block or a shuffle)";
+  }
 }
 
 // Hands over to the scheduler while staying runnable.

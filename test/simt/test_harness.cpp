@@ -189,6 +189,20 @@ TEST(SimtHarness, CatchesAnOutOfBoundsWrite) {
       "heap-buffer-overflow");
 }
 
+TEST(SimtHarness, CatchesADeadlock) {
+  // Half of the second warp waits inside a shuffle that its other half never joins, and they
+  // wait at sync_block() with the first warp: no barrier can complete, and no thread exits.
+  try {
+    simt::launch({1, 1}, 64, 0, [] {
+      if (simt::thread_index() >= 32 && simt::thread_index() < 48) simt::shuffle_down(1.0, 1);
+      simt::sync_block();
+    });
+    ADD_FAILURE() << "the launch returned";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("deadlock"), std::string::npos) << e.what();
+  }
+}
+
 TEST(SimtHarness, CatchesABarrierNotEveryThreadReaches) {
   EXPECT_THROW(simt::launch({1, 1}, 64, 0,
                             [] {
