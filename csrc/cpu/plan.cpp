@@ -67,6 +67,26 @@ const char* name_of(const char* const (&names)[N], Enum value) {
   return names[static_cast<size_t>(value)];
 }
 
+// Items of about 4 * kItemElements values, slices as ChannelsLastWork says. A slice is whole
+// pairs of opmath vectors (the reduction's step), so each channel is summed by the same vector
+// or scalar code with or without slices; and at least two cache lines of a row, the pair the
+// adjacent-line prefetcher fetches, so that two threads do not pull each other's lines.
+ChannelsLastWork plan_channels_last_work(const ChannelView& view, int64_t element_size,
+                                         int64_t vector_bytes, int64_t opmath_size) {
+  ChannelsLastWork work{};
+  const int64_t C = std::max<int64_t>(1, view.channels);
+  work.rows_per_item = std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / C);
+  work.items = (view.outer + work.rows_per_item - 1) / work.rows_per_item;
+  const int64_t pair_lanes = 2 * vector_bytes / opmath_size;
+  const int64_t wanted_slices =
+      work.items > 0 ? (kChannelsLastUnits + work.items - 1) / work.items : 1;
+  const int64_t narrowest = std::max((C + wanted_slices - 1) / wanted_slices,
+                                     (2 * kCacheLineBytes + element_size - 1) / element_size);
+  work.slice_channels = (narrowest + pair_lanes - 1) / pair_lanes * pair_lanes;
+  work.slices = (view.channels + work.slice_channels - 1) / work.slice_channels;
+  return work;
+}
+
 }  // namespace
 
 // CUSTOM_BN_CACHE_BYTES_L2 / _L3, if set: the cache sizes to plan with, so that tests can
@@ -117,8 +137,12 @@ CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork&
   const int64_t opmath_size = dtype == at::kDouble ? 8 : 4;
   const int64_t vector_bytes = kernels().vector_bytes;
   const int64_t values = view.outer * view.channels * view.inner;
-  CpuPlan plan{view, Walk::kChannelsFirstRuns,     false, false, Prefetch::kNone,
-               1,    ResultMemory::kTorchAllocator};
+  CpuPlan plan{view, Walk::kChannelsFirstRuns,      false, false, Prefetch::kNone,
+               1,    ResultMemory::kTorchAllocator, {}};
+  if (view.layout == Layout::kChannelsLast) {
+    plan.channels_last_work =
+        plan_channels_last_work(view, element_size, vector_bytes, opmath_size);
+  }
 
   // A channel at a time: one channel of the pass's tensors fits in L2, all of them exceed the
   // last-level cache (when they fit, the two-kernel path's second read hits that cache anyway,
@@ -165,8 +189,11 @@ std::string describe_plan(const CpuPlan& plan) {
       << ", \"stream_result\": " << plan.stream_result << ", \"prefetch\": \""
       << name_of(kPrefetchNames, plan.prefetch)
       << "\", \"prefetch_runs_ahead\": " << plan.prefetch_runs_ahead << ", \"result_memory\": \""
-      << name_of(kResultMemoryNames, plan.result_memory) << "\", \"l2_bytes\": " << cache_bytes(2)
-      << ", \"l3_bytes\": " << cache_bytes(3) << "}";
+      << name_of(kResultMemoryNames, plan.result_memory)
+      << "\", \"channels_last_items\": " << plan.channels_last_work.items
+      << ", \"channels_last_slices\": " << plan.channels_last_work.slices
+      << ", \"channels_last_slice_channels\": " << plan.channels_last_work.slice_channels
+      << ", \"l2_bytes\": " << cache_bytes(2) << ", \"l3_bytes\": " << cache_bytes(3) << "}";
   return out.str();
 }
 

@@ -20,6 +20,16 @@ namespace custom_bn::cpu {
 // are 4x larger because each keeps a partial sum per channel.
 constexpr int64_t kItemElements = 32768;
 
+constexpr int64_t kCacheLineBytes = 64;
+
+// Rows between flushes of a channels-last reduction's float sums into double totals.
+constexpr int64_t kFlushEveryRow = 16;
+
+// Work units a channels-last reduction is cut into at least, where its rows allow (the slices
+// of ChannelsLastWork): one per thread of a 2-core machine. Sixteen cut most model layers' rows
+// between threads and ran slower (docs/perf.md).
+constexpr int64_t kChannelsLastUnits = 2;
+
 // How an elementwise pass walks the tensor.
 enum class Walk {
   kChannelsLastRows,   // rows of C values, lanes are channels
@@ -55,6 +65,19 @@ struct CallWork {
 // "batch_norm_backward_elemt"): one table for the ops and the debug op.
 CallWork work_of(std::string_view op, bool training, bool residual);
 
+// How a channels-last reduction is cut into parallel work units: items of rows, the unit of
+// its summation order, and where a tensor has fewer than kChannelsLastUnits items, slices of
+// channels too (a 8x256x7x7 layer is one item of rows: without slices, one thread would sum it
+// all). A channel's sums depend only on the items of rows, so slicing leaves every result
+// bitwise the same. Units are numbered slice by slice, so that threads split by slices, and
+// finish together even where the last item is short.
+struct ChannelsLastWork {
+  int64_t rows_per_item;
+  int64_t items;           // items of rows
+  int64_t slice_channels;  // whole vector pairs, and at least two cache lines of a row
+  int64_t slices;
+};
+
 struct CpuPlan {
   ChannelView view;
   Walk walk;
@@ -68,6 +91,7 @@ struct CpuPlan {
   Prefetch prefetch;
   int64_t prefetch_runs_ahead;  // kWholeRuns: how many runs ahead
   ResultMemory result_memory;
+  ChannelsLastWork channels_last_work;  // channels-last reductions only
 };
 
 CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork& work);

@@ -22,14 +22,23 @@
 namespace custom_bn::cpu::CPU_CAPABILITY {
 
 // Vector steps (rows, for channels-last) between flushes of float sums into double totals.
+// (kFlushEveryRow, in plan.h, for channels-last rows.)
 constexpr int64_t kFlushEvery = 64;
-constexpr int64_t kFlushEveryRow = 16;
-constexpr int64_t kLineBytes = 64;
 
-// Calls fn(c) for every channel, in parallel: the per-channel merges of item results.
+// Item results a parallel task of a merge combines at least: a small layer's merge (a few
+// items per channel) then runs inline, as a parallel region costs more than it.
+constexpr int64_t kMergeGrain = 16384;
+
+// Channels per parallel task of a merge of items_per_channel results per channel.
+inline int64_t merge_grain(int64_t items_per_channel) {
+  return std::max<int64_t>(64, kMergeGrain / std::max<int64_t>(1, items_per_channel));
+}
+
+// Calls fn(c) for every channel, in parallel where the merge is large: the per-channel merges
+// of item results.
 template <typename Fn>
-void for_each_channel(int64_t channels, const Fn& fn) {
-  at::parallel_for(0, channels, 64, [&](int64_t begin, int64_t end) {
+void for_each_channel(int64_t channels, int64_t items_per_channel, const Fn& fn) {
+  at::parallel_for(0, channels, merge_grain(items_per_channel), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) fn(c);
   });
 }
@@ -84,7 +93,7 @@ std::array<double, kSums> reduce_channels_first_item(
         plan.prefetch != Prefetch::kNone && n + plan.prefetch_runs_ahead < span.n_end;
     if (prefetching && plan.prefetch == Prefetch::kWholeRuns) {
       for (int j = 0; j < kInputs; ++j) {
-        for (int64_t i = 0; i < span.length; i += kLineBytes / int64_t(sizeof(scalar_t))) {
+        for (int64_t i = 0; i < span.length; i += kCacheLineBytes / int64_t(sizeof(scalar_t))) {
           __builtin_prefetch(in[j] + base + prefetch_ahead + i);
         }
       }
@@ -158,40 +167,53 @@ void reduce_channels_first(const std::array<const scalar_t*, kInputs>& in,
           in, scalar_params<kParams>(params, span.channel), plan, span, terms, emit);
     }
   });
-  for_each_channel(C, [&](int64_t c) {
+  for_each_channel(C, items.per_channel, [&](int64_t c) {
     const std::array<double, kSums> sum =
         sum_in_item_order<kSums>(item_totals.data() + c * items.per_channel, items.per_channel);
     for (int k = 0; k < kSums; ++k) out[k][c] = static_cast<opmath_t<scalar_t>>(sum[k]);
   });
 }
 
-// Channels-last work items: blocks of rows (about 4 * kItemElements values).
-inline int64_t rows_per_channels_last_item(const ChannelView& view) {
-  return std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / view.channels);
-}
-
 // kRowsAtOnce rows share each load and store of the partial sums.
 constexpr int64_t kRowsAtOnce = 8;
 
-// Adds the kSums sums of one channels-last item (rows [row_begin, row_end)) to
-// totals[kSums * C]: float sums per channel in `partial` (kSums * C, scratch), flushed every
-// kFlushEveryRow rows.
+// One work unit of a channels-last reduction (ChannelsLastWork, plan.h): rows [row_begin,
+// row_end) of channels [channel_begin, channel_end).
+struct ChannelsLastUnit {
+  int64_t item, row_begin, row_end, channel_begin, channel_end;
+};
+
+inline ChannelsLastUnit channels_last_unit(const CpuPlan& plan, int64_t unit) {
+  const ChannelsLastWork& work = plan.channels_last_work;
+  const int64_t item = unit % work.items, slice = unit / work.items;
+  return {item, item * work.rows_per_item,
+          std::min(plan.view.outer, (item + 1) * work.rows_per_item), slice * work.slice_channels,
+          std::min(plan.view.channels, (slice + 1) * work.slice_channels)};
+}
+
+// Adds the kSums sums of one channels-last unit to totals[kSums * C] (its channels): float
+// sums per channel in `partial` (kSums * C, scratch), flushed every kFlushEveryRow rows. The
+// unit starts on a vector pair of channels, so each channel takes the same code path (pair,
+// single vector, scalar tail) as without slices.
 template <int kInputs, int kSums, int kParams, int kEmits, typename scalar_t, typename Terms>
-void reduce_channels_last_item(const std::array<const scalar_t*, kInputs> in,
+void reduce_channels_last_unit(const std::array<const scalar_t*, kInputs> in,
                                const std::array<const opmath_t<scalar_t>*, kParams> params,
-                               const ChannelView& view, int64_t row_begin, int64_t row_end,
-                               const Terms& terms, opmath_t<scalar_t>* partial, double* totals,
-                               scalar_t* emit) {
+                               const int64_t C, const ChannelsLastUnit unit, const Terms& terms,
+                               opmath_t<scalar_t>* partial, double* totals, scalar_t* emit) {
   using opmath = opmath_t<scalar_t>;
   using Vec = Vectorized<opmath>;
   static_assert(kFlushEveryRow % kRowsAtOnce == 0);
-  const int64_t C = view.channels;
-  const int64_t vec_end = C - C % Vec::size();
-  std::fill(partial, partial + kSums * C, opmath(0));
+  const int64_t c_begin = unit.channel_begin, c_end = unit.channel_end;
+  const int64_t vec_end = c_end - (c_end - c_begin) % Vec::size();
+  const auto clear_partial = [&] {
+    for (int k = 0; k < kSums; ++k)
+      std::fill(partial + k * C + c_begin, partial + k * C + c_end, 0);
+  };
+  clear_partial();
   int64_t rows_since_flush = 0;
-  for (int64_t row = row_begin; row < row_end; row += kRowsAtOnce) {
-    const int64_t rows = std::min(kRowsAtOnce, row_end - row);
-    int64_t c = 0;
+  for (int64_t row = unit.row_begin; row < unit.row_end; row += kRowsAtOnce) {
+    const int64_t rows = std::min(kRowsAtOnce, unit.row_end - row);
+    int64_t c = c_begin;
     // Two vectors of channels a step: an emitted bfloat16/float16 result is one full store.
     for (; c + 2 * Vec::size() <= vec_end; c += 2 * Vec::size()) {
       const std::array<Vec, kParams> pv_low = load_params<kParams>(params, c);
@@ -222,7 +244,7 @@ void reduce_channels_last_item(const std::array<const scalar_t*, kInputs> in,
       }
       for (int k = 0; k < kSums; ++k) acc[k].store(partial + k * C + c);
     }
-    for (c = vec_end; c < C; ++c) {
+    for (c = vec_end; c < c_end; ++c) {
       const std::array<opmath, kParams> p = scalar_params<kParams>(params, c);
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t offset = (row + r) * C + c;
@@ -232,9 +254,11 @@ void reduce_channels_last_item(const std::array<const scalar_t*, kInputs> in,
       }
     }
     rows_since_flush += rows;
-    if (rows_since_flush == kFlushEveryRow || row + rows == row_end) {
-      for (int64_t j = 0; j < kSums * C; ++j) totals[j] += partial[j];
-      std::fill(partial, partial + kSums * C, opmath(0));
+    if (rows_since_flush == kFlushEveryRow || row + rows == unit.row_end) {
+      for (int k = 0; k < kSums; ++k) {
+        for (int64_t j = k * C + c_begin; j < k * C + c_end; ++j) totals[j] += partial[j];
+      }
+      clear_partial();
       rows_since_flush = 0;
     }
   }
@@ -243,23 +267,24 @@ void reduce_channels_last_item(const std::array<const scalar_t*, kInputs> in,
 template <int kInputs, int kSums, int kParams, int kEmits, typename scalar_t, typename Terms>
 void reduce_channels_last(const std::array<const scalar_t*, kInputs>& in,
                           const std::array<const opmath_t<scalar_t>*, kParams>& params,
-                          const ChannelView& view, const Terms& terms,
+                          const CpuPlan& plan, const Terms& terms,
                           const std::array<opmath_t<scalar_t>*, kSums>& out, scalar_t* emit) {
-  const int64_t M = view.outer, C = view.channels;
-  const int64_t rows_per_item = rows_per_channels_last_item(view);
-  const int64_t items = ceil_div(M, rows_per_item);
+  const int64_t C = plan.view.channels;
+  const int64_t items = plan.channels_last_work.items;
   std::vector<double> item_totals(items * kSums * C, 0.0);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  // Scratch per thread, for as many units as the thread takes.
+  at::parallel_for(0, items * plan.channels_last_work.slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath_t<scalar_t>> partial(kSums * C);
-    for (int64_t item = begin; item < end; ++item) {
-      reduce_channels_last_item<kInputs, kSums, kParams, kEmits>(
-          in, params, view, item * rows_per_item, std::min(M, (item + 1) * rows_per_item), terms,
-          partial.data(), item_totals.data() + item * kSums * C, emit);
+    for (int64_t u = begin; u < end; ++u) {
+      const ChannelsLastUnit unit = channels_last_unit(plan, u);
+      reduce_channels_last_unit<kInputs, kSums, kParams, kEmits>(
+          in, params, C, unit, terms, partial.data(), item_totals.data() + unit.item * kSums * C,
+          emit);
     }
   });
   // Item totals per channel in item order: channels in blocks, items outer, so that the inner
   // loop runs along contiguous channels.
-  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, merge_grain(items), [&](int64_t begin, int64_t end) {
     std::vector<double> sum(kSums * (end - begin), 0.0);
     for (int64_t item = 0; item < items; ++item) {
       for (int k = 0; k < kSums; ++k) {
@@ -282,7 +307,7 @@ void reduce_channels(const std::array<const scalar_t*, kInputs>& in,
                      const CpuPlan& plan, const Terms& terms,
                      const std::array<opmath_t<scalar_t>*, kSums>& out, scalar_t* emit = nullptr) {
   if (plan.view.layout == Layout::kChannelsLast) {
-    reduce_channels_last<kInputs, kSums, kParams, kEmits>(in, params, plan.view, terms, out, emit);
+    reduce_channels_last<kInputs, kSums, kParams, kEmits>(in, params, plan, terms, out, emit);
   } else {
     reduce_channels_first<kInputs, kSums, kParams, kEmits>(in, params, plan, terms, out, emit);
   }

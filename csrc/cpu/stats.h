@@ -86,7 +86,7 @@ void collect_stats_channels_first(const scalar_t* x, const CpuPlan& plan,
       item_stats[item] = channels_first_item_stats(x, plan, span, shift[span.channel]);
     }
   });
-  for_each_channel(view.channels, [&](int64_t c) {
+  for_each_channel(view.channels, items.per_channel, [&](int64_t c) {
     const WelfordStats<double> stats =
         merge_items(item_stats.data() + c * items.per_channel, items.per_channel);
     mean[c] = static_cast<opmath>(stats.mean);
@@ -95,48 +95,48 @@ void collect_stats_channels_first(const scalar_t* x, const CpuPlan& plan,
 }
 
 template <typename scalar_t>
-void collect_stats_channels_last(const scalar_t* x, const ChannelView& view,
+void collect_stats_channels_last(const scalar_t* x, const CpuPlan& plan,
                                  const std::vector<opmath_t<scalar_t>>& shift,
                                  opmath_t<scalar_t>* mean, opmath_t<scalar_t>* m2) {
   using Passes = StatsPasses<scalar_t>;
   using opmath = opmath_t<scalar_t>;
-  const int64_t M = view.outer, C = view.channels;
-  const int64_t rows_per_item = rows_per_channels_last_item(view);
-  const int64_t items = ceil_div(M, rows_per_item);
+  const ChannelsLastWork& work = plan.channels_last_work;
+  const int64_t M = plan.view.outer, C = plan.view.channels;
+  const int64_t rows_per_item = work.rows_per_item, items = work.items;
   const std::array<const scalar_t*, 1> in{x};
   // Per item and channel: mean and M2, as rows [item][C] so that the combination below runs
   // along channels in vectors. Every element is written below: no zero-filling.
   const std::unique_ptr<double[]> item_mean(new double[items * C]);
   const std::unique_ptr<double[]> item_m2(new double[items * C]);
-  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, items * work.slices, 1, [&](int64_t begin, int64_t end) {
     std::vector<opmath> partial(C), rounded_mean(C);
     std::vector<double> shifted_sum(C), squared_sum(C);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t row_begin = item * rows_per_item;
-      const int64_t row_end = std::min(M, row_begin + rows_per_item);
-      const double count = static_cast<double>(row_end - row_begin);
-      std::fill(shifted_sum.begin(), shifted_sum.end(), 0.0);
-      reduce_channels_last_item<1, 1, 1, 0>(in, std::array<const opmath*, 1>{shift.data()}, view,
-                                            row_begin, row_end, Passes::shifted, partial.data(),
-                                            shifted_sum.data(), (scalar_t*)nullptr);
-      for (int64_t c = 0; c < C; ++c) {
+    for (int64_t u = begin; u < end; ++u) {
+      const ChannelsLastUnit unit = channels_last_unit(plan, u);
+      const int64_t c_begin = unit.channel_begin, c_end = unit.channel_end;
+      const double count = static_cast<double>(unit.row_end - unit.row_begin);
+      std::fill(shifted_sum.begin() + c_begin, shifted_sum.begin() + c_end, 0.0);
+      reduce_channels_last_unit<1, 1, 1, 0>(in, std::array<const opmath*, 1>{shift.data()}, C, unit,
+                                            Passes::shifted, partial.data(), shifted_sum.data(),
+                                            (scalar_t*)nullptr);
+      for (int64_t c = c_begin; c < c_end; ++c) {
         rounded_mean[c] = static_cast<opmath>(shift[c] + shifted_sum[c] / count);
       }
-      std::fill(squared_sum.begin(), squared_sum.end(), 0.0);
-      reduce_channels_last_item<1, 1, 1, 0>(in, std::array<const opmath*, 1>{rounded_mean.data()},
-                                            view, row_begin, row_end, Passes::squared_deviation,
-                                            partial.data(), squared_sum.data(), (scalar_t*)nullptr);
-      for (int64_t c = 0; c < C; ++c) {
+      std::fill(squared_sum.begin() + c_begin, squared_sum.begin() + c_end, 0.0);
+      reduce_channels_last_unit<1, 1, 1, 0>(in, std::array<const opmath*, 1>{rounded_mean.data()},
+                                            C, unit, Passes::squared_deviation, partial.data(),
+                                            squared_sum.data(), (scalar_t*)nullptr);
+      for (int64_t c = c_begin; c < c_end; ++c) {
         const WelfordStats<double> stats =
             Passes::item(count, shift[c], shifted_sum[c], rounded_mean[c], squared_sum[c]);
-        item_mean[item * C + c] = stats.mean;
-        item_m2[item * C + c] = stats.m2;
+        item_mean[unit.item * C + c] = stats.mean;
+        item_m2[unit.item * C + c] = stats.m2;
       }
     }
   });
   // Each channel's mean from its items' sums, then each item's M2 about it (no division per
   // item), in item order; channels in blocks, items outer so the inner loop is a vector one.
-  at::parallel_for(0, C, 256, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, C, merge_grain(items), [&](int64_t begin, int64_t end) {
     std::vector<double> sum(end - begin, 0.0), total_m2(end - begin, 0.0);
     for (int64_t item = 0; item < items; ++item) {
       const double count =
@@ -177,7 +177,7 @@ void collect_stats(const scalar_t* x, const CpuPlan& plan, opmath_t<scalar_t>* m
                    opmath_t<scalar_t>* m2) {
   const std::vector<opmath_t<scalar_t>> shift = channel_shifts(x, plan.view);
   if (plan.view.layout == Layout::kChannelsLast) {
-    collect_stats_channels_last(x, plan.view, shift, mean, m2);
+    collect_stats_channels_last(x, plan, shift, mean, m2);
   } else {
     collect_stats_channels_first(x, plan, shift, mean, m2);
   }

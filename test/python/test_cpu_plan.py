@@ -1,7 +1,8 @@
 """The plan of a CPU call (csrc/cpu/plan.h), read through the debug op custom_bn::_cpu_plan,
 and the paths it selects for the layouts and sizes models produce: runs walked flat where they
 are not whole vectors, and results larger than the last-level cache written with non-temporal
-stores. Each path is held to float64, or bit for bit to another path."""
+stores, and channels-last reductions of few rows cut by channels as well as by rows. Each path
+is held to float64, or bit for bit to another path."""
 
 import custom_bn  # noqa: F401  (loads the ops)
 import pytest
@@ -136,3 +137,52 @@ def test_runs_that_are_not_whole_vectors_are_walked_flat_bitwise_right(
     ):
         assert result.is_contiguous() and reference.is_contiguous(memory_format=last), name
         assert torch.equal(result, reference), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", [(8, 256, 7, 7), (8, 512, 4, 4), (3, 200, 5, 5), (60, 96)])
+def test_channels_last_reductions_sliced_by_channels_are_bitwise_unsliced(shape, dtype):
+    """A channels-last layer with few items of rows has its reductions cut into slices of
+    channels too (ChannelsLastWork, csrc/cpu/plan.h), so that small layers use every thread.
+    A channel's sums depend only on the items of rows, so every per-channel result must equal,
+    bit for bit, that of the same channels reduced alone in one slice: the first and the last
+    channels of a vector pair (in the first and the last slice), taken out as tensors of their
+    own. (A tail channel, past the last whole pair, would be summed by the scalar code in the
+    layer but by the vector code alone.)"""
+    memory_format = torch.channels_last if len(shape) == 4 else torch.contiguous_format
+    x = (torch.randn(shape) * 3 + 1).to(dtype).contiguous(memory_format=memory_format)
+    plan = cpu_plan(x)
+    assert plan["channels_last_items"] == 1 and plan["channels_last_slices"] > 1
+    grad = torch.randn_like(x)
+    channels = shape[1]
+    opmath_bytes = 8 if dtype == torch.float64 else 4
+    pair_lanes = 2 * VECTOR_BYTES[plan["capability"]] // opmath_bytes
+    width = max(16, pair_lanes)
+    last_whole_pairs = channels // width * width
+    slice_channels = plan["channels_last_slice_channels"]
+    assert slice_channels % pair_lanes == 0
+    assert last_whole_pairs - width >= (plan["channels_last_slices"] - 1) * slice_channels
+    weight, bias = torch.rand(channels, dtype=dtype) + 0.5, torch.randn(channels, dtype=dtype)
+
+    def results(x, grad, picked):
+        x = x.clone().requires_grad_()
+        w, b = weight[picked].clone().requires_grad_(), bias[picked].clone().requires_grad_()
+        rm, rv = torch.zeros_like(w), torch.ones_like(w)
+        out = torch.ops.custom_bn.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5)
+        dx, dw, db = torch.autograd.grad(out, (x, w, b), grad)
+        return out, dx, dw, db, rm, rv
+
+    whole = results(x, grad, slice(None))
+    for picked in (slice(0, width), slice(last_whole_pairs - width, last_whole_pairs)):
+        part = x[:, picked].contiguous(memory_format=memory_format)
+        assert cpu_plan(part)["channels_last_items"] == 1
+        assert cpu_plan(part)["channels_last_slices"] == 1
+        alone = results(part, grad[:, picked].contiguous(memory_format=memory_format), picked)
+        for name, of_whole, of_part in zip(
+            ("output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"),
+            whole,
+            alone,
+            strict=True,
+        ):
+            of_whole = of_whole[:, picked] if of_whole.dim() > 1 else of_whole[picked]
+            assert torch.equal(of_whole, of_part), (name, picked)
