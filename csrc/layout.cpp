@@ -3,21 +3,35 @@
 
 #include <c10/util/Exception.h>
 
-#include <numeric>
 #include <optional>
-#include <vector>
 
 namespace custom_bn {
 namespace {
+
+// Whether t is contiguous with its channel dimension innermost (N, spatial..., C), by the rule
+// of Tensor::is_contiguous (a dimension of size 1 may have any stride), read from the strides
+// rather than from a permuted view: that costs a dispatcher call per tensor and call.
+bool is_channels_last_dense(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  int64_t expected_stride = 1;
+  const auto dense_at = [&](int64_t d) {
+    if (t.size(d) == 1) return true;
+    if (t.stride(d) != expected_stride) return false;
+    expected_stride *= t.size(d);
+    return true;
+  };
+  if (!dense_at(1)) return false;
+  for (int64_t d = t.dim() - 1; d >= 2; --d) {
+    if (!dense_at(d)) return false;
+  }
+  return dense_at(0);
+}
 
 std::optional<ChannelView> channel_view_of(const at::Tensor& t) {
   const int64_t N = t.size(0), C = t.size(1);
   int64_t S = 1;
   for (int64_t d = 2; d < t.dim(); ++d) S *= t.size(d);
-  std::vector<int64_t> channels_last_order(t.dim());
-  std::iota(channels_last_order.begin() + 1, channels_last_order.end() - 1, 2);
-  channels_last_order.back() = 1;
-  const bool channels_last = t.permute(channels_last_order).is_contiguous();
+  const bool channels_last = is_channels_last_dense(t);
   // With one value per (n, c), both layouts describe the same memory: walk rows of C.
   if (channels_last && (S == 1 || !t.is_contiguous())) {
     return ChannelView{Layout::kChannelsLast, N * S, C, 1};

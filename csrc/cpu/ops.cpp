@@ -53,11 +53,18 @@ at::Tensor eval_invstd(const at::Tensor& running_var, const at::TensorOptions& o
   return invstd_from_var(running_var, options, eps);
 }
 
+// A (C,) result of a reduction, which writes every channel: left unfilled (a zeros per result
+// and call is a dispatcher call and a fill), but zeros for an empty batch, where none runs.
+at::Tensor per_channel_result(const PlannedInput& in, const at::TensorOptions& options) {
+  return in.dense.tensor.numel() > 0 ? at::empty({in.plan.view.channels}, options)
+                                     : at::zeros({in.plan.view.channels}, options);
+}
+
 // (mean, m2) of each channel; zeros for an empty batch.
 std::pair<at::Tensor, at::Tensor> channel_stats(const PlannedInput& in) {
   const at::TensorOptions options = stat_options(in.dense.tensor);
-  at::Tensor mean = at::zeros({in.plan.view.channels}, options);
-  at::Tensor m2 = at::zeros({in.plan.view.channels}, options);
+  at::Tensor mean = per_channel_result(in, options);
+  at::Tensor m2 = per_channel_result(in, options);
   if (in.dense.tensor.numel() > 0) kernels().collect_stats(in.dense.tensor, in.plan, mean, m2);
   return {mean, m2};
 }
@@ -82,8 +89,8 @@ at::Tensor normalize(const at::Tensor& input, const PlannedInput& in, const Chan
 // (sum_dy, sum_dy_xmu) of each channel.
 std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const PlannedInput& in,
                                             const at::Tensor& mean) {
-  at::Tensor sum_dy = at::zeros({in.plan.view.channels}, mean.options());
-  at::Tensor sum_dy_xmu = at::zeros({in.plan.view.channels}, mean.options());
+  at::Tensor sum_dy = per_channel_result(in, mean.options());
+  at::Tensor sum_dy_xmu = per_channel_result(in, mean.options());
   if (in.dense.tensor.numel() > 0) {
     kernels().reduce_grad(align_to(grad_output, in.dense), in.dense.tensor, in.plan, mean, sum_dy,
                           sum_dy_xmu);
@@ -220,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const int64_t channels = in.plan.view.channels;
   const at::Tensor dy = align_to(grad_output, in.dense);
   const at::Tensor out = align_to(output, in.dense);
-  at::Tensor sum_dy = at::zeros({channels}, stats.mean.options());
-  at::Tensor sum_dy_xmu = at::zeros({channels}, stats.mean.options());
+  at::Tensor sum_dy = per_channel_result(in, stats.mean.options());
+  at::Tensor sum_dy_xmu = per_channel_result(in, stats.mean.options());
   std::optional<ResultBuffer> grad_residual;
   if (wants_grad_residual) grad_residual.emplace(empty_result(input, in.plan), in.dense);
   at::Tensor grad_input;

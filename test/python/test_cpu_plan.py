@@ -36,6 +36,36 @@ def test_walks(x, walk):
     assert cpu_plan(x)["walk"] == walk
 
 
+def test_a_tensor_walked_as_it_is_follows_torchs_contiguity_rules():
+    """The layout is read from the strides (csrc/layout.cpp), not from a permuted view: on
+    random dense and strided tensors with dimensions of size 1 (whose stride is free), a tensor
+    that needs no copy must be walked as torch's is_contiguous says, in either order."""
+    generator = torch.Generator().manual_seed(0)
+
+    def pick(choices):
+        return choices[int(torch.randint(len(choices), (1,), generator=generator))]
+
+    walked = set()
+    for dims in (2, 3, 4, 5):
+        for _ in range(150):
+            sizes = [pick([1, 1, 2, 3, 5]) for _ in range(dims)]
+            order = torch.randperm(dims, generator=generator).tolist()
+            storage = torch.empty([sizes[d] * pick([1, 2]) for d in order])
+            x = storage.permute([order.index(d) for d in range(dims)])[
+                tuple(slice(0, s) for s in sizes)
+            ]
+            channels_last = x.permute([0, *range(2, dims), 1]).is_contiguous()
+            one_value_per_channel = x[0, 0].numel() == 1
+            walk = cpu_plan(x)["walk"]
+            if channels_last and (one_value_per_channel or not x.is_contiguous()):
+                assert walk == "channels_last_rows", (sizes, x.stride())
+                walked.add(walk)
+            elif x.is_contiguous():
+                assert walk.startswith("channels_first"), (sizes, x.stride())
+                walked.add("channels_first")
+    assert walked == {"channels_last_rows", "channels_first"}
+
+
 def test_the_plan_names_an_unknown_op():
     with pytest.raises(ValueError, match="expected op to name a custom_bn op"):
         torch.ops.custom_bn._cpu_plan(torch.empty(2, 3), "batch_norm_sideways")
