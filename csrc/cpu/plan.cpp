@@ -76,14 +76,13 @@ ChannelsLastWork plan_channels_last_work(const ChannelView& view, int64_t elemen
   ChannelsLastWork work{};
   const int64_t C = std::max<int64_t>(1, view.channels);
   work.rows_per_item = std::max<int64_t>(kFlushEveryRow, 4 * kItemElements / C);
-  work.items = (view.outer + work.rows_per_item - 1) / work.rows_per_item;
+  work.items = ceil_div(view.outer, work.rows_per_item);
   const int64_t pair_lanes = 2 * vector_bytes / opmath_size;
-  const int64_t wanted_slices =
-      work.items > 0 ? (kChannelsLastUnits + work.items - 1) / work.items : 1;
-  const int64_t narrowest = std::max((C + wanted_slices - 1) / wanted_slices,
-                                     (2 * kCacheLineBytes + element_size - 1) / element_size);
-  work.slice_channels = (narrowest + pair_lanes - 1) / pair_lanes * pair_lanes;
-  work.slices = (view.channels + work.slice_channels - 1) / work.slice_channels;
+  const int64_t wanted_slices = work.items > 0 ? ceil_div(kChannelsLastUnits, work.items) : 1;
+  const int64_t narrowest =
+      std::max(ceil_div(C, wanted_slices), ceil_div(2 * kCacheLineBytes, element_size));
+  work.slice_channels = ceil_div(narrowest, pair_lanes) * pair_lanes;
+  work.slices = ceil_div(view.channels, work.slice_channels);
   return work;
 }
 
@@ -166,13 +165,13 @@ CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork&
   // Channels-first reductions: the hardware prefetcher starts over on each run, and one
   // thread then draws a fraction of the memory bandwidth.
   if (view.layout == Layout::kChannelsFirst && view.inner > 0) {
-    const int64_t segments = (view.inner + kItemElements - 1) / kItemElements;
-    const int64_t run_bytes = (view.inner + segments - 1) / segments * element_size;
+    const int64_t segments = ceil_div(view.inner, kItemElements);
+    const int64_t run_bytes = ceil_div(view.inner, segments) * element_size;
     if (run_bytes >= 1024) {
       plan.prefetch = Prefetch::kEachStep;
     } else if (run_bytes >= 256) {
       plan.prefetch = Prefetch::kWholeRuns;
-      plan.prefetch_runs_ahead = (1024 + run_bytes - 1) / run_bytes;
+      plan.prefetch_runs_ahead = ceil_div(1024, run_bytes);
     }
   }
 

@@ -22,6 +22,8 @@ constexpr int64_t kItemElements = 32768;
 
 constexpr int64_t kCacheLineBytes = 64;
 
+constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // Rows between flushes of a channels-last reduction's float sums into double totals.
 constexpr int64_t kFlushEveryRow = 16;
 

@@ -23,8 +23,6 @@ using at::vec::Vectorized;
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
-constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // The first `count` values at p (the rest of the vector is zero; masked where the CPU has masks).
 template <typename scalar_t>
 inline Vectorized<opmath_t<scalar_t>> load_vec(
