@@ -114,7 +114,8 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     if (forward_op == ForwardOp::kEval) {
       output =
           batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, relu, residual);
-      save_mean = save_invstd = at::empty({0}, stat_options(input));
+      // Eval's backward reads the running stats; the node only wants defined save_*.
+      if (node) save_mean = save_invstd = at::empty({0}, stat_options(input));
     } else {
       std::tie(output, save_mean, save_invstd) =
           relu ? batch_norm_relu_forward(input, weight, bias, updated_mean, updated_var, counter,

@@ -118,6 +118,18 @@ at::Tensor grad_input_from_sums(bool training, const at::Tensor& grad_output,
   });
 }
 
+// Evaluation: the output pass with the running statistics, after the caller's checks.
+at::Tensor eval_output(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& running_mean,
+                       const std::optional<at::Tensor>& running_var, double eps, bool relu,
+                       const std::optional<at::Tensor>& residual) {
+  const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
+                                     /*training=*/false, has(residual));
+  const ChannelStats stats = eval_stats(input, running_mean, running_var, eps, eval_invstd);
+  return normalize(input, in, stats, weight, bias, relu, residual);
+}
+
 // The forward of batch_norm_forward and (relu = true) batch_norm_relu_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
@@ -128,14 +140,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const std::optional<at::Tensor>& residual) {
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
-  const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
-                                     training, has(residual));
   const at::TensorOptions options = stat_options(input);
   if (!training) {
-    const ChannelStats stats = eval_stats(input, running_mean, running_var, eps, eval_invstd);
-    return {normalize(input, in, stats, weight, bias, relu, residual), at::empty({0}, options),
-            at::empty({0}, options)};
+    return {eval_output(input, weight, bias, running_mean, running_var, eps, relu, residual),
+            at::empty({0}, options), at::empty({0}, options)};
   }
+  const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
+                                     training, has(residual));
   const double count = static_cast<double>(values_per_channel(input));
   const int64_t channels = in.plan.view.channels;
   at::Tensor output, mean, m2, invstd;
@@ -175,8 +186,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
-  return std::get<0>(forward(op, input, weight, bias, running_mean, running_var, std::nullopt,
-                             /*training=*/false, std::nullopt, eps, relu, residual));
+  return eval_output(input, weight, bias, running_mean, running_var, eps, relu, residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(

@@ -22,22 +22,59 @@ def _fx_leaf(module: torch.nn.Module, *args: object) -> torch.fx.Proxy | None:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
+_ABSENT = object()
+
+
+def _registered(module: torch.nn.Module, names: tuple[str, ...]) -> list[Tensor | None]:
+    """The parameters and buffers `names` of `module`, as `module.<name>` would give them.
+
+    Read from the module's own tables in eager Python: `module.weight` reaches
+    nn.Module.__getattr__ only after Python's own attribute lookup has failed, and that
+    failure costs about 2 us a name, more than the kernel of many a small layer. A name not in
+    its table (a parametrization replaces a parameter by a property) is looked up as an
+    attribute; under torch.compile every name is, as dynamo traces attribute reads."""
+    if torch.compiler.is_compiling():
+        return [getattr(module, name) for name in names]
+    parameters, buffers = module._parameters, module._buffers
+    values = []
+    for name in names:
+        value = parameters.get(name, _ABSENT)
+        if value is _ABSENT:
+            value = buffers.get(name, _ABSENT)
+        values.append(getattr(module, name) if value is _ABSENT else value)
+    return values
+
+
+_BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
 class _CustomBatchNorm(_BatchNorm):
-    def _state_arguments(
+    def _op_arguments(
         self,
-    ) -> tuple[Tensor | None, Tensor | None, bool, Tensor | None]:
-        """(running_mean, running_var, training, num_batches_tracked) for the op."""
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, Tensor | None]:
+        """(weight, bias, running_mean, running_var, training, num_batches_tracked) for the op."""
+        if not torch.jit.is_scripting():
+            weight, bias, running_mean, running_var, num_batches_tracked = _registered(
+                self, _BATCH_NORM_TENSORS
+            )
+        else:
+            weight, bias, running_mean, running_var = (
+                self.weight, self.bias, self.running_mean, self.running_var
+            )  # fmt: skip
+            num_batches_tracked = self.num_batches_tracked
         # As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics when training or
         # without running stats; the op updates the running stats and num_batches_tracked
         # (momentum=None: the cumulative average) when training with them.
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         use_running_stats = not self.training or self.track_running_stats
         updates = self.training and self.track_running_stats
         return (
-            self.running_mean if use_running_stats else None,
-            self.running_var if use_running_stats else None,
+            weight,
+            bias,
+            running_mean if use_running_stats else None,
+            running_var if use_running_stats else None,
             use_batch_stats,
-            self.num_batches_tracked if updates else None,
+            num_batches_tracked if updates else None,
         )
 
     def forward(self, input: Tensor) -> Tensor:
@@ -46,9 +83,11 @@ class _CustomBatchNorm(_BatchNorm):
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
-        running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, running_mean,
-                                              running_var, training, self.momentum, self.eps,
+        weight, bias, running_mean, running_var, training, num_batches_tracked = (
+            self._op_arguments()
+        )
+        return torch.ops.custom_bn.batch_norm(input, weight, bias, running_mean, running_var,
+                                              training, self.momentum, self.eps,
                                               num_batches_tracked)  # fmt: skip
 
 
@@ -87,9 +126,11 @@ class BatchNormReLU2d(BatchNorm2d):
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
-        running_mean, running_var, training, num_batches_tracked = self._state_arguments()
-        return torch.ops.custom_bn.batch_norm_relu(input, self.weight, self.bias, running_mean,
-                                                   running_var, training, self.momentum, self.eps,
+        weight, bias, running_mean, running_var, training, num_batches_tracked = (
+            self._op_arguments()
+        )
+        return torch.ops.custom_bn.batch_norm_relu(input, weight, bias, running_mean, running_var,
+                                                   training, self.momentum, self.eps,
                                                    num_batches_tracked, residual)  # fmt: skip
 
 
@@ -109,6 +150,9 @@ def _retype(bn: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
     retyped._buffers = dict(bn._buffers)
     retyped._modules = dict(bn._modules)
     return retyped
+
+
+_FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
 class FrozenBatchNorm2d(torch.nn.Module):
@@ -139,8 +183,11 @@ class FrozenBatchNorm2d(torch.nn.Module):
                 return leaf
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input)")
-        return torch.ops.custom_bn.batch_norm(input, self.weight, self.bias, self.running_mean,
-                                              self.running_var, False, 0.0, self.eps)  # fmt: skip
+        if not torch.jit.is_scripting():
+            weight, bias, mean, var = _registered(self, _FROZEN_TENSORS)
+        else:
+            weight, bias, mean, var = self.weight, self.bias, self.running_mean, self.running_var
+        return torch.ops.custom_bn.batch_norm(input, weight, bias, mean, var, False, 0.0, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

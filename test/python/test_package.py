@@ -182,6 +182,74 @@ def test_convert_keeps_the_very_parameters_mode_and_device():
     assert ours.weight.device == bn.weight.device
 
 
+class Doubled(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_parametrized_weight_is_what_the_forward_reads():
+    # A parametrization moves the weight out of _parameters behind a property; the forward
+    # must read the property, as torch's does, and the gradient must reach the original.
+    ours, theirs = make_pair(2)
+    for bn in (ours, theirs):
+        torch.nn.utils.parametrize.register_parametrization(bn, "weight", Doubled())
+    x = torch.randn(4, 6, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    ours(x).sum().backward()
+    theirs(x).sum().backward()
+    original = "parametrizations.weight.original"
+    torch.testing.assert_close(
+        ours.get_parameter(original).grad, theirs.get_parameter(original).grad
+    )
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_call_swaps_parameters_and_buffers(training):
+    ours, theirs = make_pair(2)
+    ours.train(training), theirs.train(training)
+    swapped = {
+        "weight": torch.rand(6) + 0.5,
+        "bias": torch.randn(6),
+        "running_mean": torch.randn(6),
+        "running_var": torch.rand(6) + 0.5,
+        "num_batches_tracked": torch.tensor(3),
+    }
+    ours_state = {k: v.clone() for k, v in swapped.items()}
+    theirs_state = {k: v.clone() for k, v in swapped.items()}
+    x = torch.randn(4, 6, 5, 5)
+    out = torch.func.functional_call(ours, ours_state, (x,))
+    torch.testing.assert_close(out, torch.func.functional_call(theirs, theirs_state, (x,)))
+    for name in swapped:
+        torch.testing.assert_close(ours_state[name], theirs_state[name])
+    # The module's own state is untouched.
+    torch.testing.assert_close(ours.running_mean, torch.zeros(6))
+    assert ours.num_batches_tracked.item() == 0
+
+
+def test_frozen_reads_swapped_and_reassigned_tensors():
+    frozen = custom_bn.convert_batchnorm(make_pair(2)[1].eval(), frozen=True)
+    reference = torch.nn.BatchNorm2d(6).eval()
+    x = torch.randn(4, 6, 5, 5)
+    state = {
+        "weight": torch.rand(6) + 0.5,
+        "bias": torch.randn(6),
+        "running_mean": torch.randn(6),
+        "running_var": torch.rand(6) + 0.5,
+    }
+    torch.testing.assert_close(
+        torch.func.functional_call(frozen, state, (x,)),
+        torch.func.functional_call(reference, state, (x,)),
+    )
+    # A buffer deleted and set again as a plain attribute is read as one.
+    del frozen.bias
+    frozen.bias = state["bias"]
+    frozen.weight, frozen.running_mean, frozen.running_var = (
+        state["weight"], state["running_mean"], state["running_var"]
+    )  # fmt: skip
+    reference.load_state_dict(state, strict=False)
+    torch.testing.assert_close(frozen(x), reference(x))
+
+
 def test_compile_fullgraph_with_momentum_none_matches_eager():
     torch._dynamo.reset()
     eager = custom_bn.convert_batchnorm(SmallNet())
