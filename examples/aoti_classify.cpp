@@ -5,8 +5,9 @@
 //   aoti_classify MODEL.pt2 [INPUT.f32 N C H W]
 //
 // INPUT.f32 holds the input as raw float32 values (numpy's tofile); without it the input is
-// torch::ones. Linking custom_bn::custom_bn is what registers the custom_bn ops the package
-// calls: without it, loading fails with "Could not find schema for custom_bn::...".
+// torch::ones. Linking custom_bn::custom_bn registers the custom_bn ops a package may call. An
+// eval package calls none (inductor compiles eval batch norm into its own code); one that does
+// fails to load without them, with "Could not find schema for custom_bn::...".
 #include <custom_bn/custom_bn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 

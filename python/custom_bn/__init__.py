@@ -8,7 +8,7 @@ from ._library import library_path, load
 
 load()
 
-from . import _fx_optimization, _vmap, functional, memory, quantization  # noqa: E402
+from . import _fx_optimization, _inductor, _vmap, functional, memory, quantization  # noqa: E402
 from .fusion import fuse_batchnorm_relu  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
@@ -21,6 +21,7 @@ from .modules import (  # noqa: E402
 from .sync_batchnorm import SyncBatchNorm  # noqa: E402
 
 _vmap.register()
+_inductor.register()
 _fx_optimization.register()
 quantization.register_fuser_methods()
 quantization.register_backend_config()
