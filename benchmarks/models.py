@@ -122,6 +122,10 @@ def run_row(config, repeats: int, seconds: float) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 100, (batch,))
     steps = {v: make_step(build(name, v, layout), x, target, dtype, step, mode) for v in VARIANTS}
+    # One call each first: torch.compile compiles on it, and measure() sizes its rounds by the
+    # warm-up's time, which would otherwise be the compile's (and give only `repeats` rounds).
+    for fn in steps.values():
+        fn()
     seconds_per_call = measure(steps, repeats, seconds, warmup=2)
     t = {v: seconds_per_call[v] * 1e3 for v in VARIANTS}
     gain = t["torch"] - t["ceiling"]
