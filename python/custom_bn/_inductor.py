@@ -1,15 +1,21 @@
-"""Evaluation-mode batch norm as TorchInductor's own pointwise code.
+"""Batch norm as TorchInductor's own code, in evaluation and in training mode.
 
-In evaluation mode batch norm is a per-channel affine map. Under TorchInductor (the default
-backend of torch.compile, and AOTInductor) torch's BatchNorm becomes inductor code that is
-fused with the ReLU and residual add around it, so it costs no pass of its own. An opaque
-`custom_bn::batch_norm_eval` call would cost one (docs/perf.md row 37). So inductor gets a
-decomposition of that op: the same formula as our kernels, in their compute type.
+Under TorchInductor (the default backend of torch.compile, and AOTInductor) torch's BatchNorm is
+decomposed into reductions and pointwise code that inductor fuses with the ReLU, residual add
+and gradient code around it. Opaque calls of our ops would each cost passes of their own that
+inductor cannot fuse (docs/perf.md rows 37 and 38). So inductor's decomposition table gets our
+ops written as torch operations (custom_bn._decompositions), with our kernels' formulas.
 
-Only inductor's table gets it: `torch.export`, the ONNX exporters, eager mode and the other
-compile backends keep `custom_bn::batch_norm_eval`. Training keeps our kernels everywhere.
+Only inductor's table gets them: `torch.export`, the ONNX exporters, eager mode and the other
+compile backends keep our ops. SyncBatchNorm's stage ops (distributed statistics) stay calls.
 
-Importing inductor costs seconds, which eager users should not pay: the decomposition is
+How the training forward reaches the table: it mutates the running stats, so AOTAutograd's
+functionalization wraps it in `auto_functionalized_v2`, which the table cannot see; inductor's
+post-grad pass then replaces that node by the op applied to (copies of) the running stats,
+tracing it with inductor's table, and there our decomposition applies, its in-place updates
+included.
+
+Importing inductor costs seconds, which eager users should not pay: the decompositions are
 registered when `torch._inductor.decomposition` is first imported (torch.compile does that on
 its first inductor compile), or at once if it already is.
 """
@@ -19,40 +25,27 @@ import sys
 
 import torch
 
+from . import _decompositions
+
 _INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
 
 
-def batch_norm_eval(
-    input: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
-    eps: float,
-    relu: bool = False,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """relu?((input - mean) * invstd * weight + bias + residual), computed as our CPU and CUDA
-    kernels compute it: float32 for reduced-precision input, float64 for float64."""
-    compute = torch.promote_types(input.dtype, torch.float32)
-    per_channel = [1, -1] + [1] * (input.dim() - 2)
-    scale = torch.rsqrt(running_var.to(compute) + eps)
-    if weight is not None:
-        scale = scale * weight.to(compute)
-    out = (input.to(compute) - running_mean.to(compute).view(per_channel)) * scale.view(per_channel)
-    if bias is not None:
-        out = out + bias.to(compute).view(per_channel)
-    if residual is not None:
-        out = out + residual.to(compute)
-    if relu:
-        out = torch.relu(out)
-    return out.to(input.dtype)
+# Our ops that inductor compiles from their decompositions; the stage ops of SyncBatchNorm
+# (distributed statistics) stay calls of our kernels.
+_DECOMPOSED = (
+    "batch_norm_eval",
+    "batch_norm_forward",
+    "batch_norm_relu_forward",
+    "batch_norm_backward",
+    "batch_norm_relu_backward",
+)
 
 
 def _register(decomposition_module) -> None:
-    op = torch.ops.custom_bn.batch_norm_eval.default
-    if op not in decomposition_module.decompositions:
-        decomposition_module.register_decomposition(op)(batch_norm_eval)
+    for name in _DECOMPOSED:
+        op = getattr(torch.ops.custom_bn, name).default
+        if op not in decomposition_module.decompositions:
+            decomposition_module.register_decomposition(op)(getattr(_decompositions, name))
     # The table inductor reads is a cached copy, made on its first compile.
     decomposition_module.fast_random_decomps.cache_clear()
 

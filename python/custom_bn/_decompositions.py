@@ -1,0 +1,188 @@
+"""custom_bn's ops written as torch operations, for TorchInductor's decomposition table
+(custom_bn._inductor registers them).
+
+Each computes what our CPU and CUDA kernels compute (csrc/batch_norm_math.h), in their compute
+type: float32 for reduced-precision input, float64 for float64 input, rounded once to the
+result's dtype. The kernels reduce in double where these reduce in the compute type, so results
+agree to the per-dtype tolerances of the parity tests, not bitwise.
+"""
+
+import torch
+from torch import Tensor
+
+
+def _compute_dtype(input: Tensor) -> torch.dtype:
+    return torch.promote_types(input.dtype, torch.float32)
+
+
+def _per_channel(values: Tensor, input: Tensor) -> Tensor:
+    """A (C,) tensor shaped to broadcast along dim 1 of input."""
+    return values.view([1, -1] + [1] * (input.dim() - 2))
+
+
+def _reduced_dims(input: Tensor) -> list[int]:
+    return [0, *range(2, input.dim())]
+
+
+def _values_per_channel(input: Tensor) -> int:
+    return input.numel() // input.shape[1]
+
+
+def _normalize(
+    input: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    relu: bool,
+    residual: Tensor | None,
+) -> Tensor:
+    """relu?((input - mean) * invstd * weight + bias + residual), as the kernels' normalize pass."""
+    compute = mean.dtype
+    scale = invstd if weight is None else invstd * weight.to(compute)
+    out = (input.to(compute) - _per_channel(mean, input)) * _per_channel(scale, input)
+    if bias is not None:
+        out = out + _per_channel(bias.to(compute), input)
+    if residual is not None:
+        out = out + residual.to(compute)
+    if relu:
+        out = torch.relu(out)
+    return out.to(input.dtype)
+
+
+def batch_norm_eval(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    relu: bool = False,
+    residual: Tensor | None = None,
+) -> Tensor:
+    compute = _compute_dtype(input)
+    invstd = torch.rsqrt(running_var.to(compute) + eps)
+    return _normalize(input, running_mean.to(compute), invstd, weight, bias, relu, residual)
+
+
+def _update_running_stats(
+    mean: Tensor,
+    biased_var: Tensor,
+    count: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    momentum: float | None,
+) -> None:
+    """(1 - m) * running + m * batch, with the unbiased variance; m = 1 / num_batches_tracked
+    (already incremented) for momentum=None. Written in place, as the kernels write them."""
+    if momentum is None:
+        factor = num_batches_tracked.to(torch.float64).reciprocal().to(mean.dtype)
+    else:
+        factor = momentum
+    unbiased_var = biased_var * count / (count - 1)
+    new_mean = (1 - factor) * running_mean.to(mean.dtype) + factor * mean
+    new_var = (1 - factor) * running_var.to(mean.dtype) + factor * unbiased_var
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
+
+
+def _forward(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+    training, momentum, eps, relu,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    compute = _compute_dtype(input)
+    if not training:
+        empty = input.new_empty((0,), dtype=compute)
+        out = batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu, residual)
+        return out, empty, empty
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)  # also for an empty batch, as torch's module counts it
+    count = _values_per_channel(input)
+    if count == 0:
+        zeros = input.new_zeros((input.shape[1],), dtype=compute)
+        return torch.empty_like(input), zeros, zeros
+    biased_var, mean = torch.var_mean(input.to(compute), dim=_reduced_dims(input), correction=0)
+    invstd = torch.rsqrt(biased_var + eps)
+    if running_mean is not None:
+        _update_running_stats(
+            mean, biased_var, count, running_mean, running_var, num_batches_tracked, momentum
+        )
+    return _normalize(input, mean, invstd, weight, bias, relu, residual), mean, invstd
+
+
+def batch_norm_forward(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, None,
+        training, momentum, eps, relu=False,
+    )  # fmt: skip
+
+
+def batch_norm_relu_forward(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+    training, momentum, eps,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    return _forward(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+        training, momentum, eps, relu=True,
+    )  # fmt: skip
+
+
+def _backward(
+    grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
+    training, eps, output_mask,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """Gradients of input, weight and bias: the kernels' sums of dy and dy * (x - mean), then
+    grad_x = a * (dy - mean(dy)) + b * (x - mean) with their per-channel coefficients."""
+    compute = _compute_dtype(input)
+    if training:
+        mean, invstd = save_mean.to(compute), save_invstd.to(compute)
+    else:
+        mean = running_mean.to(compute)
+        invstd = torch.rsqrt(running_var.to(compute) + eps)
+    dy = grad_output.to(compute)
+    centred = input.to(compute) - _per_channel(mean, input)
+    dims = _reduced_dims(input)
+    sum_dy = dy.sum(dims)
+    sum_dy_xmu = (dy * centred).sum(dims)
+    param_dtype = input.dtype if weight is None else weight.dtype
+    grad_input = None
+    if output_mask[0]:
+        scale = invstd if weight is None else invstd * weight.to(compute)
+        count = _values_per_channel(input)
+        if training and count > 0:
+            k = sum_dy_xmu / count * invstd * invstd
+            grad = _per_channel(scale, input) * (dy - _per_channel(sum_dy / count, input))
+            grad = grad + _per_channel(-k * scale, input) * centred
+        else:
+            grad = _per_channel(scale, input) * dy
+        grad_input = grad.to(input.dtype)
+    grad_weight = (sum_dy_xmu * invstd).to(param_dtype) if output_mask[1] else None
+    grad_bias = sum_dy.to(param_dtype) if output_mask[2] else None
+    return grad_input, grad_weight, grad_bias
+
+
+def batch_norm_backward(
+    grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
+    training, eps, output_mask,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    return _backward(
+        grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
+        training, eps, output_mask,
+    )  # fmt: skip
+
+
+def batch_norm_relu_backward(
+    grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
+    training, eps, output_mask,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    """The ReLU's gradient from the output (dy where output > 0), which is also the residual's,
+    then batch norm's backward of it."""
+    masked = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))
+    grads = _backward(
+        masked, input, weight, running_mean, running_var, save_mean, save_invstd,
+        training, eps, output_mask[:3],
+    )  # fmt: skip
+    return (*grads, masked if output_mask[3] else None)
