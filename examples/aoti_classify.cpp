@@ -5,9 +5,10 @@
 //   aoti_classify MODEL.pt2 [INPUT.f32 N C H W]
 //
 // INPUT.f32 holds the input as raw float32 values (numpy's tofile); without it the input is
-// torch::ones. Linking custom_bn::custom_bn registers the custom_bn ops a package may call. An
-// eval package calls none (inductor compiles eval batch norm into its own code); one that does
-// fails to load without them, with "Could not find schema for custom_bn::...".
+// torch::ones. Linking custom_bn::custom_bn registers the custom_bn ops a package may call.
+// Inductor compiles batch norm into its own code, so most packages call none; one that does
+// (SyncBatchNorm's stage ops are not decomposed) fails to load without them, with "Could not
+// find schema for custom_bn::...".
 #include <custom_bn/custom_bn.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 

@@ -1,6 +1,7 @@
 """AOTInductor end to end: a converted ResNet-18 exported in eval, compiled with
 aoti_compile_and_package, loaded in fresh processes (Python with and without custom_bn, and the
-C++ example examples/aoti_classify.cpp linked to the library), matching eager."""
+C++ example examples/aoti_classify.cpp linked to the library), matching eager; and a
+training-mode package run without the library."""
 
 import pathlib
 import subprocess
@@ -49,10 +50,8 @@ def test_package_runs_in_a_fresh_python_process_that_imports_custom_bn(package, 
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_eval_package_runs_without_the_library(package, tmp_path):
-    # Inductor compiles eval batch norm into its own code (custom_bn._inductor), so the
-    # package calls no custom_bn op: a process that never loads the library runs it.
-    path, x, expected = package
+def _run_without_the_library(path, x, tmp_path) -> torch.Tensor:
+    """The package's output for x, from a fresh Python process that never loads custom_bn."""
     torch.save(x, tmp_path / "x.pt")
     result = _python(
         "import sys, torch\n"
@@ -61,7 +60,27 @@ def test_eval_package_runs_without_the_library(package, tmp_path):
         "assert not any(name.startswith('custom_bn') for name in sys.modules)\n"
     )
     assert result.returncode == 0, result.stderr
-    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-4, atol=1e-4)
+    return torch.load(tmp_path / "y.pt")
+
+
+def test_eval_package_runs_without_the_library(package, tmp_path):
+    # Inductor compiles batch norm into its own code (custom_bn._inductor), so the package
+    # calls no custom_bn op: a process that never loads the library runs it.
+    path, x, expected = package
+    got = _run_without_the_library(path, x, tmp_path)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_training_package_runs_without_the_library(tmp_path):
+    """A training-mode program too: batch statistics, computed by inductor's code."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
+    model = custom_bn.convert_batchnorm(model).train()
+    x = torch.randn(4, 3, 12, 12)
+    program = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "t.pt2"))
+    got = _run_without_the_library(path, x, tmp_path)
+    torch.testing.assert_close(got, model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_cpp_example_runs_the_package(package, tmp_path):
