@@ -37,7 +37,7 @@ FULL += [
 ]
 FULL += [
     (model, 8, 112, "NHWC", "float32", step, "compile")
-    for model in ("resnet18", "resnet50")
+    for model in ("resnet18", "resnet50", "mobilenet_v2")
     for step in ("train", "infer")
 ]
 QUICK = [

@@ -130,7 +130,7 @@ def batch_norm_relu_forward(
     )  # fmt: skip
 
 
-def _backward(
+def batch_norm_backward(
     grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
     training, eps, output_mask,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
@@ -164,16 +164,6 @@ def _backward(
     return grad_input, grad_weight, grad_bias
 
 
-def batch_norm_backward(
-    grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
-    training, eps, output_mask,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
-    return _backward(
-        grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
-        training, eps, output_mask,
-    )  # fmt: skip
-
-
 def batch_norm_relu_backward(
     grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
     training, eps, output_mask,
@@ -181,7 +171,7 @@ def batch_norm_relu_backward(
     """The ReLU's gradient from the output (dy where output > 0), which is also the residual's,
     then batch norm's backward of it."""
     masked = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))
-    grads = _backward(
+    grads = batch_norm_backward(
         masked, input, weight, running_mean, running_var, save_mean, save_invstd,
         training, eps, output_mask[:3],
     )  # fmt: skip
