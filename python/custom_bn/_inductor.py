@@ -9,11 +9,16 @@ ops written as torch operations (custom_bn._decompositions), with our kernels' f
 Only inductor's table gets them: `torch.export`, the ONNX exporters, eager mode and the other
 compile backends keep our ops. SyncBatchNorm's stage ops (distributed statistics) stay calls.
 
-How the training forward reaches the table: it mutates the running stats, so AOTAutograd's
-functionalization wraps it in `auto_functionalized_v2`, which the table cannot see; inductor's
-post-grad pass then replaces that node by the op applied to (copies of) the running stats,
-tracing it with inductor's table, and there our decomposition applies, its in-place updates
-included.
+How the training forward reaches the table: it mutates the running stats, and AOTAutograd's
+functionalization would wrap it in `auto_functionalized_v2`, which the table cannot see. So the
+forward ops also get a CompositeImplicitAutograd kernel that only tracers see (`py_impl`, run by
+the Python dispatcher), which functionalization calls for mutating ops: it applies the decomposition
+that the tracing table holds, and declines (NotImplemented, so the op is kept) when the table
+holds none. Inductor thus gets the forward as torch operations before it partitions the joint
+graph, as it gets torch's BatchNorm, and can recompute a ReLU's mask in the backward instead of
+storing it (docs/perf.md row 39). Where a graph still carries the wrapped op (an exported
+program compiled by AOTInductor), inductor's post-grad pass replaces the node by the op traced
+with its table, and there the decomposition applies too.
 
 Importing inductor costs seconds, which eager users should not pay: the decompositions are
 registered when `torch._inductor.decomposition` is first imported (torch.compile does that on
@@ -24,6 +29,7 @@ import importlib.machinery
 import sys
 
 import torch
+from torch.fx.experimental import proxy_tensor
 
 from . import _decompositions
 
@@ -39,6 +45,30 @@ _DECOMPOSED = (
     "batch_norm_backward",
     "batch_norm_relu_backward",
 )
+
+
+# Our ops that mutate the running stats.
+_MUTATING = ("batch_norm_forward", "batch_norm_relu_forward")
+
+
+def _decompose_if_tracing_table_has(op):
+    """A CompositeImplicitAutograd kernel for tracers: the decomposition the current tracing
+    table (make_fx's) holds for op, or NotImplemented, which tracers take as "keep the op"."""
+
+    def kernel(*args, **kwargs):
+        decomposition = proxy_tensor.CURRENT_DECOMPOSITION_TABLE.get(op)
+        return NotImplemented if decomposition is None else decomposition(*args, **kwargs)
+
+    return kernel
+
+
+def _register_tracer_kernels() -> None:
+    for name in _MUTATING:
+        op = getattr(torch.ops.custom_bn, name).default
+        if torch._C.DispatchKey.CompositeImplicitAutograd not in op.py_kernels:
+            op.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
+                _decompose_if_tracing_table_has(op)
+            )
 
 
 def _register(decomposition_module) -> None:
@@ -72,6 +102,7 @@ class _RegisterOnImport:
 
 
 def register() -> None:
+    _register_tracer_kernels()
     module = sys.modules.get(_INDUCTOR_DECOMPOSITIONS)
     if module is not None:
         _register(module)

@@ -147,6 +147,59 @@ def test_compiled_training_is_inductor_code_that_matches_eager(dtype_name, layou
         assert all(t.is_contiguous(memory_format=torch.channels_last) for t in got[:3])
 
 
+def _graphs_traced_by_aot_autograd(forward, args, decompositions):
+    """The forward and backward graphs AOTAutograd hands its compilers, tracing forward with
+    decompositions, and _training_step's results from running them."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return make_boxed_func(graph_module.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, decompositions=decompositions)
+    torch._dynamo.reset()
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        out = _training_step(torch.compile(forward, backend=backend, fullgraph=True), args)
+    assert len(graphs) == 2
+    return out, [str(graph.code) for graph in graphs]
+
+
+@pytest.mark.parametrize("table", ["inductor's", "none"])
+def test_tracers_decompose_the_forward_before_partitioning_only_with_our_decompositions(table):
+    """With inductor's table, the forward reaches the joint graph as torch operations (as
+    torch's BatchNorm does), so the partitioner can recompute the ReLU in the backward; without
+    our decompositions in the table, the op is kept (functionalized), and runs our kernels."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    sample = make_sample((4, 8, 5, 6), "float32", "channels_last", momentum=0.1)
+    residual = make_input(sample.input.shape, sample.input.dtype, "channels_last")
+
+    def arguments(s: Sample):
+        return (
+            s.input.detach().requires_grad_(), residual.detach().requires_grad_(),
+            s.weight.requires_grad_(), s.bias.requires_grad_(),
+            s.running_mean, s.running_var, s.num_batches_tracked, 0.1,
+        )  # fmt: skip
+
+    eager, traced = _with_own_stats(sample), _with_own_stats(sample)
+    expected = _training_step(_forward, arguments(eager))
+    decompositions = select_decomp_table() if table == "inductor's" else {}
+    got, (forward_code, backward_code) = _graphs_traced_by_aot_autograd(
+        _forward, arguments(traced), decompositions
+    )
+    if table == "inductor's":
+        assert "custom_bn" not in forward_code + backward_code
+        assert "auto_functionalized" not in forward_code
+    else:
+        assert "custom_bn.batch_norm_forward" in forward_code
+        assert "custom_bn.batch_norm_relu_forward" in forward_code
+    _assert_stats_match(traced, eager, tolerance(torch.float32))
+    _assert_all_close(got, expected, tolerance(torch.float32))
+
+
 def test_compiled_training_of_a_model_with_dynamic_shapes():
     model = custom_bn.fuse_batchnorm_relu(
         custom_bn.convert_batchnorm(
