@@ -9,12 +9,14 @@ import argparse
 import contextlib
 import csv
 import datetime
+import math
 import os
 import pathlib
 import platform
 
 import custom_bn
 import torch
+import torch._inductor.config
 import torch.nn.functional as F
 import torchvision
 from batch_norm import measure
@@ -126,6 +128,11 @@ def run_row(config, repeats: int, seconds: float) -> dict:
     # warm-up's time, which would otherwise be the compile's (and give only `repeats` rounds).
     for fn in steps.values():
         fn()
+    if mode == "compile":
+        # The compiled variants differ by less than the convolutions vary between steps: at
+        # least one full cycle of the orders measure() rotates through, so that each variant
+        # follows each other equally often (a few rounds of a slow step would not).
+        repeats = max(repeats, math.factorial(len(VARIANTS)))
     seconds_per_call = measure(steps, repeats, seconds, warmup=2)
     t = {v: seconds_per_call[v] * 1e3 for v in VARIANTS}
     gain = t["torch"] - t["ceiling"]
@@ -181,6 +188,10 @@ def main():
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # the model without BN must not slow down on denormals
     torch._dynamo.config.recompile_limit = 64
+    # Compile afresh: torch's compile caches are not keyed on our ops' decompositions, so a
+    # cache written with an earlier custom_bn would time that version's code.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     configs = [c for c in (QUICK if args.quick else FULL) if args.only in " ".join(map(str, c))]
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     print(
