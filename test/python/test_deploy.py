@@ -51,6 +51,9 @@ def test_training_export_records_and_applies_the_running_stat_updates():
     program = torch.export.export(model, (x,)).run_decompositions()
     mutated = set(program.graph_signature.buffers_to_mutate.values())
     assert {"1.running_mean", "1.running_var", "1.num_batches_tracked"} <= mutated
+    # The program keeps our op (only a table holding our decompositions, inductor's,
+    # decomposes it).
+    assert "torch.ops.custom_bn.batch_norm_forward.default" in program.graph_module.code
     module = program.module()
     torch.testing.assert_close(module(x), reference(x))
     for name, expected in reference.named_buffers():
