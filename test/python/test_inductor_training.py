@@ -101,6 +101,16 @@ def _forward(x, residual, weight, bias, running_mean, running_var, nbt, momentum
     return plain, fused
 
 
+def _forward_arguments(sample: Sample, residual: torch.Tensor, momentum):
+    """_forward's arguments from sample: the input, residual, weight and bias as leaves that
+    want gradients; the running stats and num_batches_tracked as they are."""
+    return (
+        sample.input.detach().requires_grad_(), residual.detach().requires_grad_(),
+        sample.weight.requires_grad_(), sample.bias.requires_grad_(),
+        sample.running_mean, sample.running_var, sample.num_batches_tracked, momentum,
+    )  # fmt: skip
+
+
 def _training_step(forward, args):
     """forward's outputs and the gradients of a weighted sum of them."""
     plain, fused = forward(*args)
@@ -129,16 +139,9 @@ def test_compiled_training_is_inductor_code_that_matches_eager(dtype_name, layou
     sample = make_sample((4, 8, 5, 6), dtype_name, layout, momentum=momentum)
     residual = make_input(sample.input.shape, sample.input.dtype, layout)
 
-    def arguments(s: Sample):
-        return (
-            s.input.detach().requires_grad_(), residual.detach().requires_grad_(),
-            s.weight.requires_grad_(), s.bias.requires_grad_(),
-            s.running_mean, s.running_var, s.num_batches_tracked, momentum,
-        )  # fmt: skip
-
     eager, compiled = _with_own_stats(sample), _with_own_stats(sample)
-    expected = _training_step(_forward, arguments(eager))
-    got, code = _compiled_training_step(_forward, arguments(compiled))
+    expected = _training_step(_forward, _forward_arguments(eager, residual, momentum))
+    got, code = _compiled_training_step(_forward, _forward_arguments(compiled, residual, momentum))
     assert "torch.ops.custom_bn" not in code  # no call (source comments may name the ops)
     # Both updates of the step are applied, in order, to the same running stats.
     _assert_stats_match(compiled, eager, tolerance(sample.input.dtype))
@@ -177,18 +180,11 @@ def test_tracers_decompose_the_forward_before_partitioning_only_with_our_decompo
     sample = make_sample((4, 8, 5, 6), "float32", "channels_last", momentum=0.1)
     residual = make_input(sample.input.shape, sample.input.dtype, "channels_last")
 
-    def arguments(s: Sample):
-        return (
-            s.input.detach().requires_grad_(), residual.detach().requires_grad_(),
-            s.weight.requires_grad_(), s.bias.requires_grad_(),
-            s.running_mean, s.running_var, s.num_batches_tracked, 0.1,
-        )  # fmt: skip
-
     eager, traced = _with_own_stats(sample), _with_own_stats(sample)
-    expected = _training_step(_forward, arguments(eager))
+    expected = _training_step(_forward, _forward_arguments(eager, residual, 0.1))
     decompositions = select_decomp_table() if table == "inductor's" else {}
     got, (forward_code, backward_code) = _graphs_traced_by_aot_autograd(
-        _forward, arguments(traced), decompositions
+        _forward, _forward_arguments(traced, residual, 0.1), decompositions
     )
     if table == "inductor's":
         assert "custom_bn" not in forward_code + backward_code
