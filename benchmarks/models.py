@@ -9,10 +9,14 @@ import argparse
 import contextlib
 import csv
 import datetime
+import json
 import math
 import os
 import pathlib
 import platform
+import statistics
+import subprocess
+import sys
 
 import custom_bn
 import torch
@@ -117,24 +121,69 @@ def batchnorm_share(fn) -> float:
     return bn / total if total else 0.0
 
 
-def run_row(config, repeats: int, seconds: float) -> dict:
+def _steps(config, variants) -> dict:
+    """The step function of each variant for one row, each called once (torch.compile
+    compiles on that call, and measure() sizes its rounds by the warm-up's time, which would
+    otherwise be the compile's)."""
     name, batch, px, layout, dtype, step, mode = config
     x = torch.randn(batch, 3, px, px)
     if layout == "NHWC":
         x = x.contiguous(memory_format=torch.channels_last)
     target = torch.randint(0, 100, (batch,))
-    steps = {v: make_step(build(name, v, layout), x, target, dtype, step, mode) for v in VARIANTS}
-    # One call each first: torch.compile compiles on it, and measure() sizes its rounds by the
-    # warm-up's time, which would otherwise be the compile's (and give only `repeats` rounds).
+    steps = {v: make_step(build(name, v, layout), x, target, dtype, step, mode) for v in variants}
     for fn in steps.values():
         fn()
-    if mode == "compile":
+    return steps
+
+
+def _time_interleaved(config, repeats: int, seconds: float):
+    """All variants in this process, their steps interleaved: ms per step, batch norm's
+    shares."""
+    steps = _steps(config, VARIANTS)
+    if config[-1] == "compile":
         # The compiled variants differ by less than the convolutions vary between steps: at
         # least one full cycle of the orders measure() rotates through, so that each variant
         # follows each other equally often (a few rounds of a slow step would not).
         repeats = max(repeats, math.factorial(len(VARIANTS)))
     seconds_per_call = measure(steps, repeats, seconds, warmup=2)
-    t = {v: seconds_per_call[v] * 1e3 for v in VARIANTS}
+    shares = {v: batchnorm_share(steps[v]) for v in ("torch", "convert")}
+    return {v: seconds_per_call[v] * 1e3 for v in VARIANTS}, shares
+
+
+def _time_alone(config, variant: str, repeats: int, seconds: float) -> dict:
+    """One variant, the only model in this process (the child of _time_in_own_processes)."""
+    steps = _steps(config, (variant,))
+    ms = measure(steps, repeats, seconds, warmup=2)[variant] * 1e3
+    return {"ms": ms, "bn_share": batchnorm_share(steps[variant])}
+
+
+def _time_in_own_processes(config, repeats: int, seconds: float, rounds: int):
+    """Each variant timed in a process of its own, as a user runs one model: the allocator's
+    state then comes from that model alone (in one process, the variants' frees and
+    allocations change what glibc hands the others). `rounds` processes per variant, in
+    rotated orders; the median of their medians."""
+    times = {v: [] for v in VARIANTS}
+    shares = {}
+    for round_index in range(rounds):
+        shift = round_index % len(VARIANTS)
+        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+            command = [sys.executable, __file__, "--time-alone", json.dumps(config), variant,
+                       "--repeats", str(repeats), "--seconds-per-row", str(seconds)]  # fmt: skip
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            times[variant].append(result["ms"])
+            shares.setdefault(variant, result["bn_share"])
+    return {v: statistics.median(ms) for v, ms in times.items()}, shares
+
+
+def run_row(config, repeats: int, seconds: float, process_rounds: int = 0) -> dict:
+    """One row: interleaved in this process, or with process_rounds > 0 a process per
+    variant and round."""
+    name, batch, px, layout, dtype, step, mode = config
+    if process_rounds > 0:
+        t, shares = _time_in_own_processes(config, repeats, seconds, process_rounds)
+    else:
+        t, shares = _time_interleaved(config, repeats, seconds)
     gain = t["torch"] - t["ceiling"]
     row = dict(
         model=name, batch=batch, px=px, layout=layout, dtype=dtype, step=step, mode=mode,
@@ -144,10 +193,11 @@ def run_row(config, repeats: int, seconds: float) -> dict:
         ceiling_vs_torch=round(t["torch"] / t["ceiling"], 3),
         convert_captured=round((t["torch"] - t["convert"]) / gain, 3) if gain > 0 else float("nan"),
         fused_captured=round((t["torch"] - t["fused"]) / gain, 3) if gain > 0 else float("nan"),
+        timing="process per variant" if process_rounds > 0 else "interleaved",
     )  # fmt: skip
     if mode == "eager":
-        row["bn_share_torch"] = round(batchnorm_share(steps["torch"]), 3)
-        row["bn_share_convert"] = round(batchnorm_share(steps["convert"]), 3)
+        row["bn_share_torch"] = round(shares["torch"], 3)
+        row["bn_share_convert"] = round(shares["convert"], 3)
     return row
 
 
@@ -185,6 +235,12 @@ def main():
     parser.add_argument("--seconds-per-row", type=float, default=8.0)
     parser.add_argument("--only", default="", help="run the rows whose label contains this")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
+    parser.add_argument(
+        "--process-per-variant", type=int, default=0, metavar="ROUNDS",
+        help="time each variant in a process of its own, ROUNDS processes per variant, as a "
+        "user runs one model (default 0: the four interleaved in this process)",
+    )  # fmt: skip
+    parser.add_argument("--time-alone", nargs=2, help=argparse.SUPPRESS)  # (config, variant)
     args = parser.parse_args()
     torch.set_flush_denormal(True)  # the model without BN must not slow down on denormals
     torch._dynamo.config.recompile_limit = 64
@@ -192,19 +248,28 @@ def main():
     # cache written with an earlier custom_bn would time that version's code.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+    if args.time_alone:
+        config, variant = json.loads(args.time_alone[0]), args.time_alone[1]
+        print(json.dumps(_time_alone(config, variant, args.repeats, args.seconds_per_row)))
+        return
     configs = [c for c in (QUICK if args.quick else FULL) if args.only in " ".join(map(str, c))]
     allocator = "tcmalloc" if "tcmalloc" in os.environ.get("LD_PRELOAD", "") else "glibc malloc"
     print(
         f"# {datetime.date.today()} {platform.processor() or platform.machine()}, "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {allocator}; "
-        "times in ms per step, ratios are torch's time over the variant's"
+        "times in ms per step, ratios are torch's time over the variant's; "
+        + (
+            f"each variant in a process of its own, {args.process_per_variant} per variant"
+            if args.process_per_variant
+            else "the four variants interleaved in one process"
+        )
     )
     columns = ("model", "batch", "px", "layout", "dtype", "step", "mode", "torch ms", "convert",
                "fused", "ceiling", "captured (convert/fused)", "BN share (torch/ours)")  # fmt: skip
     print(" | ".join(columns))
     rows = []
     for config in configs:
-        r = run_row(config, args.repeats, args.seconds_per_row)
+        r = run_row(config, args.repeats, args.seconds_per_row, args.process_per_variant)
         rows.append(r)
         share = "-"
         if "bn_share_torch" in r:
