@@ -1,9 +1,10 @@
 """Whole-model timings: a torchvision model with torch's BatchNorm, the same model after
 custom_bn.convert_batchnorm, after fuse_batchnorm_relu as well, and with every BatchNorm
 replaced by Identity (the ceiling: what removing batch norm entirely would give). The four
-run interleaved in one process; prints the ratio to torch and the share of the possible gain
-captured, (t_torch - t_ours) / (t_torch - t_ceiling), with batch norm's share of a torch step
-from torch.profiler; writes CSV and a PNG."""
+run interleaved in one process, or with --process-per-variant each in processes of its own;
+prints the ratio to torch and the share of the possible gain captured,
+(t_torch - t_ours) / (t_torch - t_ceiling), with batch norm's share of a torch step from
+torch.profiler; writes CSV and a PNG."""
 
 import argparse
 import contextlib
@@ -146,7 +147,8 @@ def _time_interleaved(config, repeats: int, seconds: float):
         # follows each other equally often (a few rounds of a slow step would not).
         repeats = max(repeats, math.factorial(len(VARIANTS)))
     seconds_per_call = measure(steps, repeats, seconds, warmup=2)
-    shares = {v: batchnorm_share(steps[v]) for v in ("torch", "convert")}
+    eager = config[-1] == "eager"
+    shares = {v: batchnorm_share(steps[v]) for v in ("torch", "convert")} if eager else {}
     return {v: seconds_per_call[v] * 1e3 for v in VARIANTS}, shares
 
 
@@ -154,7 +156,8 @@ def _time_alone(config, variant: str, repeats: int, seconds: float) -> dict:
     """One variant, the only model in this process (the child of _time_in_own_processes)."""
     steps = _steps(config, (variant,))
     ms = measure(steps, repeats, seconds, warmup=2)[variant] * 1e3
-    return {"ms": ms, "bn_share": batchnorm_share(steps[variant])}
+    share = batchnorm_share(steps[variant]) if config[-1] == "eager" else None
+    return {"ms": ms, "bn_share": share}
 
 
 def _time_in_own_processes(config, repeats: int, seconds: float, rounds: int):
