@@ -38,6 +38,26 @@ inline std::string dtype_name(const DtypePair& d) {
   return name;
 }
 
+// The (input, parameter) dtype pairs the parity suites cover.
+inline std::vector<DtypePair> all_dtype_pairs() {
+  return {{torch::kFloat, torch::kFloat},       {torch::kDouble, torch::kDouble},
+          {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
+          {torch::kBFloat16, torch::kFloat},    {torch::kHalf, torch::kFloat}};
+}
+
+// The (dim, layout) pairs the parity suites cover: 2-D to 5-D, channels-last from 4-D.
+inline std::vector<std::pair<int64_t, Layout>> dims_and_layouts() {
+  std::vector<std::pair<int64_t, Layout>> out;
+  for (int64_t dim : {2, 3, 4, 5}) {
+    for (Layout layout :
+         {Layout::kContiguous, Layout::kChannelsLast, Layout::kSliced, Layout::kTransposed}) {
+      if (layout == Layout::kChannelsLast && dim < 4) continue;
+      out.emplace_back(dim, layout);
+    }
+  }
+  return out;
+}
+
 // Reduced precision differs from torch by an ulp of the output.
 inline std::pair<double, double> tolerance(torch::Dtype dtype) {
   switch (dtype) {

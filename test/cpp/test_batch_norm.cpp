@@ -26,25 +26,17 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 }
 
 std::vector<Case> all_cases() {
-  const DtypePair dtypes[] = {
-      {torch::kFloat, torch::kFloat},       {torch::kDouble, torch::kDouble},
-      {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
-      {torch::kBFloat16, torch::kFloat},    {torch::kHalf, torch::kFloat}};
   std::vector<Case> cases;
-  for (int64_t dim : {2, 3, 4, 5}) {
-    for (Layout layout :
-         {Layout::kContiguous, Layout::kChannelsLast, Layout::kSliced, Layout::kTransposed}) {
-      if (layout == Layout::kChannelsLast && dim < 4) continue;
-      for (const DtypePair& dtype : dtypes) {
-        for (bool training : {true, false}) {
-          for (bool affine : {true, false}) {
-            for (bool stats : {true, false}) {
-              for (std::optional<double> momentum :
-                   {std::optional<double>(0.1), std::optional<double>()}) {
-                if (!training && !stats) continue;                // an error: tested below
-                if (!momentum && !(training && stats)) continue;  // no update: momentum unused
-                cases.push_back({dim, layout, dtype, training, affine, stats, momentum});
-              }
+  for (const auto& [dim, layout] : dims_and_layouts()) {
+    for (const DtypePair& dtype : all_dtype_pairs()) {
+      for (bool training : {true, false}) {
+        for (bool affine : {true, false}) {
+          for (bool stats : {true, false}) {
+            for (std::optional<double> momentum :
+                 {std::optional<double>(0.1), std::optional<double>()}) {
+              if (!training && !stats) continue;                // an error: tested below
+              if (!momentum && !(training && stats)) continue;  // no update: momentum unused
+              cases.push_back({dim, layout, dtype, training, affine, stats, momentum});
             }
           }
         }

@@ -27,25 +27,17 @@ std::string fused_case_name(const ::testing::TestParamInfo<FusedCase>& info) {
 }
 
 std::vector<FusedCase> fused_cases() {
-  const DtypePair dtypes[] = {
-      {torch::kFloat, torch::kFloat},       {torch::kDouble, torch::kDouble},
-      {torch::kBFloat16, torch::kBFloat16}, {torch::kHalf, torch::kHalf},
-      {torch::kBFloat16, torch::kFloat},    {torch::kHalf, torch::kFloat}};
   std::vector<FusedCase> cases;
-  for (int64_t dim : {2, 3, 4, 5}) {
-    for (Layout layout :
-         {Layout::kContiguous, Layout::kChannelsLast, Layout::kSliced, Layout::kTransposed}) {
-      if (layout == Layout::kChannelsLast && dim < 4) continue;
-      for (const DtypePair& dtype : dtypes) {
-        for (bool training : {true, false}) {
-          for (bool residual : {true, false}) {
-            cases.push_back({dim, layout, dtype, training, residual, true});
-          }
+  for (const auto& [dim, layout] : dims_and_layouts()) {
+    for (const DtypePair& dtype : all_dtype_pairs()) {
+      for (bool training : {true, false}) {
+        for (bool residual : {true, false}) {
+          cases.push_back({dim, layout, dtype, training, residual, true});
         }
       }
-      // Without weight, bias and running stats (training only: eval needs the stats).
-      cases.push_back({dim, layout, dtypes[0], true, true, false});
     }
+    // Without weight, bias and running stats (training only: eval needs the stats).
+    cases.push_back({dim, layout, all_dtype_pairs()[0], true, true, false});
   }
   return cases;
 }

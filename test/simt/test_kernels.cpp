@@ -35,13 +35,23 @@ std::string name(const ::testing::TestParamInfo<Config>& info) {
   return s;
 }
 
-uint64_t fresh_seed() { return std::random_device{}(); }
+// A fresh seed for torch's generator (each run tests new values), returned for the trace.
+uint64_t seed_torch() {
+  const uint64_t seed = std::random_device{}();
+  torch::manual_seed(seed);
+  return seed;
+}
 
 // A tensor of the config's shape in its layout.
 torch::Tensor in_layout(const Config& cfg, const torch::Tensor& t) {
   if (!cfg.channels_last) return t;
   return t.contiguous(cfg.shape.size() == 4 ? at::MemoryFormat::ChannelsLast
                                             : at::MemoryFormat::ChannelsLast3d);
+}
+
+// The input: mean 1, standard deviation 2, in the config's dtype and layout.
+torch::Tensor random_input(const Config& cfg) {
+  return in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
 }
 
 // (outer, C, inner) of the config's shape and layout, as the CUDA launcher passes it.
@@ -99,19 +109,77 @@ void dispatch(const Config& cfg, const Run& run) {
   }
 }
 
+// The launches of the CUDA launcher, each on its own grid and schedule seed.
+
+// The normalize pass on 3 blocks; with apply_relu, relu(normalized + residual).
+template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
+torch::Tensor normalize(const Config& cfg, const torch::Tensor& x, const ChannelView& view,
+                        const torch::Tensor& mean, const torch::Tensor& invstd,
+                        const torch::Tensor& weight, const torch::Tensor& bias, uint64_t seed,
+                        bool apply_relu = false, const torch::Tensor& residual = {}) {
+  torch::Tensor y = torch::empty_like(x);
+  simt::launch(
+      {3, 1}, cfg.threads, 0,
+      [&] {
+        kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
+            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
+            invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>(),
+            apply_relu, residual.defined() ? residual.data_ptr<scalar_t>() : nullptr);
+      },
+      seed);
+  return y;
+}
+
+// The per-channel reduction grid of `accumulator`. The arrival counters must come back
+// zeroed: the next launch reuses them.
+template <typename Acc, typename acc_t, typename index_t>
+void reduce(const Config& cfg, const Acc& accumulator, const ChannelView& view,
+            torch::Tensor& partials, torch::Tensor& arrivals, uint64_t seed) {
+  simt::launch(
+      {cfg.slices, channel_groups(cfg)}, cfg.threads,
+      kernels::reduce_shared_bytes<Acc, acc_t>(cfg.threads),
+      [&] {
+        kernels::reduce_channels<Acc, acc_t, index_t>(accumulator, view, partials.data_ptr<acc_t>(),
+                                                      arrivals.data_ptr<int>());
+      },
+      seed);
+  EXPECT_EQ(arrivals.sum().item<int>(), 0) << "the counters are left zeroed for the next launch";
+}
+
+// The input gradient on 2 blocks; in eval (training false) without the batch sums.
+template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
+torch::Tensor grad_input(const Config& cfg, const torch::Tensor& grad, const torch::Tensor& x,
+                         const ChannelView& view, const torch::Tensor& mean,
+                         const torch::Tensor& invstd, const torch::Tensor& weight,
+                         const torch::Tensor& sum_dy, const torch::Tensor& sum_dy_xmu,
+                         bool training, uint64_t seed) {
+  torch::Tensor result = torch::empty_like(x);
+  const auto values_per_channel = static_cast<acc_t>(view.outer * view.inner);
+  simt::launch(
+      {2, 1}, cfg.threads, 0,
+      [&] {
+        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
+            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), result.data_ptr<scalar_t>(), view,
+            mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
+            training ? sum_dy.data_ptr<acc_t>() : nullptr,
+            training ? sum_dy_xmu.data_ptr<acc_t>() : nullptr, values_per_channel, training);
+      },
+      seed);
+  return result;
+}
+
 // Runs the kernels like the CUDA launcher: statistics with the fused running update, the
 // normalize pass, then the backward sums and the input gradient.
 template <typename scalar_t, typename param_t, typename index_t>
 void run_and_compare(const Config& cfg) {
   using acc_t = at::opmath_type<scalar_t>;
   const torch::Dtype acc_dtype = std::is_same_v<acc_t, double> ? torch::kDouble : torch::kFloat;
-  const uint64_t seed = fresh_seed();
-  torch::manual_seed(seed);
+  const uint64_t seed = seed_torch();
   SCOPED_TRACE("seed " + std::to_string(seed));
 
-  const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
+  const torch::Tensor x = random_input(cfg);
   const ChannelView view = device_view(cfg);
-  const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
+  const int64_t C = view.channels;
   torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
   torch::Tensor running_mean = torch::randn({C}).to(cfg.param_dtype);
@@ -120,12 +188,11 @@ void run_and_compare(const Config& cfg) {
   torch::Tensor nbt = torch::tensor(4, torch::kLong);  // already incremented for this step
 
   // Statistics, with momentum = None read from num_batches_tracked on the "device".
-  const int groups = channel_groups(cfg);
   auto opts = torch::TensorOptions().dtype(acc_dtype);
   torch::Tensor mean = torch::empty({C}, opts), m2 = torch::empty({C}, opts),
                 invstd = torch::empty({C}, opts);
   torch::Tensor partials = torch::empty({C * cfg.slices * 3}, opts);
-  torch::Tensor arrivals = torch::zeros({groups}, torch::kInt);
+  torch::Tensor arrivals = torch::zeros({channel_groups(cfg)}, torch::kInt);
   kernels::StatsAccumulator<scalar_t, acc_t, param_t> stats{
       x.data_ptr<scalar_t>(),
       mean.data_ptr<acc_t>(),
@@ -134,25 +201,9 @@ void run_and_compare(const Config& cfg) {
       1e-5,
       {running_mean.data_ptr<param_t>(), running_var.data_ptr<param_t>(), nbt.data_ptr<int64_t>(),
        -1.0}};
-  using StatsAcc = decltype(stats);
-  simt::launch(
-      {cfg.slices, groups}, cfg.threads, kernels::reduce_shared_bytes<StatsAcc, acc_t>(cfg.threads),
-      [&] {
-        kernels::reduce_channels<StatsAcc, acc_t, index_t>(stats, view, partials.data_ptr<acc_t>(),
-                                                           arrivals.data_ptr<int>());
-      },
-      seed);
-  EXPECT_EQ(arrivals.sum().item<int>(), 0) << "the counters are left zeroed for the next launch";
-
-  torch::Tensor y = torch::empty_like(x);
-  simt::launch(
-      {3, 1}, cfg.threads, 0,
-      [&] {
-        kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
-            invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>());
-      },
-      seed + 1);
+  reduce<decltype(stats), acc_t, index_t>(cfg, stats, view, partials, arrivals, seed);
+  const torch::Tensor y = normalize<scalar_t, acc_t, param_t, index_t>(cfg, x, view, mean, invstd,
+                                                                       weight, bias, seed + 1);
 
   // The reference: torch's batch norm and autograd, with the same momentum (1 / 4).
   torch::Tensor x_ref = x.detach().clone().requires_grad_();
@@ -173,42 +224,18 @@ void run_and_compare(const Config& cfg) {
   kernels::GradAccumulator<scalar_t, acc_t> sums{grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                  mean.data_ptr<acc_t>(), sum_dy.data_ptr<acc_t>(),
                                                  sum_dy_xmu.data_ptr<acc_t>()};
-  using GradAcc = decltype(sums);
-  simt::launch(
-      {cfg.slices, groups}, cfg.threads, kernels::reduce_shared_bytes<GradAcc, acc_t>(cfg.threads),
-      [&] {
-        kernels::reduce_channels<GradAcc, acc_t, index_t>(sums, view, partials.data_ptr<acc_t>(),
-                                                          arrivals.data_ptr<int>());
-      },
-      seed + 2);
-  torch::Tensor grad_input = torch::empty_like(x);
-  simt::launch(
-      {2, 1}, cfg.threads, 0,
-      [&] {
-        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
-            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input.data_ptr<scalar_t>(),
-            view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-            sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
-            static_cast<acc_t>(values_per_channel), true);
-      },
-      seed + 3);
-  close(grad_input, x_ref.grad(), "grad input");
+  reduce<decltype(sums), acc_t, index_t>(cfg, sums, view, partials, arrivals, seed + 2);
+  const auto input_gradient = [&](bool training, uint64_t launch_seed) {
+    return grad_input<scalar_t, acc_t, param_t, index_t>(cfg, grad, x, view, mean, invstd, weight,
+                                                         sum_dy, sum_dy_xmu, training, launch_seed);
+  };
+  close(input_gradient(true, seed + 3), x_ref.grad(), "grad input");
 
   // Eval: the statistics are constants, grad_input = dy * invstd * weight.
-  torch::Tensor grad_input_eval = torch::empty_like(x);
-  simt::launch(
-      {2, 1}, cfg.threads, 0,
-      [&] {
-        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
-            grad.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), grad_input_eval.data_ptr<scalar_t>(),
-            view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(),
-            nullptr, nullptr, static_cast<acc_t>(values_per_channel), false);
-      },
-      seed + 4);
   std::vector<int64_t> channel_shape(cfg.shape.size(), 1);
   channel_shape[1] = C;
   const torch::Tensor scale = (invstd * weight.to(acc_dtype)).view(channel_shape);
-  close(grad_input_eval, grad.to(acc_dtype) * scale, "grad input (eval)");
+  close(input_gradient(false, seed + 4), grad.to(acc_dtype) * scale, "grad input (eval)");
   // A per-channel sum of many products: torch's own bfloat16/float16 sums are off by more
   // than an ulp when the terms cancel, so the reference is torch in float64.
   torch::Tensor x_wide = x.detach().to(torch::kDouble).requires_grad_();
@@ -264,13 +291,12 @@ template <typename scalar_t, typename param_t, typename index_t>
 void run_fused_and_compare(const Config& cfg) {
   using acc_t = at::opmath_type<scalar_t>;
   const torch::Dtype acc_dtype = std::is_same_v<acc_t, double> ? torch::kDouble : torch::kFloat;
-  const uint64_t seed = fresh_seed();
-  torch::manual_seed(seed);
+  const uint64_t seed = seed_torch();
   SCOPED_TRACE("seed " + std::to_string(seed));
-  const torch::Tensor x = in_layout(cfg, (torch::randn(cfg.shape) * 2 + 1).to(cfg.input_dtype));
+  const torch::Tensor x = random_input(cfg);
   const torch::Tensor residual = in_layout(cfg, torch::randn(cfg.shape).to(cfg.input_dtype));
   const ChannelView view = device_view(cfg);
-  const int64_t C = view.channels, values_per_channel = view.outer * view.inner;
+  const int64_t C = view.channels;
   const torch::Tensor weight = (torch::rand({C}) + 0.5).to(cfg.param_dtype);
   const torch::Tensor bias = torch::randn({C}).to(cfg.param_dtype);
   std::vector<int64_t> reduce_dims{0};
@@ -279,16 +305,8 @@ void run_fused_and_compare(const Config& cfg) {
   torch::Tensor mean = x_acc.mean(reduce_dims).contiguous();
   torch::Tensor invstd = (x_acc.var(reduce_dims, /*unbiased=*/false) + 1e-5).rsqrt().contiguous();
 
-  torch::Tensor y = torch::empty_like(x);
-  simt::launch(
-      {3, 1}, cfg.threads, 0,
-      [&] {
-        kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
-            x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
-            invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>(),
-            /*apply_relu=*/true, residual.data_ptr<scalar_t>());
-      },
-      seed);
+  const torch::Tensor y = normalize<scalar_t, acc_t, param_t, index_t>(
+      cfg, x, view, mean, invstd, weight, bias, seed, /*apply_relu=*/true, residual);
 
   const double tol = tolerance(cfg.input_dtype);
   auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what) {
@@ -305,41 +323,24 @@ void run_fused_and_compare(const Config& cfg) {
 
   const torch::Tensor grad = torch::randn_like(y);
   const torch::Tensor masked_expected = grad * (y > 0).to(grad.scalar_type());
-  const int groups = channel_groups(cfg);
   auto opts = torch::TensorOptions().dtype(acc_dtype);
   torch::Tensor partials = torch::empty({C * cfg.slices * 2}, opts);
-  torch::Tensor arrivals = torch::zeros({groups}, torch::kInt);
+  torch::Tensor arrivals = torch::zeros({channel_groups(cfg)}, torch::kInt);
   torch::Tensor sum_dy = torch::empty({C}, opts), sum_dy_xmu = torch::empty({C}, opts);
   torch::Tensor grad_masked = torch::full_like(x, 7.0);  // every element must be written
   kernels::GradAccumulator<scalar_t, acc_t> sums{
       grad.data_ptr<scalar_t>(),       x.data_ptr<scalar_t>(),       mean.data_ptr<acc_t>(),
       sum_dy.data_ptr<acc_t>(),        sum_dy_xmu.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
       grad_masked.data_ptr<scalar_t>()};
-  using GradAcc = decltype(sums);
-  simt::launch(
-      {cfg.slices, groups}, cfg.threads, kernels::reduce_shared_bytes<GradAcc, acc_t>(cfg.threads),
-      [&] {
-        kernels::reduce_channels<GradAcc, acc_t, index_t>(sums, view, partials.data_ptr<acc_t>(),
-                                                          arrivals.data_ptr<int>());
-      },
-      seed + 1);
+  reduce<decltype(sums), acc_t, index_t>(cfg, sums, view, partials, arrivals, seed + 1);
   EXPECT_TRUE(torch::equal(grad_masked, masked_expected)) << "grad residual: the masked grad";
 
-  torch::Tensor grad_input = torch::empty_like(x);
-  simt::launch(
-      {2, 1}, cfg.threads, 0,
-      [&] {
-        kernels::grad_input_elements<scalar_t, acc_t, param_t, index_t>(
-            grad_masked.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-            grad_input.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(), invstd.data_ptr<acc_t>(),
-            weight.data_ptr<param_t>(), sum_dy.data_ptr<acc_t>(), sum_dy_xmu.data_ptr<acc_t>(),
-            static_cast<acc_t>(values_per_channel), true);
-      },
-      seed + 2);
+  const torch::Tensor input_gradient = grad_input<scalar_t, acc_t, param_t, index_t>(
+      cfg, grad_masked, x, view, mean, invstd, weight, sum_dy, sum_dy_xmu, true, seed + 2);
   // The reference's backward of the same mask (ours): elements within rounding of 0 may
   // fall on either side of the ReLU, and that choice is checked above, not here.
   pre_activation.backward(masked_expected.to(torch::kDouble));
-  close(grad_input, x_ref.grad(), "grad input");
+  close(input_gradient, x_ref.grad(), "grad input");
   close(sum_dy, r_ref.grad().sum(reduce_dims), "sum of the masked grad");
 }
 
@@ -350,74 +351,6 @@ TEST_P(SimtKernels, FusedReluMatchesTorch) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SimtKernels, ::testing::ValuesIn(configs()), name);
-
-// The rank merge of SyncBatchNorm: per-rank statistics of slices of a batch (one rank
-// empty) merge to the whole batch's, and update the running stats with momentum 0.1.
-TEST(SimtMergeRanks, MatchesTheWholeBatch) {
-  const uint64_t seed = fresh_seed();
-  torch::manual_seed(seed);
-  const int64_t C = 37;
-  const torch::Tensor x = torch::randn({20, C, 3}) * 3 + 2;
-  const std::vector<int64_t> split{6, 0, 9, 5};
-  std::vector<torch::Tensor> means, m2s, counts;
-  for (const torch::Tensor& part : x.split_with_sizes(split)) {
-    const torch::Tensor values = part.transpose(0, 1).reshape({C, -1}).to(torch::kDouble);
-    const torch::Tensor mean = part.numel() ? values.mean(1) : torch::zeros({C}, torch::kDouble);
-    means.push_back(mean.to(torch::kFloat));
-    m2s.push_back(part.numel() ? (values - mean.unsqueeze(1)).square().sum(1).to(torch::kFloat)
-                               : torch::zeros({C}));
-    counts.push_back(torch::full({1}, static_cast<double>(part.size(0) * 3)));
-  }
-  const torch::Tensor all_means = torch::stack(means), all_m2s = torch::stack(m2s);
-  const torch::Tensor all_counts = torch::cat(counts);
-  torch::Tensor mean = torch::empty({C}), invstd = torch::empty({C});
-  torch::Tensor running_mean = torch::zeros({C}), running_var = torch::ones({C});
-  torch::Tensor ref_mean = running_mean.clone(), ref_var = running_var.clone();
-  simt::launch(
-      {2, 1}, 32, 0,
-      [&] {
-        kernels::merge_rank_stats<float, float>(
-            all_means.data_ptr<float>(), all_m2s.data_ptr<float>(), all_counts.data_ptr<float>(), 4,
-            C, mean.data_ptr<float>(), invstd.data_ptr<float>(), 1e-5,
-            kernels::RunningUpdate<float>{running_mean.data_ptr<float>(),
-                                          running_var.data_ptr<float>(), nullptr, 0.1});
-      },
-      seed);
-  const torch::Tensor y_ref =
-      torch::batch_norm(x, {}, {}, ref_mean, ref_var, true, 0.1, 1e-5, false);
-  const torch::Tensor y = (x - mean.view({1, C, 1})) * invstd.view({1, C, 1});
-  EXPECT_TRUE(torch::allclose(y, y_ref, 1e-4, 1e-4)) << "seed " << seed;
-  EXPECT_TRUE(torch::allclose(running_mean, ref_mean, 1e-5, 1e-5));
-  EXPECT_TRUE(torch::allclose(running_var, ref_var, 1e-4, 1e-4));
-}
-
-// Eval's invstd, as the CUDA backend computes it, is batch_norm_math.h's invstd_from_var: bit
-// for bit what the CPU backend computes per channel.
-TEST(SimtEvalInvstd, IsTheSharedDefinition) {
-  const uint64_t seed = fresh_seed();
-  torch::manual_seed(seed);
-  for (const torch::Dtype dtype : {torch::kFloat, torch::kDouble}) {
-    const int64_t C = 77;
-    const torch::Tensor var = (torch::rand({C}) * 4).to(dtype);
-    torch::Tensor invstd = torch::empty({C}, dtype);
-    AT_DISPATCH_FLOATING_TYPES(var.scalar_type(), "eval_invstd", [&] {
-      simt::launch(
-          {2, 1}, 32, 0,
-          [&] {
-            kernels::eval_invstd<scalar_t>(var.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), C,
-                                           1e-5);
-          },
-          seed);
-      for (int64_t c = 0; c < C; ++c) {
-        EXPECT_EQ(invstd.data_ptr<scalar_t>()[c],
-                  invstd_from_var(var.data_ptr<scalar_t>()[c], 1e-5))
-            << "channel " << c;
-      }
-    });
-    // And within an ulp of torch's 1 / sqrt.
-    EXPECT_TRUE(torch::allclose(invstd, 1 / (var + 1e-5).sqrt(), 1e-6, 0)) << "seed " << seed;
-  }
-}
 
 }  // namespace
 }  // namespace custom_bn::testing
