@@ -143,13 +143,20 @@ CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork&
         plan_channels_last_work(view, element_size, vector_bytes, opmath_size);
   }
 
-  // A channel at a time: one channel of the pass's tensors fits in L2, all of them exceed the
-  // last-level cache (when they fit, the two-kernel path's second read hits that cache anyway,
-  // and its elementwise pass, walking memory in order, is faster than a channel's runs).
-  const int64_t channel_bytes = work.elementwise_inputs * view.outer * view.inner * element_size;
+  // A channel at a time: one channel of the pass's tensors fits in L2, and all of them exceed
+  // the last-level cache, so that the two-kernel path's second read would come from memory.
+  // Where they fill most of that cache, the two-kernel path's second read hits it anyway, and
+  // its elementwise pass, walking memory in order, is faster than a channel's runs. On small
+  // layers (an eighth of it at most) one pass a channel wins again: the two-kernel path's
+  // extra parallel regions and item merges cost more there than the data (docs/perf.md).
+  const int64_t values_per_channel = view.outer * view.inner;
+  const int64_t channel_bytes = work.elementwise_inputs * values_per_channel * element_size;
+  const int64_t pass_bytes = channel_bytes * view.channels;
+  const bool small_layer =
+      pass_bytes <= cache_bytes(3) / 8 && values_per_channel >= kMinChannelValuesByChannel;
   plan.channel_at_a_time = work.may_go_by_channel && view.layout == Layout::kChannelsFirst &&
                            channel_bytes > 0 && channel_bytes <= cache_bytes(2) &&
-                           channel_bytes * view.channels > cache_bytes(3);
+                           (pass_bytes > cache_bytes(3) || small_layer);
   // A channel's runs are not adjacent, so a channel at a time walks run by run.
   plan.walk = plan.channel_at_a_time ? Walk::kChannelsFirstRuns
                                      : choose_walk(view, element_size, vector_bytes, opmath_size);

@@ -22,6 +22,10 @@ constexpr int64_t kItemElements = 32768;
 
 constexpr int64_t kCacheLineBytes = 64;
 
+// The fewest values per channel with which a small layer goes a channel at a time: below that
+// (a 8x512x4x4 layer has 128) the per-channel set-up costs more than the pass it saves.
+constexpr int64_t kMinChannelValuesByChannel = 256;
+
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Rows between flushes of a channels-last reduction's float sums into double totals.
@@ -85,7 +89,8 @@ struct CpuPlan {
   Walk walk;
   // Training a channel at a time: the reduction over a channel, then the elementwise pass over
   // it while it is still in L2. Chosen when one channel of the pass's tensors fits in L2 and
-  // all of them exceed the last-level cache (channels-first only).
+  // all of them exceed the last-level cache, or take at most an eighth of it with at least
+  // kMinChannelValuesByChannel values per channel (channels-first only).
   bool channel_at_a_time;
   // The elementwise result is written with non-temporal stores: the pass's tensors exceed the
   // last-level cache, and no cache line would mix streamed and regular stores.

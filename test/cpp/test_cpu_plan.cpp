@@ -61,8 +61,28 @@ TEST(CpuPlan, PrefetchesRunsOfAQuarterToOneKilobyteWhole) {
 TEST(CpuPlan, SmallLayersStayInCacheAndInTorchsAllocator) {
   const cpu::CpuPlan plan = plan_of(torch::randn({8, 64, 28, 28}), "batch_norm_backward", true);
   EXPECT_FALSE(plan.stream_result);
-  EXPECT_FALSE(plan.channel_at_a_time);
   EXPECT_EQ(plan.result_memory, cpu::ResultMemory::kTorchAllocator);
+}
+
+// Channels-first training goes a channel at a time on small layers too (an eighth of the
+// last-level cache at most), but not on layers that fill more of it, nor on channels of
+// fewer than kMinChannelValuesByChannel values.
+TEST(CpuPlan, SmallChannelsFirstLayersTrainAChannelAtATime) {
+  for (const char* op : {"batch_norm_forward", "batch_norm_backward"}) {
+    EXPECT_TRUE(plan_of(torch::randn({8, 64, 28, 28}), op, true).channel_at_a_time) << op;
+    EXPECT_TRUE(plan_of(torch::randn({8, 256, 7, 7}), op, true).channel_at_a_time) << op;
+    EXPECT_FALSE(plan_of(torch::randn({8, 256, 7, 7}), op, false).channel_at_a_time) << op;
+    EXPECT_FALSE(plan_of(torch::randn({8, 512, 4, 4}), op, true).channel_at_a_time) << op;
+    EXPECT_FALSE(
+        plan_of(torch::randn({8, 64, 28, 28}).contiguous(torch::MemoryFormat::ChannelsLast), op,
+                true)
+            .channel_at_a_time)
+        << op;
+  }
+  // Twice an eighth of the cache: the two-kernel path.
+  const int64_t channels = cpu::cache_bytes(3) / 4 / (8 * 49 * 4);
+  EXPECT_FALSE(
+      plan_of(torch::randn({8, channels, 7, 7}), "batch_norm_forward", true).channel_at_a_time);
 }
 
 TEST(CpuPlan, ResidualsKeepTheFusedOpOffTheChannelAtATimePath) {

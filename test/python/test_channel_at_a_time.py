@@ -1,5 +1,6 @@
 """Training on channels-first inputs larger than the last-level cache whose channels fit in
-L2: the CPU kernels then take one channel at a time (CpuPlan::channel_at_a_time, csrc/cpu/plan.h).
+L2, and on small ones (an eighth of that cache at most): the CPU kernels then take one channel
+at a time (CpuPlan::channel_at_a_time, csrc/cpu/plan.h).
 Each case is held to torch in float64, and to the two-kernel path (the stage ops, which always
 take it): bit for bit where both evaluate the same expressions. With a residual the ops keep
 to the two-kernel path (it measured faster); those cases hold it to the same checks."""
@@ -14,20 +15,24 @@ EPS = 1e-5
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 
-def large_input(batch, per_channel_shape, dtype):
-    """(batch, C, *per_channel_shape), with C chosen so that the input is a quarter larger
-    than the last-level cache; one channel stays far below L2."""
+def layer_input(batch, per_channel_shape, dtype, large):
+    """(batch, C, *per_channel_shape). Large: C chosen so that the input is a quarter larger
+    than the last-level cache, one channel far below L2. Small: 24 channels, a model's layer
+    at batch 8 (the two passes' inputs far below an eighth of the cache)."""
     values = batch * torch.Size(per_channel_shape).numel()
     element_size = torch.finfo(dtype).bits // 8
-    channels = -(-cache_bytes() * 5 // 4 // (values * element_size))
+    channels = -(-cache_bytes() * 5 // 4 // (values * element_size)) if large else 24
     x = torch.randn(batch, channels, *per_channel_shape) * 2 + 0.5
     return x.to(dtype)
 
 
-CASES = [  # (batch, per-channel shape, dtype)
-    (8, (16, 16), torch.float32),
-    (8, (16, 16), torch.bfloat16),
-    (4, (3136,), torch.float16),  # 3-D, long runs
+CASES = [  # (batch, per-channel shape, dtype, large)
+    (8, (16, 16), torch.float32, True),
+    (8, (16, 16), torch.bfloat16, True),
+    (4, (3136,), torch.float16, True),  # 3-D, long runs
+    (8, (7, 7), torch.float32, False),  # runs that are not whole vectors
+    (8, (14, 14), torch.bfloat16, False),
+    (4, (300,), torch.float16, False),
 ]
 
 
@@ -51,9 +56,9 @@ def reference(x, w, b, grad, relu=False, residual=None):
     return (out, *torch.autograd.grad(out, (xd, wd, bd), grad.double()))
 
 
-@pytest.mark.parametrize("batch,shape,dtype", CASES)
-def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype):
-    x = large_input(batch, shape, dtype)
+@pytest.mark.parametrize("batch,shape,dtype,large", CASES)
+def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype, large):
+    x = layer_input(batch, shape, dtype, large)
     channels = x.size(1)
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     rm, rv = torch.zeros(channels), torch.ones(channels)
@@ -93,9 +98,11 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype):
 
 
 @pytest.mark.parametrize("with_residual", [False, True])
-@pytest.mark.parametrize("batch,shape,dtype", CASES)
-def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(batch, shape, dtype, with_residual):
-    x = large_input(batch, shape, dtype)
+@pytest.mark.parametrize("batch,shape,dtype,large", CASES)
+def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(
+    batch, shape, dtype, large, with_residual
+):
+    x = layer_input(batch, shape, dtype, large)
     channels = x.size(1)
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     residual = torch.randn_like(x) if with_residual else None
