@@ -82,8 +82,17 @@ std::array<double, kSums> reduce_channels_first_item(
   // of them, for the two vectors of a step: one chain of dependent adds would bound the pass
   // by the add latency rather than by memory.
   std::array<Vec, kSums> partial, partial_high;
-  partial.fill(Vec(opmath(0)));
-  partial_high.fill(Vec(opmath(0)));
+  const auto flush = [&] {  // the vector sums into the double totals, then restarted
+    for_each_constant<kSums>([&](auto k) {
+      totals[k] += lane_sum(partial[k] + partial_high[k]);
+      partial[k] = Vec(opmath(0));
+      partial_high[k] = Vec(opmath(0));
+    });
+  };
+  for_each_constant<kSums>([&](auto k) {
+    partial[k] = Vec(opmath(0));
+    partial_high[k] = Vec(opmath(0));
+  });
   int64_t steps = 0;
   const int64_t run_stride = view.channels * view.inner;
   const int64_t prefetch_ahead = plan.prefetch_runs_ahead * run_stride;  // in values
@@ -109,25 +118,23 @@ std::array<double, kSums> reduce_channels_first_item(
       }
       const auto low = terms(load_inputs<kInputs>(in, base + i), pv);
       const auto high = terms(load_inputs<kInputs>(in, base + i + Vec::size()), pv);
-      for (int k = 0; k < kSums; ++k) partial[k] += low[k];
-      for (int k = 0; k < kSums; ++k) partial_high[k] += high[k];
+      for_each_constant<kSums>([&](auto k) {
+        partial[k] += low[k];
+        partial_high[k] += high[k];
+      });
       if constexpr (kEmits == 1) store_pair(emit + base + i, low[kSums], high[kSums]);
       steps += 2;
       if (steps >= kFlushEvery) {
-        for (int k = 0; k < kSums; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
-        partial.fill(Vec(opmath(0)));
-        partial_high.fill(Vec(opmath(0)));
+        flush();
         steps = 0;
       }
     }
     for (; i + Vec::size() <= span.length; i += Vec::size()) {
       const auto t = terms(load_inputs<kInputs>(in, base + i), pv);
-      for (int k = 0; k < kSums; ++k) partial[k] += t[k];
+      for_each_constant<kSums>([&](auto k) { partial[k] += t[k]; });
       if constexpr (kEmits == 1) store_vec(emit + base + i, t[kSums]);
       if (++steps >= kFlushEvery) {
-        for (int k = 0; k < kSums; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
-        partial.fill(Vec(opmath(0)));
-        partial_high.fill(Vec(opmath(0)));
+        flush();
         steps = 0;
       }
     }
@@ -137,7 +144,7 @@ std::array<double, kSums> reduce_channels_first_item(
       if constexpr (kEmits == 1) emit[base + i] = static_cast<scalar_t>(t[kSums]);
     }
   }
-  for (int k = 0; k < kSums; ++k) totals[k] += lane_sum(partial[k] + partial_high[k]);
+  for_each_constant<kSums>([&](auto k) { totals[k] += lane_sum(partial[k] + partial_high[k]); });
   return totals;
 }
 

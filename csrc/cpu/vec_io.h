@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #ifndef CPU_CAPABILITY
 #error "csrc/cpu kernel headers are compiled once per instruction set: define CPU_CAPABILITY"
@@ -106,9 +107,42 @@ inline void store_pair(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& low,
   }
 }
 
-// Horizontal sum in a fixed lane order.
+// Calls f(std::integral_constant<int, k>()) for k = 0 .. N-1. Arrays of vectors indexed only
+// through it are indexed by constants, so the compiler keeps them in registers; indexed in a
+// loop, GCC kept a reduction's partial sums on the stack, and every add waited on a store.
+template <typename F, int... k>
+inline void for_each_constant_of(const F& f, std::integer_sequence<int, k...>) {
+  (f(std::integral_constant<int, k>()), ...);
+}
+template <int N, typename F>
+inline void for_each_constant(const F& f) {
+  for_each_constant_of(f, std::make_integer_sequence<int, N>());
+}
+
+// Horizontal sum in double, in a fixed order: float vectors under AVX-512 or AVX2 as a tree
+// (the halves converted to double vectors and added, then halved again), the rest lane by
+// lane. The lane-by-lane chain's extractions and dependent adds were the larger part of a short
+// item's reduction. A sum in double of float lanes has the same bits in any order unless the
+// lanes span more than 2^29 in magnitude.
 template <typename T>
 inline double lane_sum(const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 lanes = v;
+    const __m256 high_half = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(lanes), 1));
+    return _mm512_reduce_add_pd(
+        _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(lanes)), _mm512_cvtps_pd(high_half)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 lanes = v;
+    const __m256d quarters = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(lanes)),
+                                           _mm256_cvtps_pd(_mm256_extractf128_ps(lanes, 1)));
+    const __m128d pairs =
+        _mm_add_pd(_mm256_castpd256_pd128(quarters), _mm256_extractf128_pd(quarters, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(pairs, _mm_unpackhi_pd(pairs, pairs)));
+  }
+#endif
   T lanes[Vectorized<T>::size()];
   v.store(lanes);
   double sum = 0;
