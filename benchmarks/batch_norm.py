@@ -234,17 +234,20 @@ def plot(rows, path):
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
-def torch_under_tcmalloc(argv):
-    """The torch column again, in a child process whose allocator is tcmalloc (LD_PRELOAD of
-    Debian's libtcmalloc-minimal4): ms per row, in the rows' order, or None without it. The
-    child times torch alone, so its rows are not interleaved with ours."""
+def under_tcmalloc(argv):
+    """Ours and torch again, in a child process whose allocator is tcmalloc (LD_PRELOAD of
+    Debian's libtcmalloc-minimal4): (ours ms, torch ms) per row, in the rows' order, or None
+    without it. The child interleaves the two as this process does, so their ratio differs from
+    the main one only by the allocator: what is left of the lead is the kernels'. (Timing torch
+    alone there, as this column did until 2026-12-05, also gave it a cache that no other call
+    evicted: `32x2048x7x7` eval, 25.6 MB with its output, then fits in a 32 MB L3.)"""
     if not os.path.exists(TCMALLOC):
         print(f"no {TCMALLOC} (Debian's libtcmalloc-minimal4): no tcmalloc column")
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "torch.json"
+        out = pathlib.Path(tmp) / "tcmalloc.json"
         env = dict(os.environ, LD_PRELOAD=TCMALLOC)
-        subprocess.run([sys.executable, __file__, *argv, "--torch-only", str(out)], env=env,
+        subprocess.run([sys.executable, __file__, *argv, "--tcmalloc-child", str(out)], env=env,
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         return json.loads(out.read_text())
 
@@ -258,14 +261,14 @@ def main():
     parser.add_argument(
         "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
     )
-    parser.add_argument("--torch-only", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tcmalloc-child", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tcmalloc_ms = None
-    if not args.torch_only and not args.no_tcmalloc:
+    if not args.tcmalloc_child and not args.no_tcmalloc:
         argv = ["--quick"] if args.quick else []
         argv += ["--repeats", str(args.repeats)] if args.repeats else []
         argv += ["--devices", *args.devices] if args.devices else []
-        tcmalloc_ms = torch_under_tcmalloc(argv)
+        tcmalloc_ms = under_tcmalloc(argv)
     repeats = args.repeats or (7 if args.quick else 15)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -277,6 +280,8 @@ def main():
     )
     print(f"custom_bn benchmark, {datetime.date.today()}, {machine}")
     print("% copy: of a 256 MB copy (read + write) timed just before the row")
+    if tcmalloc_ms is not None:
+        print("vs tcm: torch's time over ours with both under tcmalloc, interleaved in a child")
     header = (
         f"{'device':6s} {'op':11s} {'shape':22s} {'layout':6s} {'dtype':8s} {'mode':14s} "
         f"{'ours ms':>8s} {'torch ms':>8s} {'compile':>8s} {'vs torch':>8s} {'vs comp':>8s} "
@@ -303,9 +308,10 @@ def main():
         for dtype in (torch.float32, torch.bfloat16):
             x = make_input(shape, layout, dtype, device)
             fns = callables(x, mode) if kind == "bn" else fused_callables(x, kind)
-            if args.torch_only:
-                seconds = measure({"torch": fns["torch"]}, repeats, 0.3 if args.quick else 1.0)
-                rows.append(1e3 * seconds["torch"])
+            if args.tcmalloc_child:
+                pair = {name: fns[name] for name in ("custom_bn", "torch")}
+                seconds = measure(pair, repeats, 0.3 if args.quick else 1.0)
+                rows.append([1e3 * seconds["custom_bn"], 1e3 * seconds["torch"]])
                 continue
             bandwidth = copy_bandwidth(5)
             seconds = measure(fns, repeats, 0.3 if args.quick else 1.0)
@@ -331,8 +337,8 @@ def main():
                 row["torch_cudnn_ms"] = 1e3 * seconds["torch_cudnn"]
                 row["vs_torch_cudnn"] = seconds["torch_cudnn"] / seconds["custom_bn"]
             if tcmalloc_ms is not None:
-                row["torch_tcmalloc_ms"] = tcmalloc_ms[len(rows)]
-                row["vs_torch_tcmalloc"] = row["torch_tcmalloc_ms"] / row["ours_ms"]
+                row["ours_tcmalloc_ms"], row["torch_tcmalloc_ms"] = tcmalloc_ms[len(rows)]
+                row["vs_torch_tcmalloc"] = row["torch_tcmalloc_ms"] / row["ours_tcmalloc_ms"]
             rows.append(row)
             print(
                 f"{device:6s} {kind:11s} {row['shape']:22s} {layout:6s} {row['dtype']:8s} "
@@ -343,8 +349,8 @@ def main():
                 + (f" cuDNN {row['vs_torch_cudnn']:.2f}x" if "vs_torch_cudnn" in row else ""),
                 flush=True,
             )
-    if args.torch_only:
-        args.torch_only.write_text(json.dumps(rows))
+    if args.tcmalloc_child:
+        args.tcmalloc_child.write_text(json.dumps(rows))
         return
     for name, selected in (
         ("batch_norm", [r for r in rows if r["op"] == "bn"]),
@@ -358,7 +364,7 @@ def main():
             f"{name}: geometric mean {geo['vs_torch']:.2f}x vs torch eager, "
             f"{geo['vs_compile']:.2f}x vs torch.compile"
             + (
-                f", {geo['vs_torch_tcmalloc']:.2f}x vs torch eager under tcmalloc"
+                f", {geo['vs_torch_tcmalloc']:.2f}x vs torch eager with both under tcmalloc"
                 if tcmalloc_ms
                 else ""
             )
