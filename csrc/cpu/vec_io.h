@@ -123,7 +123,7 @@ inline void for_each_constant(const F& f) {
 // (the halves converted to double vectors and added, then halved again), the rest lane by
 // lane. The lane-by-lane chain's extractions and dependent adds were the larger part of a short
 // item's reduction. A sum in double of float lanes has the same bits in any order unless the
-// lanes span more than 2^29 in magnitude.
+// lanes span more than 2^25 in magnitude.
 template <typename T>
 inline double lane_sum(const Vectorized<T>& v) {
 #if defined(CPU_CAPABILITY_AVX512)
