@@ -52,6 +52,10 @@ inline void map_run(const std::array<const scalar_t*, kInputs>& in,
                     const int64_t base, const int64_t length, const Fn& fn, scalar_t* const out,
                     const bool stream) {
   using Vec = Vectorized<opmath_t<scalar_t>>;
+  if (length == Vec::size()) {  // a 4x4 float run under AVX-512: one full vector
+    store_vec(out + base, fn(load_inputs<kInputs>(in, base), pv));
+    return;
+  }
   int64_t i = 0;
   for (; i + 2 * Vec::size() <= length; i += 2 * Vec::size()) {
     store_pair(out + base + i, fn(load_inputs<kInputs>(in, base + i), pv),
@@ -72,6 +76,18 @@ void map_channels_first_units(const std::array<const scalar_t*, kInputs> in,
                               const int64_t C, const int64_t S, const int64_t segments,
                               const int64_t segment_length, const int64_t begin, const int64_t end,
                               const Fn& fn, scalar_t* const out, const bool stream) {
+  using Vec = Vectorized<opmath_t<scalar_t>>;
+  if (S == Vec::size()) {
+    // Runs of one vector (4x4 float under AVX-512): one full load and store per run, without
+    // map_run's pair loop and partial-vector bookkeeping, which cost more than the arithmetic.
+    int64_t c = begin % C;
+    for (int64_t run = begin; run < end; ++run) {
+      store_vec(out + run * S, fn(load_inputs<kInputs>(in, run * S),
+                                  broadcast<kParams>(scalar_params<kParams>(params, c))));
+      if (++c == C) c = 0;
+    }
+    return;
+  }
   int64_t run = begin / segments;  // n * C + c
   int64_t segment = begin % segments;
   int64_t c = run % C;

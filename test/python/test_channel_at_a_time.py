@@ -33,6 +33,8 @@ CASES = [  # (batch, per-channel shape, dtype, large)
     (8, (7, 7), torch.float32, False),  # runs that are not whole vectors
     (8, (14, 14), torch.bfloat16, False),
     (4, (300,), torch.float16, False),
+    (32, (4, 4), torch.float32, False),  # runs of one AVX-512 vector
+    (64, (8,), torch.bfloat16, False),  # runs of one AVX2 or baseline float vector
 ]
 
 
