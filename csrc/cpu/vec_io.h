@@ -181,11 +181,26 @@ template <int kParams, typename T>
 inline std::array<Vectorized<T>, kParams> split_params(const std::array<T, kParams>& a,
                                                        const std::array<T, kParams>& b,
                                                        int64_t split) {
-  const int64_t lanes = std::clamp<int64_t>(split, 0, Vectorized<T>::size());
-  std::array<Vectorized<T>, kParams> v;
-  for (int q = 0; q < kParams; ++q) {
-    v[q] = Vectorized<T>::set(Vectorized<T>(b[q]), Vectorized<T>(a[q]), lanes);
-  }
+  using Vec = Vectorized<T>;
+  const int64_t lanes = std::clamp<int64_t>(split, 0, Vec::size());
+  std::array<Vec, kParams> v;
+#if defined(CPU_CAPABILITY_AVX512)
+  // Vectorized::set switches on the lane count. On 7x7 runs most 32-value pairs straddle, each
+  // at another of 16 counts, and the jump mispredicts; a blend under a mask read from a
+  // sliding window of all-ones lanes then zero lanes has no branch. Under AVX2 (8 counts) the
+  // switch measured faster than the variable blends (docs/perf.md row 43).
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
+  static_assert(sizeof(Bits) == sizeof(T));
+  alignas(64) static constexpr auto kWindow = [] {
+    std::array<Bits, 2 * Vec::size()> window{};
+    for (int64_t i = 0; i < Vec::size(); ++i) window[i] = ~Bits(0);
+    return window;
+  }();
+  const Vec take_a = Vec::loadu(reinterpret_cast<const T*>(kWindow.data() + Vec::size() - lanes));
+  for (int q = 0; q < kParams; ++q) v[q] = Vec::blendv(Vec(b[q]), Vec(a[q]), take_a);
+#else
+  for (int q = 0; q < kParams; ++q) v[q] = Vec::set(Vec(b[q]), Vec(a[q]), lanes);
+#endif
   return v;
 }
 
