@@ -36,15 +36,19 @@ at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channel
   return channel_vector(*param, channels, options.dtype().toScalarType());
 }
 
+// The channel count is read into a local before each loop below: with the bound re-read from
+// the tensor, GCC cannot count the iterations and leaves the loop scalar (a square root and
+// two divisions per channel, in sequence).
 at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
+  if (count <= 0) return at::zeros({m2.numel()}, m2.options());
   at::Tensor invstd = empty_like_stat(m2);
+  const int64_t channels = m2.numel();
   AT_DISPATCH_FLOATING_TYPES(m2.scalar_type(), "invstd_from_m2", [&] {
     const scalar_t* m2_data = data<scalar_t>(m2);
     scalar_t* out = data<scalar_t>(invstd);
-    for (int64_t c = 0; c < m2.numel(); ++c) {
-      out[c] = count > 0
-                   ? custom_bn::invstd_from_var(m2_data[c] / static_cast<scalar_t>(count), eps)
-                   : scalar_t(0);
+    const auto n = static_cast<scalar_t>(count);
+    for (int64_t c = 0; c < channels; ++c) {
+      out[c] = custom_bn::invstd_from_var(m2_data[c] / n, eps);
     }
   });
   return invstd;
@@ -54,10 +58,11 @@ at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_
                            double eps) {
   const at::Tensor var_stat = channel_vector(var, var.numel(), stat_options.dtype().toScalarType());
   at::Tensor invstd = empty_like_stat(var_stat);
+  const int64_t channels = var_stat.numel();
   AT_DISPATCH_FLOATING_TYPES(var_stat.scalar_type(), "invstd_from_var", [&] {
     const scalar_t* in = data<scalar_t>(var_stat);
     scalar_t* out = data<scalar_t>(invstd);
-    for (int64_t c = 0; c < var_stat.numel(); ++c) out[c] = custom_bn::invstd_from_var(in[c], eps);
+    for (int64_t c = 0; c < channels; ++c) out[c] = custom_bn::invstd_from_var(in[c], eps);
   });
   return invstd;
 }
