@@ -234,11 +234,12 @@ def plot(rows, path):
 TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
-def under_tcmalloc(argv):
-    """Ours and torch again, in a child process whose allocator is tcmalloc (LD_PRELOAD of
-    Debian's libtcmalloc-minimal4): (ours ms, torch ms) per row, in the rows' order, or None
-    without it. The child interleaves the two as this process does, so their ratio differs from
-    the main one only by the allocator: what is left of the lead is the kernels'. (Timing torch
+def under_tcmalloc(argv, script=__file__):
+    """Ours and torch again, in a child process of `script` whose allocator is tcmalloc
+    (LD_PRELOAD of Debian's libtcmalloc-minimal4): (ours ms, torch ms) per row, in the rows'
+    order, or None without it. The child interleaves the two as this process does, so their
+    ratio differs from the main one only by the allocator: what is left of the lead is the
+    kernels'. (Timing torch
     alone there, as this column did until 2026-12-05, also gave it a cache that no other call
     evicted: `32x2048x7x7` eval, 25.6 MB with its output, then fits in a 32 MB L3.)"""
     if not os.path.exists(TCMALLOC):
@@ -247,7 +248,7 @@ def under_tcmalloc(argv):
     with tempfile.TemporaryDirectory() as tmp:
         out = pathlib.Path(tmp) / "tcmalloc.json"
         env = dict(os.environ, LD_PRELOAD=TCMALLOC)
-        subprocess.run([sys.executable, __file__, *argv, "--tcmalloc-child", str(out)], env=env,
+        subprocess.run([sys.executable, script, *argv, "--tcmalloc-child", str(out)], env=env,
                        check=True, stdout=subprocess.DEVNULL)  # fmt: skip
         return json.loads(out.read_text())
 
