@@ -239,9 +239,9 @@ def under_tcmalloc(argv, script=__file__):
     (LD_PRELOAD of Debian's libtcmalloc-minimal4): (ours ms, torch ms) per row, in the rows'
     order, or None without it. The child interleaves the two as this process does, so their
     ratio differs from the main one only by the allocator: what is left of the lead is the
-    kernels'. (Timing torch
-    alone there, as this column did until 2026-12-05, also gave it a cache that no other call
-    evicted: `32x2048x7x7` eval, 25.6 MB with its output, then fits in a 32 MB L3.)"""
+    kernels'. (Timing torch alone there, as this column did until 2026-12-05, also gave it a
+    cache that no other call evicted: `32x2048x7x7` eval, 25.6 MB with its output, then fits
+    in a 32 MB L3.)"""
     if not os.path.exists(TCMALLOC):
         print(f"no {TCMALLOC} (Debian's libtcmalloc-minimal4): no tcmalloc column")
         return None
