@@ -253,21 +253,32 @@ def under_tcmalloc(argv, script=__file__):
         return json.loads(out.read_text())
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="a one-minute subset")
+def add_timing_arguments(parser, quick_help):
+    """The options this benchmark and benchmarks/layers.py share, the tcmalloc child's included."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
     parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc column")
+    parser.add_argument("--tcmalloc-child", type=pathlib.Path, help=argparse.SUPPRESS)
+
+
+def child_argv(args):
+    """The shared options a tcmalloc child is given again."""
+    return (["--quick"] if args.quick else []) + (
+        ["--repeats", str(args.repeats)] if args.repeats else []
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_timing_arguments(parser, "a one-minute subset")
     parser.add_argument(
         "--devices", nargs="+", choices=("cpu", "cuda"), help="default: cpu, and cuda if present"
     )
-    parser.add_argument("--tcmalloc-child", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     tcmalloc_ms = None
     if not args.tcmalloc_child and not args.no_tcmalloc:
-        argv = ["--quick"] if args.quick else []
-        argv += ["--repeats", str(args.repeats)] if args.repeats else []
+        argv = child_argv(args)
         argv += ["--devices", *args.devices] if args.devices else []
         tcmalloc_ms = under_tcmalloc(argv)
     repeats = args.repeats or (7 if args.quick else 15)

@@ -14,13 +14,20 @@ import csv
 import datetime
 import json
 import math
-import pathlib
 import platform
 import statistics
 
 import torch
 import torchvision
-from batch_norm import TCMALLOC, callables, make_input, measure, under_tcmalloc
+from batch_norm import (
+    TCMALLOC,
+    add_timing_arguments,
+    callables,
+    child_argv,
+    make_input,
+    measure,
+    under_tcmalloc,
+)
 
 MODELS = ("resnet18", "resnet50", "mobilenet_v2")
 QUICK_MODELS = ("resnet18",)
@@ -57,11 +64,7 @@ def geometric_mean(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="ResNet-18's layers, float32")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("build/bench"))
-    parser.add_argument("--no-tcmalloc", action="store_true", help="skip the tcmalloc column")
-    parser.add_argument("--tcmalloc-child", type=pathlib.Path, help=argparse.SUPPRESS)
+    add_timing_arguments(parser, "ResNet-18's layers, float32")
     args = parser.parse_args()
     models = QUICK_MODELS if args.quick else MODELS
     dtypes = (torch.float32,) if args.quick else (torch.float32, torch.bfloat16)
@@ -88,10 +91,7 @@ def main():
         return
     tcmalloc_ms = None
     if not args.no_tcmalloc:
-        argv = (["--quick"] if args.quick else []) + (
-            ["--repeats", str(args.repeats)] if args.repeats else []
-        )
-        tcmalloc_ms = under_tcmalloc(argv, script=__file__)
+        tcmalloc_ms = under_tcmalloc(child_argv(args), script=__file__)
 
     print(
         f"custom_bn at the layers of {', '.join(models)} (batch {BATCH}, {PIXELS} px), "
