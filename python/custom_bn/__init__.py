@@ -9,16 +9,19 @@ from ._library import library_path, load
 load()
 
 from . import _fx_optimization, _inductor, _vmap, functional, memory, quantization  # noqa: E402
+from .convert import convert_batchnorm  # noqa: E402
+from .frozen import FrozenBatchNorm2d  # noqa: E402
 from .fusion import fuse_batchnorm_relu  # noqa: E402
 from .modules import (  # noqa: E402
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
     BatchNormReLU2d,
-    FrozenBatchNorm2d,
-    convert_batchnorm,
+    LazyBatchNorm1d,
+    LazyBatchNorm2d,
+    LazyBatchNorm3d,
 )
-from .sync_batchnorm import SyncBatchNorm  # noqa: E402
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU2d  # noqa: E402
 
 _vmap.register()
 _inductor.register()
@@ -32,6 +35,9 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormReLU2d",
     "FrozenBatchNorm2d",
+    "LazyBatchNorm1d",
+    "LazyBatchNorm2d",
+    "LazyBatchNorm3d",
     "convert_batchnorm",
     "fuse_batchnorm_relu",
     "functional",
@@ -39,5 +45,6 @@ __all__ = [
     "memory",
     "quantization",
     "SyncBatchNorm",
+    "SyncBatchNormReLU2d",
 ]
 __version__ = "0.1.0"

@@ -1,31 +1,89 @@
 """fuse_batchnorm_relu: relu(bn(x)) and relu(bn(x) + identity) in an existing model become one
-batch_norm_relu call, found with torch.fx.
+batch_norm_relu call each, found with torch.fx, without changing what the model computes.
 
 torchvision's BasicBlock and Bottleneck end in `out = self.bn(...); out += identity;
-out = self.relu(out)`: three passes over the activation forward and three backward, where
-BatchNormReLU2d makes one of each. The rewrite changes which modules run, not what is computed:
-the batch norm module at the same path becomes a BatchNormReLU2d over the very same parameters
-and buffers (so state_dict keys, optimizers and the training mode carry over).
+out = self.relu(out)`: three passes over the activation forward and three backward, where the
+fused op makes one of each.
+
+How it stays exact, in both modes, on models from any library:
+- Each module is traced on its own, with every child a leaf (torch.fx runs none of the
+  children's code, so no `self.training` branch of theirs is frozen and no buffer of theirs
+  is written). Its trace with training=True must equal its trace with training=False: a
+  module whose own code reads the mode (dropout, drop-path) keeps its own forward, and a
+  warning names it when it held a pattern.
+- Only modules that hold a pattern change, and only their `forward`: the result is a copy of
+  each such module (same class and methods, the very same children, parameters and buffers)
+  whose `forward` is the rewritten trace. The input model is not modified.
+- The batch norm modules stay what they were. The rewritten forward calls
+  `batch_norm_relu(bn, x, residual)`, which runs the fused op on the module's state when
+  `bn` is a plain BatchNorm2d (torch's or ours) without hooks, and otherwise `bn` followed by
+  the add and the ReLU. So methods that bypass `forward` (timm's `forward_features`), a later
+  swap of the module (freezing, SyncBatchNorm conversion) and unpickling (which restores the
+  class's own forward) all still compute the original model.
 """
 
+import copy
+import inspect
 import operator
+import types
+import warnings
 
 import torch
-from torch import fx
+from torch import Tensor, fx, nn
 
 from . import modules
+from ._state import batch_norm_arguments
 
-_BATCHNORM_2D = (torch.nn.BatchNorm2d, modules.BatchNorm2d)
+_BATCHNORM_2D = (nn.BatchNorm2d, modules.BatchNorm2d)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
-def _is_relu(node: fx.Node, submodules: dict[str, torch.nn.Module]) -> bool:
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def batch_norm_relu(bn: nn.Module, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    """relu(bn(input) + residual): the fused op on `bn`'s state when `bn` is a plain
+    BatchNorm2d without hooks, else the three steps (the add only with a residual)."""
+    if type(bn) in _BATCHNORM_2D and not _has_hooks(bn):
+        bn._check_input_dim(input)
+        weight, bias, running_mean, running_var, training, num_batches_tracked = (
+            batch_norm_arguments(bn)
+        )
+        return torch.ops.custom_bn.batch_norm_relu(input, weight, bias, running_mean, running_var,
+                                                   training, bn.momentum, bn.eps,
+                                                   num_batches_tracked, residual)  # fmt: skip
+    output = bn(input)
+    return torch.relu(output if residual is None else output + residual)
+
+
+class _ShallowTracer(fx.Tracer):
+    """Traces one module's own code: every child is a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _child(node: fx.Node, owner: nn.Module) -> nn.Module | None:
+    return owner.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
     if node.op == "call_module":
-        return type(submodules[node.target]) is torch.nn.ReLU
+        relu = _child(node, owner)
+        return type(relu) is nn.ReLU and not _has_hooks(relu)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _is_identity(node: object, owner: nn.Module) -> bool:
+    """A call of an nn.Identity child (timm's disabled drop_block and anti-aliasing)."""
+    if not isinstance(node, fx.Node) or node.op != "call_module":
+        return False
+    identity = _child(node, owner)
+    return type(identity) is nn.Identity and not _has_hooks(identity) and len(node.users) == 1
 
 
 def _is_add(node: fx.Node) -> bool:
@@ -41,100 +99,182 @@ def _adds_in_place(node: fx.Node) -> bool:
     return node.target in (operator.iadd, "add_")
 
 
-def _fusible_batchnorm(node: object, submodules: dict[str, torch.nn.Module]) -> bool:
-    """A call of a BatchNorm2d on one input whose output feeds only the node after it."""
+def _skip_identities(node: object, owner: nn.Module) -> tuple[object, list[fx.Node]]:
+    """The node behind a chain of Identity calls, and the chain."""
+    chain = []
+    while _is_identity(node, owner):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain
+
+
+def _fusible_batchnorm(node: object, owner: nn.Module) -> bool:
+    """A call of a 2-D batch norm child on one input whose output feeds only the next node."""
     return (
         isinstance(node, fx.Node)
         and node.op == "call_module"
-        and type(submodules[node.target]) in _BATCHNORM_2D
+        and type(_child(node, owner)) in _BATCHNORM_2D
+        and not _has_hooks(_child(node, owner))
         and len(node.args) == 1
         and not node.kwargs
         and len(node.users) == 1
     )
 
 
-def _match(relu: fx.Node, submodules: dict[str, torch.nn.Module]):
-    """(batch norm node, add node or None, residual or None) when relu ends a fusible chain."""
-    if not _is_relu(relu, submodules) or len(relu.args) != 1:
+def _match(relu: fx.Node, owner: nn.Module):
+    """(batch norm node, nodes to remove, residual or None) when relu ends a fusible chain."""
+    if not _is_relu(relu, owner) or len(relu.args) != 1:
         return None
     if relu.kwargs and relu.kwargs != {"inplace": relu.kwargs.get("inplace")}:
         return None
-    source = relu.args[0]
-    if _fusible_batchnorm(source, submodules):
-        return source, None, None
+    source, chain = _skip_identities(relu.args[0], owner)
+    if _fusible_batchnorm(source, owner):
+        return source, [relu, *chain], None
     if not isinstance(source, fx.Node) or not _is_add(source) or len(source.users) != 1:
         return None
     first, second = source.args
-    if _fusible_batchnorm(first, submodules):
-        return first, source, second
+    bn, before = _skip_identities(first, owner)
+    if _fusible_batchnorm(bn, owner):
+        return bn, [relu, *chain, source, *before], second
     # An in-place add writes its first operand, which the fused call would no longer do.
-    if _fusible_batchnorm(second, submodules) and not _adds_in_place(source):
-        return second, source, first
+    bn, before = _skip_identities(second, owner)
+    if _fusible_batchnorm(bn, owner) and not _adds_in_place(source):
+        return bn, [relu, *chain, source, *before], first
     return None
 
 
-def _fuse_graph(traced: fx.GraphModule) -> int:
-    """Rewrites the fusible chains of `traced` in place; returns how many it fused."""
-    submodules = dict(traced.named_modules())
-    matches = [m for m in (_match(node, submodules) for node in traced.graph.nodes) if m]
-    # A batch norm module called elsewhere without a ReLU after it must stay as it is.
-    calls = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-    fused_calls = {}
-    for bn, _, _ in matches:
-        fused_calls[bn.target] = fused_calls.get(bn.target, 0) + 1
-    matches = [m for m in matches if fused_calls[m[0].target] == calls[m[0].target]]
-    for bn, add, _ in matches:
-        relu = next(iter((add or bn).users))
-        # Read the operands now: earlier rewrites may have replaced them.
-        args = (bn.args[0],)
-        if add is not None:
-            args += (add.args[1] if add.args[0] is bn else add.args[0],)
-        with traced.graph.inserting_before(relu):
-            fused = traced.graph.call_module(bn.target, args)
-        fused.meta = dict(relu.meta)
+def _fuse_graph(graph: fx.Graph, owner: nn.Module) -> tuple[str, ...]:
+    """Rewrites the fusible chains of `graph` (a trace of `owner`); returns the batch norm
+    targets it fused, once per call."""
+    matches = [m for m in (_match(node, owner) for node in graph.nodes) if m]
+    for bn, removed, residual in matches:
+        relu = removed[0]
+        with graph.inserting_before(relu):
+            module = graph.get_attr(bn.target)
+            args = (module, bn.args[0]) if residual is None else (module, bn.args[0], residual)
+            fused = graph.call_function(batch_norm_relu, args)
         relu.replace_all_uses_with(fused)
-        for node in (relu, add, bn):
-            if node is not None:
-                traced.graph.erase_node(node)
-    for target in {bn.target for bn, _, _ in matches}:
-        parent, _, name = target.rpartition(".")
-        owner = traced.get_submodule(parent)
-        setattr(owner, name, modules._retype(getattr(owner, name), modules.BatchNormReLU2d))
-    return len(matches)
+        for node in (*removed, bn):
+            graph.erase_node(node)
+    return tuple(bn.target for bn, _, _ in matches)
 
 
-def fuse_batchnorm_relu(model: torch.nn.Module) -> torch.nn.Module:
-    """An equivalent module in which every BatchNorm2d (torch's or ours) followed by a ReLU,
-    with or without a residual added in between, is one BatchNormReLU2d call:
+def _trace(module: nn.Module, training: bool) -> fx.Graph:
+    mode = module.training
+    module.training = training
+    try:
+        return _ShallowTracer().trace(module)
+    finally:
+        module.training = mode
+
+
+def _code(graph: fx.Graph) -> str:
+    return graph.python_code(root_module="self").src
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """The same class over the same children, parameters, buffers and hooks, in new tables,
+    so that replacing a child or the forward of the copy leaves `module` as it was."""
+    twin = copy.copy(module)
+    for table in ("_modules", "_parameters", "_buffers", "_forward_hooks", "_forward_pre_hooks"):
+        if table in module.__dict__:
+            twin.__dict__[table] = copy.copy(module.__dict__[table])
+    return twin
+
+
+class _Fuser:
+    def __init__(self):
+        self.mode_dependent: list[str] = []
+
+    def fuse(self, module: nn.Module, path: str) -> nn.Module:
+        """`module` itself when nothing below it fuses, else a rewritten copy."""
+        if isinstance(module, (nn.modules.batchnorm._NormBase, modules.BatchNormReLU2d)):
+            return module
+        children = {}
+        for name, child in module.named_children():
+            fused = self.fuse(child, f"{path}.{name}" if path else name)
+            if fused is not child:
+                children[name] = fused
+        result = module
+        if children:
+            result = _shallow_copy(module)
+            result._modules.update(children)
+        return self._rewrite_forward(result, module, path)
+
+    def _rewrite_forward(self, module: nn.Module, original: nn.Module, path: str) -> nn.Module:
+        if not _traceable_signature(module):
+            return module
+        state = {name: t.detach().clone() for name, t in module.named_buffers(recurse=False)}
+        try:
+            graph = _trace(module, training=True)
+            same_in_eval = _code(graph) == _code(_trace(module, training=False))
+        except Exception:  # noqa: BLE001  Untraceable here (control flow on values, ...).
+            return module
+        finally:
+            # The module's own code ran under fx: undo any write it made to its buffers.
+            with torch.no_grad():
+                for name, value in state.items():
+                    if not torch.equal(getattr(module, name), value):
+                        getattr(module, name).copy_(value)
+        targets = _fuse_graph(graph, module)
+        if not targets:
+            return module
+        if not same_in_eval:
+            self.mode_dependent.append(path or type(module).__name__)
+            return module
+        if module is original:
+            module = _shallow_copy(module)
+        graph.lint()
+        rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        module.forward = types.MethodType(type(rewritten).forward, module)
+        module._fused_batch_norms = targets
+        return module
+
+
+def _traceable_signature(module: nn.Module) -> bool:
+    """Whether fx can trace the module's forward without fixing an argument: positional
+    tensors only (a default such as `mask=None` would be traced as given and baked in), and
+    the class's own forward (fx traces that, not one set on the instance)."""
+    if "forward" in module.__dict__:
+        return False
+    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    return all(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        for p in parameters
+    )
+
+
+def fused_batch_norms(model: nn.Module) -> list[str]:
+    """The paths of the batch norm modules that fuse_batchnorm_relu made `model` call through
+    the fused op, once per call site."""
+    return [
+        f"{path}.{target}" if path else target
+        for path, module in model.named_modules()
+        for target in module.__dict__.get("_fused_batch_norms", ())
+    ]
+
+
+def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
+    """A model that computes what `model` computes, in training and in eval, in which every
+    BatchNorm2d (torch's or ours) followed by a ReLU, with or without a residual added in
+    between and with nn.Identity calls anywhere in the chain, is one batch_norm_relu call:
     `relu(bn(x))` and `relu(bn(x) + identity)`, ReLU as a module, a function or a method, in
     place or not, the add as `+`, `+=`, `torch.add` or `Tensor.add(_)`. The residual must have
     the batch norm output's shape (torchvision's blocks do; the op checks it).
 
-    The model is traced with torch.fx; where it cannot be traced, each child is fused on its
-    own and replaced in place in `model` (as convert_batchnorm does). Parameters and buffers
-    are the very tensors of `model`, under the same state_dict keys, in the same training
-    mode. A model with nothing to fuse comes back unchanged, as the same object."""
-    try:
-        traced = fx.symbolic_trace(model)
-    except Exception:  # noqa: BLE001  Untraceable (control flow on values, ...): try the children.
-        traced = None
-    if traced is not None:
-        if _fuse_graph(traced) == 0:
-            return model
-        traced.graph.lint()
-        traced.delete_all_unused_submodules()
-        traced.recompile()
-        # The containers fx made along the module paths take their originals' modes.
-        originals = dict(model.named_modules())
-        for name, submodule in traced.named_modules():
-            if name in originals:
-                submodule.training = originals[name].training
-        return traced
-    for name, child in model.named_children():
-        fused = fuse_batchnorm_relu(child)
-        if fused is not child:
-            setattr(model, name, fused)
-    return model
+    The result has the class and methods of `model` and shares its parameters and buffers
+    (the very tensors, under the same state_dict keys, in the same training mode); only the
+    modules whose own forward holds a pattern are copies with a rewritten forward (see the
+    module docstring). `model` itself is not modified. A model with nothing to fuse comes back
+    as the same object. A module whose own code depends on the training mode is left as it is,
+    with a warning naming it."""
+    fuser = _Fuser()
+    fused = fuser.fuse(model, "")
+    if fuser.mode_dependent:
+        warnings.warn(
+            "fuse_batchnorm_relu left unfused the batch norm -> ReLU chains in modules whose "
+            "own forward depends on self.training (fusing them would freeze the mode): "
+            + ", ".join(fuser.mode_dependent),
+            stacklevel=2,
+        )
+    return fused

@@ -10,9 +10,11 @@ in torch.nn.SyncBatchNorm, so that DistributedDataParallel averages them.
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from .modules import _fx_leaf
+from ._state import BatchNormState
+from .convert import _timm
+from .modules import BatchNormReLU2d, _fx_leaf
 
 ops = torch.ops.custom_bn
 
@@ -64,7 +66,46 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None, None, None, None, None, None
 
 
-class SyncBatchNorm(_BatchNorm):
+def _sync_batch_norm(module: torch.nn.Module, input: Tensor) -> Tensor:
+    """Batch norm over the ranks of `module.process_group` (or the world) in training; the
+    local op in eval and with a single rank."""
+    module._check_input_dim(input)
+    if input.size(1) == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    weight, bias, running_mean, running_var, use_batch_stats, num_batches_tracked = (
+        BatchNormState._op_arguments(module)
+    )
+    world_size = 1
+    if use_batch_stats and module.training and dist.is_available() and dist.is_initialized():
+        group = module.process_group or dist.group.WORLD
+        world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return ops.batch_norm(input, weight, bias, running_mean, running_var, use_batch_stats,
+                              module.momentum, module.eps, num_batches_tracked)  # fmt: skip
+    return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, module.momentum, module.eps,
+                                        module.process_group or dist.group.WORLD,
+                                        world_size)  # fmt: skip
+
+
+def _sync_options(cls: type, module: torch.nn.Module, process_group) -> torch.nn.Module:
+    """A `cls` over the very parameters and buffers of batch norm `module`, in its mode."""
+    converted = cls(module.num_features, module.eps, module.momentum, module.affine,
+                    module.track_running_stats, process_group)  # fmt: skip
+    if module.affine:
+        with torch.no_grad():
+            converted.weight = module.weight
+            converted.bias = module.bias
+    converted.running_mean = module.running_mean
+    converted.running_var = module.running_var
+    converted.num_batches_tracked = module.num_batches_tracked
+    converted.training = module.training
+    if hasattr(module, "qconfig"):
+        converted.qconfig = module.qconfig
+    return converted
+
+
+class SyncBatchNorm(BatchNormState, _BatchNorm):
     """As torch.nn.SyncBatchNorm (same constructor, state_dict, process_group and
     convert_sync_batchnorm), for any device whose process group can all-gather: CPU tensors
     over gloo as well as CUDA tensors over NCCL. Ranks may hold different batch sizes,
@@ -91,76 +132,62 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            leaf = _fx_leaf(self, input)
-            if leaf is not None:
-                return leaf
-        self._check_input_dim(input)
-        if input.size(1) == 0:
-            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        use_running_stats = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_running_stats else None
-        running_var = self.running_var if use_running_stats else None
-        updates = self.training and self.track_running_stats
-        num_batches_tracked = self.num_batches_tracked if updates else None
-
-        world_size = 1
-        if use_batch_stats and self.training and dist.is_available() and dist.is_initialized():
-            group = self.process_group or dist.group.WORLD
-            world_size = dist.get_world_size(group)
-        if world_size == 1:
-            return ops.batch_norm(
-                input,
-                self.weight,
-                self.bias,
-                running_mean,
-                running_var,
-                use_batch_stats,
-                self.momentum,
-                self.eps,
-                num_batches_tracked,
-            )
-        return _SyncBatchNormFunction.apply(
-            input,
-            self.weight,
-            self.bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            self.momentum,
-            self.eps,
-            self.process_group or dist.group.WORLD,
-            world_size,
-        )
+        leaf = _fx_leaf(self, input)
+        if leaf is not None:
+            return leaf
+        return _sync_batch_norm(self, input)
 
     @classmethod
     def convert_sync_batchnorm(
         cls, module: torch.nn.Module, process_group: dist.ProcessGroup | None = None
     ):
-        """Replaces every BatchNorm layer (torch's or custom_bn's) in `module` by a
-        SyncBatchNorm over `process_group`, keeping parameters, buffers and training mode."""
+        """Replaces every batch norm layer (torch's or custom_bn's) in `module` by a
+        synchronized one over `process_group`, keeping parameters, buffers, training mode and
+        the activation of fused layers: BatchNormReLU2d becomes SyncBatchNormReLU2d, and
+        timm's BatchNormAct2d a SyncBatchNormAct (custom_bn.integrations.timm)."""
         converted = module
-        if isinstance(module, _BatchNorm) and not isinstance(module, cls):
-            converted = cls(
-                module.num_features,
-                module.eps,
-                module.momentum,
-                module.affine,
-                module.track_running_stats,
-                process_group,
-            )
-            if module.affine:
-                with torch.no_grad():
-                    converted.weight = module.weight
-                    converted.bias = module.bias
-            converted.running_mean = module.running_mean
-            converted.running_var = module.running_var
-            converted.num_batches_tracked = module.num_batches_tracked
-            converted.training = module.training
-            if hasattr(module, "qconfig"):
-                converted.qconfig = module.qconfig
+        timm = _timm()
+        if type(module) is BatchNormReLU2d:
+            converted = _sync_options(SyncBatchNormReLU2d, module, process_group)
+        elif timm is not None and isinstance(module, timm.BATCH_NORM_ACT):
+            if not isinstance(module, timm.SyncBatchNormAct):
+                converted = _sync_options(timm.SyncBatchNormAct, module, process_group)
+                converted.drop, converted.act = module.drop, module.act
+        elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+            converted = _sync_options(cls, module, process_group)
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module
         return converted
+
+
+class SyncBatchNormReLU2d(BatchNormState, _NormBase):
+    """BatchNormReLU2d synchronized as SyncBatchNorm: relu(sync_batch_norm(input) + residual).
+    Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        self.process_group = process_group
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+        leaf = _fx_leaf(self, input) if residual is None else _fx_leaf(self, input, residual)
+        if leaf is not None:
+            return leaf
+        output = _sync_batch_norm(self, input)
+        return torch.relu(output if residual is None else output + residual)

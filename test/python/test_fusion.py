@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from custom_bn.fusion import fused_batch_norms
 from torch import nn
 
 
 def _fused_calls(model: nn.Module) -> int:
-    return sum(type(m) is custom_bn.BatchNormReLU2d for m in model.modules())
+    return len(fused_batch_norms(model))
 
 
 def _train_in_lockstep(model: nn.Module, fused: nn.Module, steps: int, shape) -> None:
@@ -51,16 +52,24 @@ def test_fused_resnet_trains_in_lockstep_in_float64(arch, fusions, convert_first
     torch.testing.assert_close(fused(x), model(x), rtol=1e-7, atol=1e-9)
 
 
-def test_fused_model_keeps_parameters_buffers_and_mode():
+def test_fused_model_keeps_parameters_buffers_mode_and_class():
     model = torchvision.models.resnet18(num_classes=10).eval()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
     fused = custom_bn.fuse_batchnorm_relu(model)
+    assert type(fused) is torchvision.models.ResNet and fused is not model
     assert not fused.training and not fused.get_submodule("layer1.0.bn2").training
     for name, parameter in model.named_parameters():
         assert fused.get_parameter(name) is parameter
     for name, buffer in model.named_buffers():
         assert fused.get_buffer(name) is buffer
-    # The original model is untouched.
-    assert type(model.layer1[0].bn2) is nn.BatchNorm2d
+    # The original model is untouched: its modules, their forwards and its state.
+    assert "forward" not in model.__dict__ and "forward" not in model.layer1[0].__dict__
+    assert fused_batch_norms(model) == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    # The fused model's own methods still compute the model (through the unfused modules).
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(fused._forward_impl(x), fused(x))
 
 
 def test_fused_model_compiles_fullgraph():
@@ -131,7 +140,7 @@ def test_in_place_add_into_the_residual_is_left_alone():
     assert custom_bn.fuse_batchnorm_relu(model) is model
 
 
-def test_batch_norm_also_called_without_relu_is_left_alone():
+def test_batch_norm_also_called_without_relu_fuses_only_where_relu_follows():
     class Shared(nn.Module):
         def __init__(self):
             super().__init__()
@@ -140,8 +149,14 @@ def test_batch_norm_also_called_without_relu_is_left_alone():
         def forward(self, x):
             return F.relu(self.bn(x)) + self.bn(x * 2)
 
-    model = Shared()
-    assert custom_bn.fuse_batchnorm_relu(model) is model
+    model = Shared().double()
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    assert fused_batch_norms(fused) == ["bn"]
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), fused.train(training)
+        torch.testing.assert_close(fused(x), model(x))
+        torch.testing.assert_close(fused.bn.running_var, model.bn.running_var)
 
 
 def test_untraceable_parent_has_its_children_fused():
@@ -157,7 +172,8 @@ def test_untraceable_parent_has_its_children_fused():
     expected_x = torch.randn(2, 3, 4, 4)
     expected = copy.deepcopy(model)(expected_x)
     fused = custom_bn.fuse_batchnorm_relu(model)
-    assert fused is model and _fused_calls(model.body) == 1
+    assert type(fused) is DataDependent and _fused_calls(fused.body) == 1
+    assert _fused_calls(model.body) == 0
     torch.testing.assert_close(fused(expected_x), expected)
 
 

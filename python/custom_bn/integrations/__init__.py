@@ -1,0 +1,1 @@
+"""custom_bn's integrations with other libraries and torch subsystems, each in its own file."""

@@ -1,0 +1,98 @@
+"""timm's batch norm + activation layers, computed by custom_bn's ops.
+
+timm builds EfficientNet, MobileNetV3, RegNet, GhostNet and most of its CNNs from
+`BatchNormAct2d` (a subclass of nn.BatchNorm2d with `drop` and `act` children) and freezes them
+into `FrozenBatchNormAct2d`. The classes here subclass those, so timm's own helpers (freeze,
+unfreeze, SyncBatchNorm conversion, reparameterize) treat a converted layer as theirs; the
+forward runs the fused batch_norm_relu op when the activation is a ReLU and there is no drop,
+and otherwise custom_bn's batch norm followed by the layer's own drop and activation.
+
+Imported by convert_batchnorm only when timm is already imported (a model holds its layers).
+"""
+
+import torch
+from timm.layers import norm_act
+from torch import Tensor, nn
+
+from .._state import BatchNormState, registered
+from ..modules import _fx_leaf
+
+_FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def _fused_relu(module: nn.Module) -> bool:
+    """Whether drop then act is exactly a ReLU, which the fused op applies."""
+    return type(module.drop) is nn.Identity and type(module.act) is nn.ReLU
+
+
+def _drop_then_act(module: nn.Module, output: Tensor) -> Tensor:
+    return module.act(module.drop(output))
+
+
+class BatchNormAct2d(BatchNormState, norm_act.BatchNormAct2d):
+    """timm's BatchNormAct2d on custom_bn's ops: same state_dict, drop and act."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        leaf = _fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        self._check_input_dim(x)
+        weight, bias, running_mean, running_var, training, num_batches_tracked = (
+            self._op_arguments()
+        )
+        arguments = (x, weight, bias, running_mean, running_var, training, self.momentum, self.eps,
+                     num_batches_tracked)  # fmt: skip
+        if _fused_relu(self):
+            return torch.ops.custom_bn.batch_norm_relu(*arguments)
+        return _drop_then_act(self, torch.ops.custom_bn.batch_norm(*arguments))
+
+
+class FrozenBatchNormAct2d(norm_act.FrozenBatchNormAct2d):
+    """timm's FrozenBatchNormAct2d on custom_bn's eval op (fused with a ReLU)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        leaf = _fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        if x.dim() != 4:
+            raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+        weight, bias, mean, var = registered(self, _FROZEN_TENSORS)
+        relu = _fused_relu(self)
+        output = torch.ops.custom_bn.batch_norm_eval(x, weight, bias, mean, var, self.eps, relu)
+        return output if relu else _drop_then_act(self, output)
+
+
+def frozen_from(source: nn.Module, state: dict[str, Tensor]) -> FrozenBatchNormAct2d:
+    """A FrozenBatchNormAct2d of ours over `state` (frozen.frozen_state), with the source's
+    eps, drop and act."""
+    frozen = FrozenBatchNormAct2d.__new__(FrozenBatchNormAct2d)
+    nn.Module.__init__(frozen)
+    frozen.eps = source.eps
+    frozen.num_features = source.num_features
+    frozen.affine = source.affine
+    frozen._buffers.update(state)
+    frozen.drop = source.drop
+    frozen.act = source.act
+    frozen.training = source.training
+    return frozen
+
+
+class SyncBatchNormAct(norm_act.SyncBatchNormAct):
+    """timm's SyncBatchNormAct on custom_bn's synchronized batch norm (CPU over gloo too)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from ..sync_batchnorm import _sync_batch_norm
+
+        leaf = _fx_leaf(self, x)
+        if leaf is not None:
+            return leaf
+        return _drop_then_act(self, _sync_batch_norm(self, x))
+
+
+# timm's classes -> ours, for convert_batchnorm.
+REPLACEMENTS = {
+    norm_act.BatchNormAct2d: BatchNormAct2d,
+    norm_act.FrozenBatchNormAct2d: FrozenBatchNormAct2d,
+    norm_act.SyncBatchNormAct: SyncBatchNormAct,
+}
+BATCH_NORM_ACT = (norm_act.BatchNormAct2d, norm_act.SyncBatchNormAct)
