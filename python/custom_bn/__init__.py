@@ -8,7 +8,15 @@ from ._library import library_path, load
 
 load()
 
-from . import _fx_optimization, _inductor, _vmap, functional, memory, quantization  # noqa: E402
+from . import (  # noqa: E402
+    _fx_optimization,
+    _inductor,
+    _vmap,
+    functional,
+    integrations,
+    memory,
+    quantization,
+)
 from .convert import convert_batchnorm  # noqa: E402
 from .frozen import FrozenBatchNorm2d  # noqa: E402
 from .fusion import fuse_batchnorm_relu  # noqa: E402
@@ -28,6 +36,7 @@ _inductor.register()
 _fx_optimization.register()
 quantization.register_fuser_methods()
 quantization.register_backend_config()
+integrations.install()
 
 __all__ = [
     "BatchNorm1d",

@@ -187,3 +187,28 @@ def test_onnx_export_of_training_mode_is_refused(tmp_path):
             dynamo=True,
             custom_translation_table=custom_bn.onnx.custom_translation_table,
         )
+
+
+_BARE_IMPORT_EXPORT = """
+import sys, io
+sys.path.insert(0, sys.argv[1])
+import torch
+import custom_bn  # nothing else of ours: the TorchScript exporter's symbolics come with it
+torch.ops.load_library(custom_bn.library_path())
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), custom_bn.BatchNorm2d(4),
+                            custom_bn.BatchNormReLU2d(4)).eval()
+torch.onnx.export(model, (torch.randn(2, 3, 4, 4),), io.BytesIO(), dynamo=False)
+assert "custom_bn.onnx" not in sys.modules
+print("exported")
+"""
+
+
+def test_torchscript_onnx_export_works_after_a_bare_import():
+    import pathlib
+    import subprocess
+    import sys
+
+    package = pathlib.Path(custom_bn.__file__).parents[1]
+    done = subprocess.run([sys.executable, "-c", _BARE_IMPORT_EXPORT, str(package)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "exported" in done.stdout, done.stderr[-3000:]
