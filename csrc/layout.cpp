@@ -1,6 +1,7 @@
 // Dense views of tensors for the kernels (layout.h).
 #include "layout.h"
 
+#include <ATen/ops/empty_strided.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -48,6 +49,27 @@ DenseTensor make_dense(const at::Tensor& input) {
   std::optional<ChannelView> view = channel_view_of(dense);
   TORCH_INTERNAL_ASSERT(view.has_value(), "a contiguous copy must be walkable");
   return {dense, *view};
+}
+
+c10::MemoryFormat result_memory_format(const at::Tensor& input, ResultKind kind) {
+  if (input.sym_numel() == 0) return c10::MemoryFormat::Preserve;
+  if (kind == ResultKind::kOutput) {
+    for (const c10::MemoryFormat format :
+         {c10::MemoryFormat::Contiguous, c10::MemoryFormat::ChannelsLast,
+          c10::MemoryFormat::ChannelsLast3d}) {
+      if (input.is_contiguous(format)) return format;
+    }
+  }
+  return input.suggest_memory_format();
+}
+
+at::Tensor empty_result_like(const at::Tensor& input, ResultKind kind) {
+  const c10::MemoryFormat format = result_memory_format(input, kind);
+  // The input's exact strides: empty_like's Preserve may not keep them for an empty tensor.
+  if (format == c10::MemoryFormat::Preserve) {
+    return at::empty_strided_symint(input.sym_sizes(), input.sym_strides(), input.options());
+  }
+  return at::empty_like(input, format);
 }
 
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense) {

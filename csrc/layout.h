@@ -21,6 +21,20 @@ DenseTensor make_dense(const at::Tensor& input);
 // `t` with exactly the strides of `dense` (copied only when they differ).
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense);
 
+// Which result a memory format is chosen for: torch's CPU batch norm picks the output's and the
+// input gradient's by different rules.
+enum class ResultKind { kOutput, kGradient };
+
+// The memory format of a fresh result, as torch's CPU batch norm gives it. An output is in the
+// input's own format when the input is dense in one (contiguous first, then channels_last and
+// channels_last_3d, so size-1 dimensions may have any stride), else in the suggested one; a
+// gradient is in the suggested format. An empty input's results keep its strides
+// (c10::MemoryFormat::Preserve: torch returns a clone there).
+c10::MemoryFormat result_memory_format(const at::Tensor& input, ResultKind kind);
+
+// A fresh result in result_memory_format(input, kind).
+at::Tensor empty_result_like(const at::Tensor& input, ResultKind kind);
+
 // A fresh result in the input's suggested memory format (as torch allocates it), and the
 // buffer the kernels write, strided like dense.tensor: the result itself unless the strides
 // differ (a permuted or non-dense input), when finish() copies the buffer over.

@@ -93,6 +93,13 @@ enum class ForwardOp { kForward, kEval };
 // save_invstd are not.
 ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
                                     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
+  // Evaluation normalizes with the running stats, which are not differentiable: a tangent on
+  // them is refused with torch's error (torch's jvp formula checks it), never dropped. Unlike
+  // torch, also when no other argument carries a tangent.
+  TORCH_CHECK(
+      training || (!tangent_of(running_mean).defined() && !tangent_of(running_var).defined()),
+      "batch_norm is not differentiable wrt running_mean and running_var, they cannot "
+      "have forward grad defined");
   std::shared_ptr<BatchNormBackward> node;
   if (torch::autograd::compute_requires_grad(input, weight, bias, residual)) {
     node.reset(new BatchNormBackward(), torch::autograd::deleteNode);

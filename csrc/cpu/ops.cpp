@@ -33,19 +33,22 @@ PlannedInput plan_input(const at::Tensor& input, const char* op, bool training =
   return {std::move(dense), plan};
 }
 
-// A fresh result like the input, in its suggested memory format, where the plan puts it.
-at::Tensor empty_result(const at::Tensor& input, const CpuPlan& plan) {
+// A fresh result like the input, in result_memory_format, where the plan puts it.
+at::Tensor empty_result(const at::Tensor& input, const CpuPlan& plan, ResultKind kind) {
+  const c10::MemoryFormat format = result_memory_format(input, kind);
+  if (format == c10::MemoryFormat::Preserve) return empty_result_like(input, kind);
   c10::Allocator* allocator = plan.result_memory == ResultMemory::kResultCache
                                   ? static_cast<c10::Allocator*>(&result_allocator())
                                   : c10::GetCPUAllocator();
   return at::detail::empty_generic(input.sizes(), allocator,
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), input.scalar_type(),
-                                   input.suggest_memory_format());
+                                   format);
 }
 
 template <typename Run>
-at::Tensor planned_result(const at::Tensor& input, const PlannedInput& in, const Run& run) {
-  return elementwise_result(empty_result(input, in.plan), in.dense, run);
+at::Tensor planned_result(const at::Tensor& input, const PlannedInput& in, ResultKind kind,
+                          const Run& run) {
+  return elementwise_result(empty_result(input, in.plan, kind), in.dense, run);
 }
 
 at::Tensor eval_invstd(const at::Tensor& running_var, const at::TensorOptions& options,
@@ -75,7 +78,7 @@ at::Tensor normalize(const at::Tensor& input, const PlannedInput& in, const Chan
                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                      bool relu = false, const std::optional<at::Tensor>& residual = std::nullopt) {
   const auto [alpha, shift] = affine_coefficients(stats.invstd, weight, bias);
-  return planned_result(input, in, [&](at::Tensor& out) {
+  return planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
     if (relu) {
       kernels().apply_affine_relu(in.dense.tensor,
                                   has(residual) ? align_to(*residual, in.dense) : at::Tensor(),
@@ -107,7 +110,7 @@ at::Tensor grad_input_from_sums(bool training, const at::Tensor& grad_output,
                                 double count, const at::Tensor& relu_output = at::Tensor()) {
   const GradInputCoefficientTensors k =
       grad_input_coefficients(training, stats.invstd, weight, sum_dy, sum_dy_xmu, count);
-  return planned_result(input, in, [&](at::Tensor& out) {
+  return planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& out) {
     if (relu_output.defined()) {
       kernels().apply_grad_input_relu(grad_output, relu_output, in.dense.tensor, in.plan,
                                       stats.mean, k.dy_mean, k.a, k.b, out);
@@ -154,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     mean = at::empty({channels}, options);
     m2 = at::empty({channels}, options);
     invstd = at::empty({channels}, options);
-    output = planned_result(input, in, [&](at::Tensor& out) {
+    output = planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
       kernels().normalize_by_channel(
           in.dense.tensor, in.plan, channel_param(weight, channels, options, 1.0),
           channel_param(bias, channels, options, 0.0), eps, relu, mean, m2, invstd, out);
@@ -200,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   if (output_mask[0] && in.plan.channel_at_a_time) {
     sum_dy = at::empty_like(stats.mean);
     sum_dy_xmu = at::empty_like(stats.mean);
-    grad_input = planned_result(input, in, [&](at::Tensor& out) {
+    grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& out) {
       kernels().grad_input_by_channel(
           align_to(grad_output, in.dense), at::Tensor(), in.dense.tensor, in.plan, stats.mean,
           stats.invstd, channel_param(weight, in.plan.view.channels, stats.mean.options(), 1.0),
@@ -240,10 +243,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   at::Tensor sum_dy = per_channel_result(in, stats.mean.options());
   at::Tensor sum_dy_xmu = per_channel_result(in, stats.mean.options());
   std::optional<ResultBuffer> grad_residual;
-  if (wants_grad_residual) grad_residual.emplace(empty_result(input, in.plan), in.dense);
+  if (wants_grad_residual)
+    grad_residual.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
   at::Tensor grad_input;
   if (output_mask[0] && in.plan.channel_at_a_time) {
-    grad_input = planned_result(input, in, [&](at::Tensor& result) {
+    grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& result) {
       kernels().grad_input_by_channel(dy, out, in.dense.tensor, in.plan, stats.mean, stats.invstd,
                                       channel_param(weight, channels, stats.mean.options(), 1.0),
                                       sum_dy, sum_dy_xmu, result);

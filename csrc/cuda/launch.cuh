@@ -59,11 +59,6 @@ inline bool needs_64bit_index(const at::Tensor& t) {
   return t.numel() > std::numeric_limits<int32_t>::max();
 }
 
-// As torch allocates its results: in the input's suggested memory format.
-inline at::Tensor empty_result(const at::Tensor& input) {
-  return at::empty_like(input, input.suggest_memory_format());
-}
-
 inline int elementwise_blocks(int64_t numel) {
   return static_cast<int>(std::clamp<int64_t>((numel + kThreads - 1) / kThreads, 1, 65535));
 }
@@ -136,19 +131,20 @@ at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor aligned_residual = has(residual) ? align_to(*residual, dense) : at::Tensor();
   const ChannelView& view = dense.view;
-  return elementwise_result(empty_result(input), dense, [&](at::Tensor& out) {
-    const auto launch = [&](auto index) {
-      using index_t = decltype(index);
-      normalize_kernel<scalar_t, acc_t, param_t, index_t>
-          <<<elementwise_blocks(input.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  return elementwise_result(
+      empty_result_like(input, ResultKind::kOutput), dense, [&](at::Tensor& out) {
+        const auto launch = [&](auto index) {
+          using index_t = decltype(index);
+          normalize_kernel<scalar_t, acc_t, param_t, index_t><<<
+              elementwise_blocks(input.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               dense.tensor.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), view,
               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
               data_or_null<param_t>(weight), data_or_null<param_t>(bias), apply_relu,
               aligned_residual.defined() ? aligned_residual.const_data_ptr<scalar_t>() : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    needs_64bit_index(input) ? launch(int64_t{}) : launch(int32_t{});
-  });
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        needs_64bit_index(input) ? launch(int64_t{}) : launch(int32_t{});
+      });
 }
 
 // (sum_dy, sum_dy_xmu). Given the output of batch_norm_relu (aligned to dense), dy is
@@ -188,21 +184,23 @@ at::Tensor grad_input(bool training, const at::Tensor& grad_output, const at::Te
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor dy = align_to(grad_output, dense);
   const ChannelView& view = dense.view;
-  return elementwise_result(empty_result(input), dense, [&](at::Tensor& out) {
-    const auto launch = [&](auto index) {
-      using index_t = decltype(index);
-      grad_input_kernel<scalar_t, acc_t, param_t, index_t>
-          <<<elementwise_blocks(input.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              dy.const_data_ptr<scalar_t>(), dense.tensor.const_data_ptr<scalar_t>(),
-              out.mutable_data_ptr<scalar_t>(), view, mean.const_data_ptr<acc_t>(),
-              invstd.const_data_ptr<acc_t>(), data_or_null<param_t>(weight),
-              training ? sum_dy.const_data_ptr<acc_t>() : nullptr,
-              training ? sum_dy_xmu.const_data_ptr<acc_t>() : nullptr, static_cast<acc_t>(count),
-              training);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    };
-    needs_64bit_index(input) ? launch(int64_t{}) : launch(int32_t{});
-  });
+  return elementwise_result(
+      empty_result_like(input, ResultKind::kGradient), dense, [&](at::Tensor& out) {
+        const auto launch = [&](auto index) {
+          using index_t = decltype(index);
+          grad_input_kernel<scalar_t, acc_t, param_t, index_t>
+              <<<elementwise_blocks(input.numel()), kThreads, 0,
+                 at::cuda::getCurrentCUDAStream()>>>(
+                  dy.const_data_ptr<scalar_t>(), dense.tensor.const_data_ptr<scalar_t>(),
+                  out.mutable_data_ptr<scalar_t>(), view, mean.const_data_ptr<acc_t>(),
+                  invstd.const_data_ptr<acc_t>(), data_or_null<param_t>(weight),
+                  training ? sum_dy.const_data_ptr<acc_t>() : nullptr,
+                  training ? sum_dy_xmu.const_data_ptr<acc_t>() : nullptr,
+                  static_cast<acc_t>(count), training);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        needs_64bit_index(input) ? launch(int64_t{}) : launch(int32_t{});
+      });
 }
 
 // Running stats as contiguous tensors of their own dtype: the tensors themselves, or copies

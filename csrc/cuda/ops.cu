@@ -146,7 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
         });
       });
   if (output_mask[3]) {
-    grad_residual = at::empty_like(input, input.suggest_memory_format());
+    grad_residual = empty_result_like(input, ResultKind::kGradient);
     if (grad_residual.strides() == grad_masked.strides()) {
       grad_residual = grad_masked;
     } else {

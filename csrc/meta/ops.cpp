@@ -2,6 +2,7 @@
 // and strides, with symbolic sizes so torch.compile can trace with dynamic shapes.
 #include "backends.h"
 #include "checks.h"
+#include "layout.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -14,9 +15,12 @@ at::Tensor empty_stat(const at::Tensor& like, const c10::SymInt& size, at::Scala
   return at::empty_symint({size}, like.options().dtype(dtype));
 }
 
-// As the CPU and CUDA kernels allocate outputs: in the input's suggested memory format.
-at::Tensor empty_result_like(const at::Tensor& input) {
-  return at::empty_like(input, input.suggest_memory_format());
+at::Tensor empty_output(const at::Tensor& input) {
+  return empty_result_like(input, ResultKind::kOutput);
+}
+
+at::Tensor empty_gradient(const at::Tensor& input) {
+  return empty_result_like(input, ResultKind::kGradient);
 }
 
 at::Tensor empty_channel_stat(const at::Tensor& input) {
@@ -36,22 +40,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
                            running_var, num_batches_tracked, training, momentum);
   if (!training) {
     const at::ScalarType dtype = stat_dtype(input.scalar_type());
-    return {empty_result_like(input), empty_stat(input, 0, dtype), empty_stat(input, 0, dtype)};
+    return {empty_output(input), empty_stat(input, 0, dtype), empty_stat(input, 0, dtype)};
   }
-  return {empty_result_like(input), empty_channel_stat(input), empty_channel_stat(input)};
+  return {empty_output(input), empty_channel_stat(input), empty_channel_stat(input)};
 }
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   check_batch_norm_eval("custom_bn::batch_norm_eval", input, weight, bias, running_mean,
                         running_var, relu, residual);
-  return empty_result_like(input);
+  return empty_output(input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
-  return {output_mask[0] ? empty_result_like(input) : at::Tensor(),
+  return {output_mask[0] ? empty_gradient(input) : at::Tensor(),
           output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
           output_mask[2] ? empty_param_grad(input, weight) : at::Tensor()};
 }
@@ -63,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
                            training, momentum, residual);
   const at::ScalarType dtype = stat_dtype(input.scalar_type());
   const c10::SymInt stat_size = training ? input.sym_size(1) : c10::SymInt(0);
-  return {empty_result_like(input), empty_stat(input, stat_size, dtype),
+  return {empty_output(input), empty_stat(input, stat_size, dtype),
           empty_stat(input, stat_size, dtype)};
 }
 
@@ -72,10 +76,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const char* op = "custom_bn::batch_norm_relu_backward";
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, op, output);
-  return {output_mask[0] ? empty_result_like(input) : at::Tensor(),
+  return {output_mask[0] ? empty_gradient(input) : at::Tensor(),
           output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
           output_mask[2] ? empty_param_grad(input, weight) : at::Tensor(),
-          output_mask[3] ? empty_result_like(input) : at::Tensor()};
+          output_mask[3] ? empty_gradient(input) : at::Tensor()};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {
@@ -93,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_gather_stats_with_counts(
 
 at::Tensor batch_norm_elemt(CUSTOM_BN_BATCH_NORM_ELEMT_PARAMS) {
   check_elemt("custom_bn::batch_norm_elemt", input, weight, bias, mean, invstd);
-  return empty_result_like(input);
+  return empty_output(input);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_reduce(
@@ -109,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_r
 
 at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS) {
   check_backward_elemt(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
-  return empty_result_like(input);
+  return empty_gradient(input);
 }
 
 TORCH_LIBRARY_IMPL(custom_bn, Meta, m) { CUSTOM_BN_REGISTER_BACKEND_OPS(m); }

@@ -10,6 +10,12 @@
 
 namespace custom_bn {
 
+// torch.nn.functional.batch_norm's check (torch 2.11), as LibTorch reports a bad value: a
+// c10::ValueError (Python's ValueError).
+inline void check_eps(double eps) {
+  TORCH_CHECK_VALUE(eps > 0.0, "batch_norm eps must be positive, but got ", eps);
+}
+
 template <size_t D, typename Derived>
 BatchNormImplBase<D, Derived>::BatchNormImplBase(const BatchNormOptions& options)
     : options(options) {
@@ -84,6 +90,7 @@ void BatchNormImplBase<D, Derived>::reset_parameters() {
 template <size_t D, typename Derived>
 typename BatchNormImplBase<D, Derived>::StateArguments
 BatchNormImplBase<D, Derived>::state_arguments() const {
+  check_eps(options.eps());
   const bool training = this->is_training();
   const bool updates = training && options.track_running_stats();
   return {if_defined(running_mean), if_defined(running_var), training || !running_mean.defined(),

@@ -85,6 +85,7 @@ SyncBatchNormImpl::SyncBatchNormImpl(const BatchNormOptions& options,
 
 torch::Tensor SyncBatchNormImpl::forward(const torch::Tensor& input) {
   check_input_dim(input);
+  check_eps(options.eps());
   const bool training = is_training();
   if (!training || !process_group || process_group->getSize() == 1) {
     return BatchNormImplBase::forward(input);

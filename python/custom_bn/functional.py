@@ -3,6 +3,8 @@
 import torch
 from torch import Tensor
 
+from ._state import check_eps
+
 
 def _verify_batch_size(size: list[int]) -> None:
     values_per_channel = size[0]
@@ -27,6 +29,7 @@ def batch_norm(
     """torch.nn.functional.batch_norm, computed by the custom_bn ops."""
     if training:
         _verify_batch_size(list(input.size()))
+    check_eps(eps)
     return torch.ops.custom_bn.batch_norm(
         input, weight, bias, running_mean, running_var, training, momentum, eps
     )

@@ -61,6 +61,24 @@ TEST_F(Modules, ChecksInputDimsLikeTorch) {
   }
 }
 
+// torch.nn.functional.batch_norm's ValueError for eps <= 0 (torch 2.11), as LibTorch's
+// c10::ValueError, before anything is written.
+TEST_F(Modules, RefusesEpsThatIsNotPositive) {
+  for (const double eps : {0.0, -1.0}) {
+    BatchNorm2d bn(BatchNormOptions(3).eps(eps));
+    BatchNormReLU2d fused(BatchNormOptions(3).eps(eps));
+    try {
+      bn(torch::randn({2, 3, 4, 4}));
+      ADD_FAILURE() << "no error for eps " << eps;
+    } catch (const c10::ValueError& e) {
+      EXPECT_NE(std::string(e.what_without_backtrace()).find("batch_norm eps must be positive"),
+                std::string::npos);
+    }
+    EXPECT_THROW(fused(torch::randn({2, 3, 4, 4})), c10::ValueError);
+    EXPECT_EQ(bn->num_batches_tracked.item<int64_t>(), 0);
+  }
+}
+
 // Trains ours and torch's side by side from the same state; compares after every step.
 template <typename Ours, typename Theirs>
 void expect_lockstep(Ours ours, Theirs theirs, std::vector<int64_t> shape, int steps) {
