@@ -105,11 +105,8 @@ def _sync_options(cls: type, module: torch.nn.Module, process_group) -> torch.nn
     return converted
 
 
-class SyncBatchNorm(BatchNormState, _BatchNorm):
-    """As torch.nn.SyncBatchNorm (same constructor, state_dict, process_group and
-    convert_sync_batchnorm), for any device whose process group can all-gather: CPU tensors
-    over gloo as well as CUDA tensors over NCCL. Ranks may hold different batch sizes,
-    including none. In eval, or with a single rank, it is the local op."""
+class _Synchronized:
+    """torch.nn.SyncBatchNorm's constructor: batch norm's options and a process group."""
 
     def __init__(
         self,
@@ -126,6 +123,13 @@ class SyncBatchNorm(BatchNormState, _BatchNorm):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         self.process_group = process_group
+
+
+class SyncBatchNorm(_Synchronized, BatchNormState, _BatchNorm):
+    """As torch.nn.SyncBatchNorm (same constructor, state_dict, process_group and
+    convert_sync_batchnorm), for any device whose process group can all-gather: CPU tensors
+    over gloo as well as CUDA tensors over NCCL. Ranks may hold different batch sizes,
+    including none. In eval, or with a single rank, it is the local op."""
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -161,25 +165,9 @@ class SyncBatchNorm(BatchNormState, _BatchNorm):
         return converted
 
 
-class SyncBatchNormReLU2d(BatchNormState, _NormBase):
+class SyncBatchNormReLU2d(_Synchronized, BatchNormState, _NormBase):
     """BatchNormReLU2d synchronized as SyncBatchNorm: relu(sync_batch_norm(input) + residual).
     Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        process_group: dist.ProcessGroup | None = None,
-        device=None,
-        dtype=None,
-    ):
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
-        self.process_group = process_group
 
     def _check_input_dim(self, input):
         if input.dim() != 4:
