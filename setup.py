@@ -63,7 +63,7 @@ setup(
     name="custom_bn",
     version="0.1.0",
     description="Batch normalization for PyTorch as C++ custom operators",
-    packages=["custom_bn"],
+    packages=["custom_bn", "custom_bn.integrations"],
     package_dir={"": "python"},
     ext_modules=[Extension("custom_bn.libcustom_bn", sources=[])],
     cmdclass={"build_ext": CMakeBuild},

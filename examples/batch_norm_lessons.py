@@ -83,7 +83,8 @@ def print_histories(label, histories):
 
 
 def first_batch_norm(net):
-    return next(m for m in net.modules() if isinstance(m, custom_bn.BatchNorm2d))
+    fused_or_not = (custom_bn.BatchNorm2d, custom_bn.BatchNormReLU2d)
+    return next(m for m in net.modules() if isinstance(m, fused_or_not))
 
 
 def layer_input(net, bn, x):
