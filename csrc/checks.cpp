@@ -40,6 +40,24 @@ void check_input(const char* op, const at::Tensor& input) {
                               input.scalar_type());
 }
 
+bool params_fit_input_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var) {
+  std::optional<at::ScalarType> param_dtype;
+  for (const std::optional<at::Tensor>* t : {&weight, &bias, &running_mean, &running_var}) {
+    if (!has(*t)) continue;
+    const at::ScalarType dtype = (*t)->scalar_type();
+    if (param_dtype.has_value() && dtype != *param_dtype) return false;
+    param_dtype = dtype;
+    if (dtype != input.scalar_type() &&
+        !(dtype == at::kFloat && is_reduced_float(input.scalar_type()))) {
+      return false;
+    }
+  }
+  return true;
+}
+
 void check_channel_params(const char* op, const at::Tensor& input,
                           const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias,

@@ -22,6 +22,13 @@ void check_channel_params(const char* op, const at::Tensor& input,
                           const std::optional<at::Tensor>& running_mean,
                           const std::optional<at::Tensor>& running_var);
 
+// Whether weight, bias and the running stats have a dtype the kernels take with this input's:
+// the input's, or float32 with bfloat16/float16 input, all alike.
+bool params_fit_input_dtype(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& running_mean,
+                            const std::optional<at::Tensor>& running_var);
+
 // batch_norm_eval's arguments: batch_norm_forward's in evaluation mode, and a residual only
 // with relu.
 void check_batch_norm_eval(const char* op, const at::Tensor& input,

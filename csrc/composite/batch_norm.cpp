@@ -6,6 +6,7 @@
 #include "checks.h"
 #include "op_params.h"
 
+#include <ATen/TensorOperators.h>
 #include <torch/library.h>
 
 namespace custom_bn {
@@ -22,7 +23,49 @@ bool reads_running_stats_only(const char* op, const at::Tensor& input, bool trai
   return true;
 }
 
+// torch returns an empty batch early, before its dtype checks: a float64 batch of 0 goes
+// through a float32 module, where a non-empty one is refused. For that dtype mix alone (every
+// other empty batch takes the kernels' path), the result is torch's: the input's dtype and
+// strides, differentiable (zero gradients), the running stats untouched and
+// num_batches_tracked counting the call.
+bool is_empty_batch_of_another_dtype(const at::Tensor& input,
+                                     const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& running_mean,
+                                     const std::optional<at::Tensor>& running_var) {
+  return input.sym_numel() == 0 &&
+         !params_fit_input_dtype(input, weight, bias, running_mean, running_var);
+}
+
+at::Tensor empty_batch_output(const char* op, const at::Tensor& input,
+                              const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& running_mean,
+                              const std::optional<at::Tensor>& running_var,
+                              const std::optional<at::Tensor>& num_batches_tracked, bool training,
+                              std::optional<double> momentum, bool relu,
+                              const std::optional<at::Tensor>& residual) {
+  check_input(op, input);
+  check_running_update(op, input, num_batches_tracked, momentum,
+                       training && has(running_mean) && has(running_var));
+  if (training && has(running_mean) && has(num_batches_tracked)) num_batches_tracked->add_(1);
+  // As torch: the input's clone, scaled and shifted by a channel's parameters (a 0-dim operand
+  // keeps the input's dtype), so that weight and bias get (zero) gradients.
+  at::Tensor output = input.clone();
+  if (input.sym_size(1) > 0) {
+    if (has(weight)) output = output * weight->select(0, 0);
+    if (has(bias)) output = output + bias->select(0, 0);
+  }
+  if (has(residual)) output = output + *residual;
+  return relu ? output.relu() : output;
+}
+
 at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
+  if (is_empty_batch_of_another_dtype(input, weight, bias, running_mean, running_var)) {
+    return empty_batch_output("custom_bn::batch_norm", input, weight, bias, running_mean,
+                              running_var, num_batches_tracked, training, momentum,
+                              /*relu=*/false, std::nullopt);
+  }
   if (reads_running_stats_only("custom_bn::batch_norm", input, training, running_mean, running_var,
                                num_batches_tracked, momentum)) {
     return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/false,
@@ -33,6 +76,11 @@ at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
 }
 
 at::Tensor batch_norm_relu_composite(CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
+  if (is_empty_batch_of_another_dtype(input, weight, bias, running_mean, running_var)) {
+    return empty_batch_output("custom_bn::batch_norm_relu", input, weight, bias, running_mean,
+                              running_var, num_batches_tracked, training, momentum,
+                              /*relu=*/true, residual);
+  }
   if (reads_running_stats_only("custom_bn::batch_norm_relu", input, training, running_mean,
                                running_var, num_batches_tracked, momentum)) {
     return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/true,

@@ -177,3 +177,34 @@ def test_convert_batchnorm_converts_unmaterialized_lazy_modules():
     torch.testing.assert_close(converted(x), twin(x))
     assert type(converted[1]) is custom_bn.BatchNorm2d
     torch.testing.assert_close(converted[1].running_var, twin[1].running_var)
+
+
+@pytest.mark.parametrize("module_dtype, input_dtype", [(torch.float32, torch.float64),
+                                                       (torch.float64, torch.bfloat16),
+                                                       (torch.float16, torch.float32)])  # fmt: skip
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_of_another_dtype_goes_through_as_in_torch(module_dtype, input_dtype, training):
+    results = []
+    for cls in (nn.BatchNorm2d, custom_bn.BatchNorm2d):
+        bn = cls(3, dtype=module_dtype).train(training)
+        x = torch.randn(0, 3, 4, 4, dtype=input_dtype, requires_grad=True)
+        y = bn(x)
+        y.sum().backward()
+        results.append((y, x.grad, bn.weight.grad, bn.state_dict()))
+    (y, grad, weight_grad, state), (ours, our_grad, our_weight_grad, our_state) = results
+    assert (ours.dtype, ours.shape, ours.stride()) == (y.dtype, y.shape, y.stride())
+    assert our_grad.shape == grad.shape
+    torch.testing.assert_close(our_weight_grad, weight_grad)
+    for key, value in state.items():
+        assert torch.equal(our_state[key], value), key
+    # A non-empty batch of that mix stays an error.
+    with pytest.raises(RuntimeError, match="expected weight of dtype"):
+        custom_bn.BatchNorm2d(3, dtype=module_dtype)(torch.randn(2, 3, 4, 4, dtype=input_dtype))
+
+
+def test_empty_batch_of_another_dtype_through_the_fused_op():
+    bn = custom_bn.BatchNormReLU2d(3)
+    x = torch.randn(0, 3, 2, 2, dtype=torch.float64)
+    out = bn(x, torch.randn(0, 3, 2, 2, dtype=torch.float64))
+    assert out.dtype == torch.float64 and out.shape == x.shape
+    assert bn.num_batches_tracked.item() == 1
