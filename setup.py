@@ -69,4 +69,6 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     install_requires=["torch>=2.6"],
+    # custom_bn.integrations.lightning's SyncBatchNormPlugin.
+    extras_require={"lightning": ["lightning>=2.0"]},
 )

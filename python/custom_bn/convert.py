@@ -71,20 +71,12 @@ def _retype_torchvision_frozen(module: nn.Module) -> frozen_module.FrozenBatchNo
     return ours
 
 
-def _ours() -> tuple[type, ...]:
-    timm = _timm()
-    extra = () if timm is None else tuple(timm.REPLACEMENTS.values())
-    return (*modules._REPLACEMENTS.values(), *_LAZY.values(), modules.BatchNormReLU2d,
-            frozen_module.FrozenBatchNorm2d, *extra)  # fmt: skip
-
-
 def _unconverted(module: nn.Module) -> Counter:
     """Batch norm layers left as they were, by class name."""
-    ours = _ours()
     left = Counter()
     for m in module.modules():
         kind = type(m)
-        if isinstance(m, ours):
+        if kind.__module__.startswith("custom_bn."):
             continue
         if isinstance(m, _BatchNorm) or _is_torchvision_frozen(kind):
             left[f"{kind.__module__}.{kind.__qualname__}"] += 1

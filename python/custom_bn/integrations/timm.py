@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .._state import BatchNormState, registered
 from ..modules import _fx_leaf
+from ..sync_batchnorm import SyncBatchNorm
 
 _FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
@@ -77,16 +78,17 @@ def frozen_from(source: nn.Module, state: dict[str, Tensor]) -> FrozenBatchNormA
     return frozen
 
 
-class SyncBatchNormAct(norm_act.SyncBatchNormAct):
-    """timm's SyncBatchNormAct on custom_bn's synchronized batch norm (CPU over gloo too)."""
+class SyncBatchNormAct(SyncBatchNorm):
+    """timm's SyncBatchNormAct (batch norm synchronized across ranks, then `drop` and `act`) on
+    custom_bn's SyncBatchNorm, so CPU over gloo too. Unlike timm's it is not a torch
+    SyncBatchNorm, which DistributedDataParallel refuses on CPU ("SyncBatchNorm layers only
+    work with GPU modules")."""
 
     def forward(self, x: Tensor) -> Tensor:
-        from ..sync_batchnorm import _sync_batch_norm
-
         leaf = _fx_leaf(self, x)
         if leaf is not None:
             return leaf
-        return _drop_then_act(self, _sync_batch_norm(self, x))
+        return _drop_then_act(self, super().forward(x))
 
 
 # timm's classes -> ours, for convert_batchnorm.
