@@ -15,6 +15,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/empty.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
@@ -96,6 +97,13 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
   // Evaluation normalizes with the running stats, which are not differentiable: a tangent on
   // them is refused with torch's error (torch's jvp formula checks it), never dropped. Unlike
   // torch, also when no other argument carries a tangent.
+  // Nor do they get gradients: requires_grad on them is refused, with torch's message (its
+  // check_no_requires_grad, as native_batch_norm's autograd kernel calls it), never ignored.
+  const char* op = forward_op == ForwardOp::kEval ? "custom_bn::batch_norm_eval"
+                   : relu                         ? "custom_bn::batch_norm_relu_forward"
+                                                  : "custom_bn::batch_norm_forward";
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
+  torch::autograd::check_no_requires_grad(running_var, "running_var", op);
   TORCH_CHECK(
       training || (!tangent_of(running_mean).defined() && !tangent_of(running_var).defined()),
       "batch_norm is not differentiable wrt running_mean and running_var, they cannot "

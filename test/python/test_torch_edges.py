@@ -208,3 +208,28 @@ def test_empty_batch_of_another_dtype_through_the_fused_op():
     out = bn(x, torch.randn(0, 3, 2, 2, dtype=torch.float64))
     assert out.dtype == torch.float64 and out.shape == x.shape
     assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("name", ["running_mean", "running_var"])
+def test_running_stats_that_require_grad_are_refused_as_torch_does(training, name):
+    messages = []
+    for batch_norm in (F.batch_norm, custom_bn.functional.batch_norm):
+        stats = {"running_mean": torch.zeros(3), "running_var": torch.ones(3)}
+        stats[name].requires_grad_()
+        before = {key: value.detach().clone() for key, value in stats.items()}
+        x = torch.randn(4, 3, requires_grad=True)
+        with pytest.raises(RuntimeError) as raised:
+            batch_norm(x, stats["running_mean"], stats["running_var"], training=training)
+        messages.append(str(raised.value).split("\n")[0])
+        for key, value in stats.items():
+            assert torch.equal(value.detach(), before[key]), key
+        with torch.no_grad():  # without grad mode there is nothing to refuse, as in torch
+            batch_norm(x, stats["running_mean"], stats["running_var"], training=False)
+    theirs, ours = messages
+    assert (
+        ours.replace("custom_bn::batch_norm_forward", "native_batch_norm").replace(
+            "custom_bn::batch_norm_eval", "native_batch_norm"
+        )
+        == theirs
+    )
