@@ -72,8 +72,15 @@ at::Tensor empty_result_like(const at::Tensor& input, ResultKind kind) {
   return at::empty_like(input, format);
 }
 
+bool same_offsets(const at::Tensor& a, const at::Tensor& b) {
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense) {
-  if (t.strides() == dense.tensor.strides()) return t;
+  if (same_offsets(t, dense.tensor)) return t;
   return at::empty_like(dense.tensor).copy_(t);
 }
 

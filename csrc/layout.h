@@ -18,7 +18,11 @@ struct DenseTensor {
 
 DenseTensor make_dense(const at::Tensor& input);
 
-// `t` with exactly the strides of `dense` (copied only when they differ).
+// Whether two tensors of the same sizes map their elements to the same offsets: equal strides
+// in every dimension longer than 1 (a size-1 dimension's stride is never used).
+bool same_offsets(const at::Tensor& a, const at::Tensor& b);
+
+// `t` with the element offsets of `dense` (copied only when they differ).
 at::Tensor align_to(const at::Tensor& t, const DenseTensor& dense);
 
 // Which result a memory format is chosen for: torch's CPU batch norm picks the output's and the
@@ -44,7 +48,7 @@ struct ResultBuffer {
 
   ResultBuffer(at::Tensor fresh_result, const DenseTensor& dense)
       : result(std::move(fresh_result)) {
-    buffer = result.strides() == dense.tensor.strides() ? result : at::empty_like(dense.tensor);
+    buffer = same_offsets(result, dense.tensor) ? result : at::empty_like(dense.tensor);
   }
   at::Tensor finish() {
     if (!buffer.is_same(result)) result.copy_(buffer);

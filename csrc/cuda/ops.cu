@@ -147,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
       });
   if (output_mask[3]) {
     grad_residual = empty_result_like(input, ResultKind::kGradient);
-    if (grad_residual.strides() == grad_masked.strides()) {
+    if (same_offsets(grad_residual, grad_masked)) {
       grad_residual = grad_masked;
     } else {
       grad_residual.copy_(grad_masked);
