@@ -143,3 +143,21 @@ def test_vmap_of_eval_batch_norm_on_cuda_matches_a_loop():
     x = torch.randn(3, 4, 5, 6, 6, device="cuda")
     batched = torch.func.vmap(bn)(x)
     torch.testing.assert_close(batched, torch.stack([bn(xi) for xi in x]))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_output_and_gradient_layouts_follow_the_cpu_rule(training):
+    # The layout rule is torch's CPU kernel's (test_torch_edges.py); CUDA results take the same.
+    from test_torch_edges import LAYOUT_INPUTS
+
+    for name, x in LAYOUT_INPUTS:
+        channels = x.size(1)
+        strides = []
+        for device in ("cpu", "cuda"):
+            inp = torch.empty_strided(x.size(), x.stride(), device=device).copy_(x)
+            inp.requires_grad_()
+            stats = torch.zeros(channels, device=device), torch.ones(channels, device=device)
+            out = ops.batch_norm(inp, None, None, *stats, training, 0.1, 1e-5)
+            (grad,) = torch.autograd.grad(out, inp, torch.ones_like(out), allow_unused=True)
+            strides.append((out.stride(), None if grad is None else grad.stride()))
+        assert strides[1] == strides[0], name
