@@ -180,3 +180,55 @@ def test_untraceable_parent_has_its_children_fused():
 def test_mobilenet_relu6_is_not_fused():
     model = torchvision.models.mobilenet_v2(num_classes=10)
     assert custom_bn.fuse_batchnorm_relu(model) is model
+
+
+SWEEP = ["densenet121", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5", "vgg11_bn"]
+
+
+@pytest.mark.parametrize("name", SWEEP)
+def test_torchvision_models_fuse_exactly_in_both_modes(name):
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, name)(num_classes=5).double()
+    reference = copy.deepcopy(model)
+    fused = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(model))
+    assert type(fused) is type(reference) and _fused_calls(fused) > 0
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    for training in (True, False):
+        reference.train(training), fused.train(training)
+        torch.manual_seed(1)
+        expected = reference(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-9, atol=1e-11)
+
+
+def test_tracing_leaves_the_input_models_buffers_as_they_were():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, x):
+            self.calls += 1  # runs once per trace
+            return F.relu(self.bn(x))
+
+    model = Counting()
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert model.calls.item() == 0 and _fused_calls(fused) == 1
+
+
+def test_forward_with_a_default_argument_is_not_traced():
+    # fx would trace `mask` as given (a proxy, so "not None") and bake that branch in.
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x, mask=None):
+            out = F.relu(self.bn(x))
+            return out if mask is None else out * mask
+
+    model = Masked()
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert fused is model
+    assert model(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
