@@ -67,7 +67,7 @@ setup(
     package_dir={"": "python"},
     ext_modules=[Extension("custom_bn.libcustom_bn", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
-    python_requires=">=3.9",
+    python_requires=">=3.10",  # X | None annotations, evaluated at import
     install_requires=["torch>=2.6"],
     # custom_bn.integrations.lightning's SyncBatchNormPlugin.
     extras_require={"lightning": ["lightning>=2.0"]},

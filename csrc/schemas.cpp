@@ -1,5 +1,5 @@
-// The op schemas (SPEC.md section 4): defined once, here. Backends live in one folder per
-// dispatch key and hold only their TORCH_LIBRARY_IMPL blocks.
+// The op schemas, defined once, here (the README's table of ops says what each does). Backends
+// live in one folder per dispatch key and hold only their TORCH_LIBRARY_IMPL blocks.
 #include <torch/library.h>
 
 TORCH_LIBRARY(custom_bn, m) {

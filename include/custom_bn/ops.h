@@ -1,6 +1,6 @@
 // The custom_bn operators, callable from C++. Each call goes through the PyTorch dispatcher,
 // so LibTorch programs get autograd, every registered backend and the Meta kernels.
-// Schemas and semantics: SPEC.md section 4; they match torch.batch_norm.
+// Schemas and semantics: csrc/schemas.cpp and the README; they match torch.batch_norm.
 #pragma once
 
 #include <ATen/core/Tensor.h>
