@@ -2,8 +2,8 @@
 // or a narrower one named by CUSTOM_BN_CPU_CAPABILITY=default|avx2|avx512 (as
 // ATEN_CPU_CAPABILITY does for ATen), so that tests can run every variant on one machine.
 #include "cpu/kernels.h"
+#include "settings.h"
 
-#include <cstdlib>
 #include <string>
 
 namespace custom_bn::cpu {
@@ -15,8 +15,8 @@ struct Variant {
 };
 
 Variant select_variant() {
-  const char* requested = std::getenv("CUSTOM_BN_CPU_CAPABILITY");
-  const std::string cap = requested != nullptr ? requested : "";
+  const std::string cap =
+      choice_setting("CUSTOM_BN_CPU_CAPABILITY", {"default", "avx2", "avx512"}, "");
 #if defined(CUSTOM_BN_HAVE_X86_KERNELS)
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");

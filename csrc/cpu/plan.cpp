@@ -5,6 +5,7 @@
 #include "cpu/kernels.h"
 #include "cpu/result_memory.h"
 #include "layout.h"
+#include "settings.h"
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -91,13 +92,7 @@ ChannelsLastWork plan_channels_last_work(const ChannelView& view, int64_t elemen
 // CUSTOM_BN_CACHE_BYTES_L2 / _L3, if set: the cache sizes to plan with, so that tests can
 // reach the paths of layers larger than the cache with small tensors.
 int64_t cache_bytes_setting(const char* name) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long long bytes = std::strtoll(value, &end, 10);
-  TORCH_CHECK(*end == '\0' && bytes > 0, name, " must be a positive number of bytes, got '", value,
-              "'");
-  return bytes;
+  return count_setting(name, "a number of bytes", 1, 0);
 }
 
 int64_t cache_bytes(int level) {

@@ -1,6 +1,7 @@
 // The allocator of large CPU results (result_memory.h) and the public memory API
 // (include/custom_bn/memory.h) over it.
 #include "cpu/result_memory.h"
+#include "settings.h"
 
 #include <custom_bn/memory.h>
 
@@ -22,12 +23,6 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 
 size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multiple * multiple; }
-
-// The value of an environment variable, or fallback when it is unset or empty.
-std::string setting(const char* name, const char* fallback) {
-  const char* value = std::getenv(name);
-  return value == nullptr || *value == '\0' ? fallback : value;
-}
 
 }  // namespace
 
@@ -136,13 +131,10 @@ void ResultAllocator::cache_or_free(Block* block) {
 
 ResultAllocator& result_allocator() {
   static ResultAllocator* const allocator = [] {
-    const std::string cache_mb = setting("CUSTOM_BN_RESULT_CACHE_MB", "1024");
-    char* end = nullptr;
-    const unsigned long long megabytes = std::strtoull(cache_mb.c_str(), &end, 10);
-    TORCH_CHECK(*end == '\0' && cache_mb[0] != '-',
-                "CUSTOM_BN_RESULT_CACHE_MB must be a number of megabytes, got '", cache_mb, "'");
+    const int64_t megabytes =
+        count_setting("CUSTOM_BN_RESULT_CACHE_MB", "a number of megabytes", 0, 1024);
     auto* created = new ResultAllocator(static_cast<size_t>(megabytes) << 20,
-                                        setting("CUSTOM_BN_HUGE_PAGES", "1") != "0");
+                                        flag_setting("CUSTOM_BN_HUGE_PAGES", true));
     // A process that forks (a DataLoader worker) while another thread holds the cache's lock
     // would leave the child a lock nobody releases: fork waits for the lock, and both sides
     // release it after.

@@ -84,3 +84,34 @@ def test_variant_specific_suites_pass_on_variant(capability):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
+
+
+def test_capability_is_matched_without_regard_to_case():
+    if not SUPPORTED["avx2"]:
+        pytest.skip("the CPU lacks AVX2")
+    assert capability_in_subprocess("AVX2") == "avx2"
+
+
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("CUSTOM_BN_CPU_CAPABILITY", "avx3", "must be one of default, avx2, avx512, got 'avx3'"),
+        ("CUSTOM_BN_HUGE_PAGES", "yes", "must be one of 0, 1, got 'yes'"),
+        ("CUSTOM_BN_CACHE_BYTES_L3", "-5", "must be a number of bytes (at least 1), got '-5'"),
+    ],
+)
+def test_unknown_setting_values_are_refused_by_name(name, value, expected):
+    script = (
+        "import torch, custom_bn\n"
+        "try:\n"
+        "    torch.ops.custom_bn.batch_norm(torch.randn(4, 3), None, None, None, None, True,"
+        " 0.1, 1e-5)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    env = dict(environment("default"), **{name: value})
+    if name != "CUSTOM_BN_CPU_CAPABILITY":
+        env.pop("CUSTOM_BN_CPU_CAPABILITY")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    assert f"{name} {expected}" in result.stdout
