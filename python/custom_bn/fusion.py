@@ -11,9 +11,10 @@ How it stays exact, in both modes, on models from any library:
   is written). Its trace with training=True must equal its trace with training=False: a
   module whose own code reads the mode (dropout, drop-path) keeps its own forward, and a
   warning names it when it held a pattern.
-- Only modules that hold a pattern change, and only their `forward`: the result is a copy of
-  each such module (same class and methods, the very same children, parameters and buffers)
-  whose `forward` is the rewritten trace. The input model is not modified.
+- Only modules that hold a pattern change, and only their `forward`: the result is made of
+  shallow copies of the model's modules (same classes and methods, the very same parameters
+  and buffers), and the copy of each such module has the rewritten trace as its `forward`.
+  The input model is not modified.
 - The batch norm modules stay what they were. The rewritten forward calls
   `batch_norm_relu(bn, x, residual)`, which runs the fused op on the module's state when
   `bn` is a plain BatchNorm2d (torch's or ours) without hooks, and otherwise `bn` followed by
@@ -244,6 +245,19 @@ def _traceable_signature(module: nn.Module) -> bool:
     )
 
 
+def _unshare(module: nn.Module, originals: set[int], copies: dict[int, nn.Module]) -> nn.Module:
+    """`module` with every module it shares with the original model replaced by a shallow copy
+    (one copy per original, so a module used at two paths stays one module)."""
+    if id(module) in copies:
+        return copies[id(module)]
+    own = _shallow_copy(module) if id(module) in originals else module
+    copies[id(module)] = own
+    for name, child in own._modules.items():
+        if child is not None:
+            own._modules[name] = _unshare(child, originals, copies)
+    return own
+
+
 def fused_batch_norms(model: nn.Module) -> list[str]:
     """The paths of the batch norm modules that fuse_batchnorm_relu made `model` call through
     the fused op, once per call site."""
@@ -263,13 +277,17 @@ def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
     the batch norm output's shape (torchvision's blocks do; the op checks it).
 
     The result has the class and methods of `model` and shares its parameters and buffers
-    (the very tensors, under the same state_dict keys, in the same training mode); only the
-    modules whose own forward holds a pattern are copies with a rewritten forward (see the
-    module docstring). `model` itself is not modified. A model with nothing to fuse comes back
+    (the very tensors, under the same state_dict keys, in the same training mode); its modules
+    are copies of the model's, and those whose own forward holds a pattern have a rewritten
+    forward (see the module docstring). `model` itself is not modified, also not by a later
+    .train() or .eval() of the result. A model with nothing to fuse comes back
     as the same object. A module whose own code depends on the training mode is left as it is,
     with a warning naming it."""
     fuser = _Fuser()
     fused = fuser.fuse(model, "")
+    if fused is not model:
+        # Modules of its own, so that .train()/.eval() of the result leaves `model` as it is.
+        fused = _unshare(fused, {id(m) for m in model.modules()}, {})
     if fuser.mode_dependent:
         warnings.warn(
             "fuse_batchnorm_relu left unfused the batch norm -> ReLU chains in modules whose "

@@ -70,6 +70,9 @@ def test_fused_model_keeps_parameters_buffers_mode_and_class():
     # The fused model's own methods still compute the model (through the unfused modules).
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(fused._forward_impl(x), fused(x))
+    # Its modules are its own: its mode is not the model's.
+    fused.train()
+    assert not model.training and not model.layer1[0].bn2.training
 
 
 def test_fused_model_compiles_fullgraph():
