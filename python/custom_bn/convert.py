@@ -71,12 +71,12 @@ def _retype_torchvision_frozen(module: nn.Module) -> frozen_module.FrozenBatchNo
     return ours
 
 
-def _unconverted(module: nn.Module) -> Counter:
-    """Batch norm layers left as they were, by class name."""
+def _unconvertible(module: nn.Module, frozen: bool) -> Counter:
+    """Batch norm layers that convert_batchnorm would leave as they are, by class name."""
     left = Counter()
     for m in module.modules():
         kind = type(m)
-        if kind.__module__.startswith("custom_bn."):
+        if kind.__module__.startswith("custom_bn.") or _converter(m, frozen) is not None:
             continue
         if isinstance(m, _BatchNorm) or _is_torchvision_frozen(kind):
             left[f"{kind.__module__}.{kind.__qualname__}"] += 1
@@ -101,20 +101,20 @@ def convert_batchnorm(module: nn.Module, frozen: bool = False, strict: bool = Fa
     - torch.nn.BatchNorm{1,2,3}d -> custom_bn.BatchNorm{1,2,3}d;
     - torch.nn.LazyBatchNorm{1,2,3}d not yet materialized -> custom_bn's lazy modules;
     - torchvision.ops.FrozenBatchNorm2d -> custom_bn.FrozenBatchNorm2d;
-    - timm's BatchNormAct2d and FrozenBatchNormAct2d -> custom_bn.integrations.timm's
-      subclasses of them (the fused op where the activation is a ReLU).
+    - timm's BatchNormAct2d, FrozenBatchNormAct2d and SyncBatchNormAct -> those of
+      custom_bn.integrations.timm (the fused op where the activation is a ReLU).
 
     With frozen=True, 2-D batch norm layers (also timm's BatchNormAct2d) become frozen ones
     with copies of their current statistics and affine parameters, at their dtype and device.
 
     Other batch norm layers (SyncBatchNorm, subclasses from other libraries) stay as they are
-    and are reported: a warning with their counts by class, or with strict=True a ValueError."""
-    converted = _convert(module, frozen)
-    left = _unconverted(converted)
+    and are reported: a warning with their counts by class, or with strict=True a ValueError
+    raised before anything is converted."""
+    left = _unconvertible(module, frozen)
     if left:
         counts = ", ".join(f"{count} {name}" for name, count in sorted(left.items()))
         message = f"convert_batchnorm left batch norm layers it does not convert: {counts}"
         if strict:
-            raise ValueError(message)
+            raise ValueError(message)  # before anything is converted
         warnings.warn(message, stacklevel=2)
-    return converted
+    return _convert(module, frozen)

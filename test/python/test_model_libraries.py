@@ -201,3 +201,13 @@ def test_monai_3d_net_converts_and_trains_in_lockstep():
     converted = custom_bn.convert_batchnorm(copy.deepcopy(net), strict=True)
     assert layers > 0 and _ours(converted) == layers
     _lockstep(net, converted, (2, 1, 8, 8, 8), classify=False)
+
+
+def test_strict_conversion_refuses_before_converting_anything():
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.SyncBatchNorm(3))
+    with pytest.raises(ValueError, match="1 torch.nn.modules.batchnorm.SyncBatchNorm"):
+        custom_bn.convert_batchnorm(model, strict=True)
+    assert type(model[0]) is nn.BatchNorm2d
+    with pytest.warns(UserWarning, match="does not convert: 1 torch"):
+        converted = custom_bn.convert_batchnorm(model)
+    assert type(converted[0]) is custom_bn.BatchNorm2d
