@@ -20,7 +20,7 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
       "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
-      "bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
   // Fused: relu(batch_norm(input) + residual). The backward takes the forward's output,
   // whose sign is the ReLU mask, so nothing beyond batch_norm's saved tensors is kept.
   m.def(
@@ -35,7 +35,8 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_invstd, "
-      "bool training, float eps, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+      "bool training, float eps, bool[4] output_mask) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def(
       "batch_norm_gather_stats_with_counts(Tensor mean, Tensor m2, Tensor counts, "

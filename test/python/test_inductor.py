@@ -1,6 +1,7 @@
-"""Evaluation-mode batch norm under TorchInductor: custom_bn._decompositions' formula against
+"""Evaluation-mode batch norm under TorchInductor: custom_bn.reference's formula against
 our kernel, the compiled code calling no custom_bn op, every other path keeping it, and when
-custom_bn._inductor registers the decompositions (test_inductor_training.py: training)."""
+custom_bn.integrations.inductor registers the decompositions (training:
+test_inductor_training.py)."""
 
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import custom_bn
 import pytest
 import torch
 from conftest import ROOT
-from custom_bn import _decompositions
+from custom_bn import reference
 from samples import DTYPES, SHAPES, layouts_for, make_input, tolerance
 from torch._inductor.utils import run_and_get_code
 
@@ -37,7 +38,7 @@ def _eval_arguments(shape, dtype_name, layout, affine=True, residual=False):
 def test_decomposition_equals_the_kernel(dtype_name, dim, layout, affine, relu, residual):
     x, w, b, mean, var, r = _eval_arguments(SHAPES[dim], dtype_name, layout, affine, residual)
     expected = ops.batch_norm_eval(x, w, b, mean, var, 1e-5, relu, r)
-    got = _decompositions.batch_norm_eval(x, w, b, mean, var, 1e-5, relu, r)
+    got = reference.run("batch_norm_eval", x, w, b, mean, var, 1e-5, relu, r)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, **tolerance(x.dtype))
 
@@ -152,7 +153,8 @@ def test_import_does_not_load_inductor_and_registers_when_inductor_loads():
         "import sys, torch, custom_bn\n"
         "print('torch._inductor.decomposition' in sys.modules)\n"
         "from torch._inductor import decomposition\n"
-        "ops = [getattr(torch.ops.custom_bn, n).default for n in custom_bn._inductor._DECOMPOSED]\n"
+        "from custom_bn.integrations.inductor import DECOMPOSED\n"
+        "ops = [getattr(torch.ops.custom_bn, n).default for n in DECOMPOSED]\n"
         "print(all(op in decomposition.select_decomp_table() for op in ops))\n"
     )
     assert _python(code).split() == ["False", "True"]
@@ -164,7 +166,8 @@ def test_registers_when_inductor_was_loaded_first():
         "from torch._inductor import decomposition\n"
         "decomposition.select_decomp_table()\n"  # fills inductor's cached table
         "import custom_bn\n"
-        "ops = [getattr(torch.ops.custom_bn, n).default for n in custom_bn._inductor._DECOMPOSED]\n"
+        "from custom_bn.integrations.inductor import DECOMPOSED\n"
+        "ops = [getattr(torch.ops.custom_bn, n).default for n in DECOMPOSED]\n"
         "print(all(op in decomposition.select_decomp_table() for op in ops))\n"
     )
     assert _python(code) == "True"

@@ -1,11 +1,11 @@
-"""Training-mode batch norm under TorchInductor: custom_bn._decompositions' forward and backward
+"""Training-mode batch norm under TorchInductor: custom_bn.reference's forward and backward
 against our kernels (outputs, saved statistics, running stats, gradients), and compiled
 training steps that call no custom_bn op yet match eager, running stats included."""
 
 import custom_bn
 import pytest
 import torch
-from custom_bn import _decompositions
+from custom_bn import reference
 from samples import Sample, all_samples, make_input, make_sample, tolerance
 from torch._inductor.utils import run_and_get_code
 
@@ -49,11 +49,11 @@ def test_decompositions_equal_the_kernels(kwargs, variant):
     kernel, decomposed = _with_own_stats(sample), _with_own_stats(sample)
     if variant == "batch_norm":
         expected = ops.batch_norm_forward(*kernel.forward_args())
-        got = _decompositions.batch_norm_forward(*decomposed.forward_args())
+        got = reference.run("batch_norm_forward", *decomposed.forward_args())
     else:
         r = residual if variant == "relu+residual" else None
         expected = ops.batch_norm_relu_forward(*kernel.relu_forward_args(r))
-        got = _decompositions.batch_norm_relu_forward(*decomposed.relu_forward_args(r))
+        got = reference.run("batch_norm_relu_forward", *decomposed.relu_forward_args(r))
     torch.testing.assert_close(got[0], expected[0], **tol)
     if kwargs["layout"] in ("contiguous", "channels_last"):
         assert got[0].stride() == expected[0].stride(), "the output keeps the memory format"
@@ -66,12 +66,12 @@ def test_decompositions_equal_the_kernels(kwargs, variant):
         mask = [True, True, True]
         args = kernel.backward_args(grad, *saved, mask)
         expected_grads = ops.batch_norm_backward(*args)
-        got_grads = _decompositions.batch_norm_backward(*args)
+        got_grads = reference.run("batch_norm_backward", *args)
     else:
         mask = [True, True, True, variant != "relu"]
         args = kernel.backward_args(grad, *saved, mask, output=expected[0])
         expected_grads = ops.batch_norm_relu_backward(*args)
-        got_grads = _decompositions.batch_norm_relu_backward(*args)
+        got_grads = reference.run("batch_norm_relu_backward", *args)
     _assert_all_close(got_grads, expected_grads, tol)
 
 
@@ -79,12 +79,12 @@ def test_empty_batch():
     sample = make_sample((0, 3, 4), momentum=None)
     kernel, decomposed = sample.clone(), sample.clone()
     expected = ops.batch_norm_forward(*kernel.forward_args())
-    got = _decompositions.batch_norm_forward(*decomposed.forward_args())
+    got = reference.run("batch_norm_forward", *decomposed.forward_args())
     _assert_all_close(got, expected, tolerance(torch.float32))
     _assert_stats_match(decomposed, kernel, tolerance(torch.float32))
     args = kernel.backward_args(torch.randn(0, 3, 4), *expected[1:], [True, True, True])
     _assert_all_close(
-        _decompositions.batch_norm_backward(*args),
+        reference.run("batch_norm_backward", *args),
         ops.batch_norm_backward(*args),
         tolerance(torch.float32),
     )

@@ -1,14 +1,20 @@
-"""custom_bn's ops written as torch operations, for TorchInductor's decomposition table
-(custom_bn._inductor registers them).
+"""custom_bn's ops written as torch operations: the one reference implementation of their
+math in Python. TorchInductor compiles batch norm from it (custom_bn.integrations.inductor
+registers it as the ops' decompositions) and the tests compare the kernels against it.
 
-Each computes what our CPU and CUDA kernels compute (csrc/batch_norm_math.h), in their compute
-type: float32 for reduced-precision input, float64 for float64 input, rounded once to the
-result's dtype. The kernels reduce in double where these reduce in the compute type, so results
-agree to the per-dtype tolerances of the parity tests, not bitwise.
+Each function takes its op's arguments by name (custom_bn.op_table binds a call's arguments
+to them). Each computes what our CPU and CUDA kernels compute (csrc/batch_norm_math.h), in
+their compute type: float32 for reduced-precision input, float64 for float64 input, rounded
+once to the result's dtype. The kernels reduce in double where these reduce in the compute
+type, so results agree to the per-dtype tolerances of the parity tests, not bitwise.
 """
+
+from typing import Any
 
 import torch
 from torch import Tensor
+
+from .op_table import signature
 
 
 def _compute_dtype(input: Tensor) -> torch.dtype:
@@ -88,9 +94,18 @@ def _update_running_stats(
 
 
 def _forward(
-    input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
-    training, momentum, eps, relu,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    training: bool,
+    momentum: float | None,
+    eps: float,
+    relu: bool,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
     compute = _compute_dtype(input)
     if not training:
         empty = input.new_empty((0,), dtype=compute)
@@ -111,29 +126,34 @@ def _forward(
     return _normalize(input, mean, invstd, weight, bias, relu, residual), mean, invstd
 
 
-def batch_norm_forward(
-    input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps
-) -> tuple[Tensor, Tensor, Tensor]:
-    return _forward(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, None,
-        training, momentum, eps, relu=False,
-    )  # fmt: skip
+def batch_norm_forward(**arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(**arguments, relu=False)
 
 
-def batch_norm_relu_forward(
-    input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
-    training, momentum, eps,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    return _forward(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
-        training, momentum, eps, relu=True,
-    )  # fmt: skip
+def batch_norm_relu_forward(**arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
+    return _forward(**arguments, relu=True)
+
+
+def batch_norm(**arguments: Any) -> Tensor:
+    return _forward(**arguments, relu=False)[0]
+
+
+def batch_norm_relu(**arguments: Any) -> Tensor:
+    return _forward(**arguments, relu=True)[0]
 
 
 def batch_norm_backward(
-    grad_output, input, weight, running_mean, running_var, save_mean, save_invstd,
-    training, eps, output_mask,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+    output_mask: list[bool],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients of input, weight and bias: the kernels' sums of dy and dy * (x - mean), then
     grad_x = a * (dy - mean(dy)) + b * (x - mean) with their per-channel coefficients."""
     compute = _compute_dtype(input)
@@ -148,8 +168,9 @@ def batch_norm_backward(
     sum_dy = dy.sum(dims)
     sum_dy_xmu = (dy * centred).sum(dims)
     param_dtype = input.dtype if weight is None else weight.dtype
+    need_input, need_weight, need_bias = output_mask
     grad_input = None
-    if output_mask[0]:
+    if need_input:
         scale = invstd if weight is None else invstd * weight.to(compute)
         count = _values_per_channel(input)
         if training and count > 0:
@@ -159,20 +180,23 @@ def batch_norm_backward(
         else:
             grad = _per_channel(scale, input) * dy
         grad_input = grad.to(input.dtype)
-    grad_weight = (sum_dy_xmu * invstd).to(param_dtype) if output_mask[1] else None
-    grad_bias = sum_dy.to(param_dtype) if output_mask[2] else None
+    grad_weight = (sum_dy_xmu * invstd).to(param_dtype) if need_weight else None
+    grad_bias = sum_dy.to(param_dtype) if need_bias else None
     return grad_input, grad_weight, grad_bias
 
 
 def batch_norm_relu_backward(
-    grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
-    training, eps, output_mask,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:  # fmt: skip
+    output: Tensor, grad_output: Tensor, output_mask: list[bool], **arguments: Any
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """The ReLU's gradient from the output (dy where output > 0), which is also the residual's,
     then batch norm's backward of it."""
     masked = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))
-    grads = batch_norm_backward(
-        masked, input, weight, running_mean, running_var, save_mean, save_invstd,
-        training, eps, output_mask[:3],
-    )  # fmt: skip
-    return (*grads, masked if output_mask[3] else None)
+    *batch_norm_mask, need_residual = output_mask
+    grads = batch_norm_backward(grad_output=masked, output_mask=batch_norm_mask, **arguments)
+    return (*grads, masked if need_residual else None)
+
+
+def run(name: str, *args: Any, **kwargs: Any) -> Any:
+    """What `torch.ops.custom_bn.<name>(*args, **kwargs)` computes, by this module's function
+    of that name (the tests' reference; inductor's decompositions are these, adapted so)."""
+    return signature(name).adapt(globals()[name])(*args, **kwargs)
