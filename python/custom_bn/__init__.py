@@ -1,22 +1,18 @@
 """custom_bn: batch normalization as PyTorch C++ operators (torch.ops.custom_bn.*).
 
-Importing the package loads libcustom_bn.so once; every op, its autograd and its Meta
-kernel then live under torch.ops.custom_bn.
+Importing the package loads libcustom_bn.so once (every op, its autograd and its Meta kernel
+then live under torch.ops.custom_bn) and installs the integrations with torch's subsystems
+(custom_bn.integrations). `custom_bn.quantization` and `custom_bn.onnx` are imported on first
+use.
 """
 
-from ._library import library_path, load
+import importlib
+
+from ._library import library_path, load, version
 
 load()
 
-from . import (  # noqa: E402
-    _fx_optimization,
-    _inductor,
-    _vmap,
-    functional,
-    integrations,
-    memory,
-    quantization,
-)
+from . import functional, integrations, memory  # noqa: E402
 from .convert import convert_batchnorm  # noqa: E402
 from .frozen import FrozenBatchNorm2d  # noqa: E402
 from .fusion import fuse_batchnorm_relu  # noqa: E402
@@ -31,12 +27,16 @@ from .modules import (  # noqa: E402
 )
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU2d  # noqa: E402
 
-_vmap.register()
-_inductor.register()
-_fx_optimization.register()
-quantization.register_fuser_methods()
-quantization.register_backend_config()
 integrations.install()
+
+_ON_FIRST_USE = ("onnx", "quantization")
+
+
+def __getattr__(name: str):
+    if name in _ON_FIRST_USE:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "BatchNorm1d",
@@ -56,4 +56,4 @@ __all__ = [
     "SyncBatchNorm",
     "SyncBatchNormReLU2d",
 ]
-__version__ = "0.1.0"
+__version__ = version()

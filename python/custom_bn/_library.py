@@ -1,5 +1,7 @@
-"""Finds and loads libcustom_bn.so, once, refusing a library built for another torch."""
+"""Finds and loads libcustom_bn.so, once, refusing a library built for another torch; and the
+package's version."""
 
+import importlib.metadata
 import os
 import pathlib
 import re
@@ -13,21 +15,22 @@ _loaded_path = None
 
 
 def _candidates():
+    """In order of preference: CUSTOM_BN_LIBRARY; in a checkout, its build (an editable
+    install's copy in the package is older after a rebuild); an installed package's own copy."""
     if "CUSTOM_BN_LIBRARY" in os.environ:
         yield pathlib.Path(os.environ["CUSTOM_BN_LIBRARY"])
         return
-    yield from sorted(_PACKAGE_DIR.glob("libcustom_bn*.so"))
     yield _BUILD_DIR / "libcustom_bn.so"
+    yield from sorted(_PACKAGE_DIR.glob("libcustom_bn*.so"))
 
 
 def library_path() -> str:
     """The path of libcustom_bn.so, for torch.ops.load_library in other processes."""
     if _loaded_path is not None:
         return _loaded_path
-    # The newest: an editable install's copy in the package may be older than build/.
-    found = [path for path in _candidates() if path.is_file()]
-    if found:
-        return str(max(found, key=lambda path: path.stat().st_mtime))
+    for path in _candidates():
+        if path.is_file():
+            return str(path)
     searched = ", ".join(str(p) for p in _candidates())
     raise ImportError(
         f"custom_bn: libcustom_bn.so not found (looked at: {searched}). Build it with "
@@ -68,3 +71,11 @@ def load() -> str:
             ) from error
         _loaded_path = path
     return _loaded_path
+
+
+def version() -> str:
+    """The installed distribution's version, or in a checkout its VERSION file."""
+    checkout_version = _PACKAGE_DIR.parent.parent / "VERSION"
+    if checkout_version.is_file():
+        return checkout_version.read_text().strip()
+    return importlib.metadata.version("custom_bn")

@@ -45,9 +45,19 @@ class BatchNormState:
 
     def _op_arguments(
         self,
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, bool, Tensor | None]:
-        """(weight, bias, running_mean, running_var, training, num_batches_tracked) for the op,
-        after torch's eps check.
+    ) -> tuple[
+        Tensor | None,
+        Tensor | None,
+        Tensor | None,
+        Tensor | None,
+        bool,
+        float | None,
+        float,
+        Tensor | None,
+    ]:
+        """batch_norm's arguments after input, in its schema's order: (weight, bias,
+        running_mean, running_var, training, momentum, eps, num_batches_tracked), after torch's
+        eps check. batch_norm_relu takes the same, then residual.
 
         As torch.nn.modules.batchnorm._BatchNorm.forward: batch statistics when training or
         without running stats; the op updates the running stats and num_batches_tracked
@@ -70,6 +80,8 @@ class BatchNormState:
             running_mean if use_running_stats else None,
             running_var if use_running_stats else None,
             use_batch_stats,
+            self.momentum,
+            self.eps,
             num_batches_tracked if updates else None,
         )
 

@@ -6,10 +6,10 @@ from collections import Counter
 from collections.abc import Callable
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _LazyNormBase
 
 from . import frozen as frozen_module
 from . import modules
+from .integrations.torch_nn import BatchNormBase, LazyNormBase
 
 _LAZY = {
     nn.LazyBatchNorm1d: modules.LazyBatchNorm1d,
@@ -18,14 +18,15 @@ _LAZY = {
 }
 
 
-def _lazy(module: _LazyNormBase) -> nn.Module:
+def _lazy(module: LazyNormBase) -> nn.Module:
     """An unmaterialized lazy module of ours with the same options, device and dtype."""
     factory = {}
     state = module.weight if module.affine else module.running_mean
     if state is not None:
         factory = {"device": state.device, "dtype": state.dtype}
-    lazy = _LAZY[type(module)](module.eps, module.momentum, module.affine,
-                               module.track_running_stats, **factory)  # fmt: skip
+    lazy = _LAZY[type(module)](
+        module.eps, module.momentum, module.affine, module.track_running_stats, **factory
+    )
     return lazy.train(module.training)
 
 
@@ -78,7 +79,7 @@ def _unconvertible(module: nn.Module, frozen: bool) -> Counter:
         kind = type(m)
         if kind.__module__.startswith("custom_bn.") or _converter(m, frozen) is not None:
             continue
-        if isinstance(m, _BatchNorm) or _is_torchvision_frozen(kind):
+        if isinstance(m, BatchNormBase) or _is_torchvision_frozen(kind):
             left[f"{kind.__module__}.{kind.__qualname__}"] += 1
     return left
 

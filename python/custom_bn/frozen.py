@@ -2,9 +2,9 @@
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _NormBase
 
 from ._state import registered
+from .integrations.torch_nn import NormBase
 from .modules import _fx_leaf
 
 _FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var")
@@ -68,7 +68,7 @@ def frozen_state(source: torch.nn.Module) -> dict[str, Tensor]:
     }
 
 
-def freeze(source: _NormBase | torch.nn.Module) -> FrozenBatchNorm2d:
+def freeze(source: NormBase | torch.nn.Module) -> FrozenBatchNorm2d:
     """A FrozenBatchNorm2d with the current statistics and affine parameters of `source` (a
     2-D batch norm, or torchvision's FrozenBatchNorm2d), at their dtypes and device."""
     state = frozen_state(source)

@@ -34,6 +34,7 @@ from torch import Tensor, fx, nn
 
 from . import modules
 from ._state import batch_norm_arguments
+from .integrations.torch_nn import NormBase
 
 _BATCHNORM_2D = (nn.BatchNorm2d, modules.BatchNorm2d)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
@@ -49,12 +50,7 @@ def batch_norm_relu(bn: nn.Module, input: Tensor, residual: Tensor | None = None
     BatchNorm2d without hooks, else the three steps (the add only with a residual)."""
     if type(bn) in _BATCHNORM_2D and not _has_hooks(bn):
         bn._check_input_dim(input)
-        weight, bias, running_mean, running_var, training, num_batches_tracked = (
-            batch_norm_arguments(bn)
-        )
-        return torch.ops.custom_bn.batch_norm_relu(input, weight, bias, running_mean, running_var,
-                                                   training, bn.momentum, bn.eps,
-                                                   num_batches_tracked, residual)  # fmt: skip
+        return torch.ops.custom_bn.batch_norm_relu(input, *batch_norm_arguments(bn), residual)
     output = bn(input)
     return torch.relu(output if residual is None else output + residual)
 
@@ -189,7 +185,7 @@ class _Fuser:
 
     def fuse(self, module: nn.Module, path: str) -> nn.Module:
         """`module` itself when nothing below it fuses, else a rewritten copy."""
-        if isinstance(module, (nn.modules.batchnorm._NormBase, modules.BatchNormReLU2d)):
+        if isinstance(module, (NormBase, modules.BatchNormReLU2d)):
             return module
         children = {}
         for name, child in module.named_children():

@@ -3,9 +3,9 @@ forward is one call of torch.ops.custom_bn.batch_norm."""
 
 import torch
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ._state import BatchNormState
+from .integrations.torch_nn import BatchNormBase, NormBase
 
 
 def _fx_leaf(module: torch.nn.Module, *args: object) -> torch.fx.Proxy | None:
@@ -24,19 +24,14 @@ def _fx_leaf(module: torch.nn.Module, *args: object) -> torch.fx.Proxy | None:
     return tracer.create_proxy("call_module", tracer.path_of_module(module), args, {})
 
 
-class _CustomBatchNorm(BatchNormState, _BatchNorm):
+class _CustomBatchNorm(BatchNormState, BatchNormBase):
     def forward(self, input: Tensor) -> Tensor:
         if not torch.jit.is_scripting():
             leaf = _fx_leaf(self, input)
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
-        weight, bias, running_mean, running_var, training, num_batches_tracked = (
-            self._op_arguments()
-        )
-        return torch.ops.custom_bn.batch_norm(input, weight, bias, running_mean, running_var,
-                                              training, self.momentum, self.eps,
-                                              num_batches_tracked)  # fmt: skip
+        return torch.ops.custom_bn.batch_norm(input, *self._op_arguments())
 
 
 # Subclasses of torch's own classes, so that code asking isinstance(m, nn.BatchNorm2d) (init
@@ -54,7 +49,7 @@ class BatchNorm3d(_CustomBatchNorm, torch.nn.BatchNorm3d):
     """As torch.nn.BatchNorm3d, on (N, C, D, H, W) input."""
 
 
-class BatchNormReLU2d(BatchNormState, _NormBase):
+class BatchNormReLU2d(BatchNormState, NormBase):
     """relu(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
     one pass forward, one backward, and no activation saved beyond the output. The state and
     constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d).
@@ -73,12 +68,7 @@ class BatchNormReLU2d(BatchNormState, _NormBase):
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
-        weight, bias, running_mean, running_var, training, num_batches_tracked = (
-            self._op_arguments()
-        )
-        return torch.ops.custom_bn.batch_norm_relu(input, weight, bias, running_mean, running_var,
-                                                   training, self.momentum, self.eps,
-                                                   num_batches_tracked, residual)  # fmt: skip
+        return torch.ops.custom_bn.batch_norm_relu(input, *self._op_arguments(), residual)
 
 
 class LazyBatchNorm1d(_CustomBatchNorm, torch.nn.LazyBatchNorm1d):
@@ -107,7 +97,7 @@ _REPLACEMENTS = {
 }
 
 
-def _retype(bn: _BatchNorm, cls: type[_BatchNorm]) -> _BatchNorm:
+def _retype(bn: BatchNormBase, cls: type[BatchNormBase]) -> BatchNormBase:
     """A `cls` batch norm over the same attributes, parameters and buffers (the very tensors:
     optimizers and other references to them keep working), training mode and device."""
     retyped = cls.__new__(cls)

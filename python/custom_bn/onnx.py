@@ -20,7 +20,8 @@ model in `.eval()`.
 import torch
 from onnxscript import opset18 as op
 
-from .integrations.onnx_torchscript import _TRAINING_ERROR, SYMBOLIC_OPSET, register_symbolics
+from .integrations.onnx_torchscript import _TRAINING_ERROR, SYMBOLIC_OPSET
+from .integrations.torch_nn import BatchNormBase
 
 
 def _batch_norm_eval(
@@ -48,8 +49,9 @@ def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
     """torch.onnx.export with custom_translation_table added (dynamo=True unless given), after
     checking that no batch norm of `model` is in training mode: raises this module's
     explanation where the dynamo exporter would fail on the training op with its own error."""
-    training = [name for name, m in model.named_modules()
-                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training]  # fmt: skip
+    training = [
+        name for name, m in model.named_modules() if isinstance(m, BatchNormBase) and m.training
+    ]
     if training:
         raise RuntimeError(f"{_TRAINING_ERROR} (modules in training mode: {', '.join(training)})")
     table = {**custom_translation_table, **kwargs.pop("custom_translation_table", {})}
@@ -59,4 +61,4 @@ def export(model: torch.nn.Module, args: tuple, f=None, **kwargs):
     return torch.onnx.export(model, args, f, **kwargs)
 
 
-__all__ = ["SYMBOLIC_OPSET", "custom_translation_table", "export", "register_symbolics"]
+__all__ = ["SYMBOLIC_OPSET", "custom_translation_table", "export"]

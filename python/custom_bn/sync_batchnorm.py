@@ -10,10 +10,10 @@ in torch.nn.SyncBatchNorm, so that DistributedDataParallel averages them.
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ._state import BatchNormState
 from .convert import _timm
+from .integrations.torch_nn import BatchNormBase, NormBase
 from .modules import BatchNormReLU2d, _fx_leaf
 
 ops = torch.ops.custom_bn
@@ -72,26 +72,30 @@ def _sync_batch_norm(module: torch.nn.Module, input: Tensor) -> Tensor:
     module._check_input_dim(input)
     if input.size(1) == 0:
         raise ValueError("SyncBatchNorm number of input channels should be non-zero")
-    weight, bias, running_mean, running_var, use_batch_stats, num_batches_tracked = (
-        BatchNormState._op_arguments(module)
-    )
+    arguments = BatchNormState._op_arguments(module)
+    weight, bias, running_mean, running_var, use_batch_stats, momentum, eps, counter = arguments
     world_size = 1
     if use_batch_stats and module.training and dist.is_available() and dist.is_initialized():
         group = module.process_group or dist.group.WORLD
         world_size = dist.get_world_size(group)
     if world_size == 1:
-        return ops.batch_norm(input, weight, bias, running_mean, running_var, use_batch_stats,
-                              module.momentum, module.eps, num_batches_tracked)  # fmt: skip
-    return _SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                        num_batches_tracked, module.momentum, module.eps,
-                                        module.process_group or dist.group.WORLD,
-                                        world_size)  # fmt: skip
+        return ops.batch_norm(input, *arguments)
+    group = module.process_group or dist.group.WORLD
+    return _SyncBatchNormFunction.apply(
+        input, weight, bias, running_mean, running_var, counter, momentum, eps, group, world_size
+    )
 
 
 def _sync_options(cls: type, module: torch.nn.Module, process_group) -> torch.nn.Module:
     """A `cls` over the very parameters and buffers of batch norm `module`, in its mode."""
-    converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                    module.track_running_stats, process_group)  # fmt: skip
+    converted = cls(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        module.affine,
+        module.track_running_stats,
+        process_group,
+    )
     if module.affine:
         with torch.no_grad():
             converted.weight = module.weight
@@ -125,7 +129,7 @@ class _Synchronized:
         self.process_group = process_group
 
 
-class SyncBatchNorm(_Synchronized, BatchNormState, _BatchNorm):
+class SyncBatchNorm(_Synchronized, BatchNormState, BatchNormBase):
     """As torch.nn.SyncBatchNorm (same constructor, state_dict, process_group and
     convert_sync_batchnorm), for any device whose process group can all-gather: CPU tensors
     over gloo as well as CUDA tensors over NCCL. Ranks may hold different batch sizes,
@@ -157,7 +161,7 @@ class SyncBatchNorm(_Synchronized, BatchNormState, _BatchNorm):
             if not isinstance(module, timm.SyncBatchNormAct):
                 converted = _sync_options(timm.SyncBatchNormAct, module, process_group)
                 converted.drop, converted.act = module.drop, module.act
-        elif isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+        elif isinstance(module, BatchNormBase) and not isinstance(module, SyncBatchNorm):
             converted = _sync_options(cls, module, process_group)
         for name, child in module.named_children():
             converted.add_module(name, cls.convert_sync_batchnorm(child, process_group))
@@ -165,7 +169,7 @@ class SyncBatchNorm(_Synchronized, BatchNormState, _BatchNorm):
         return converted
 
 
-class SyncBatchNormReLU2d(_Synchronized, BatchNormState, _NormBase):
+class SyncBatchNormReLU2d(_Synchronized, BatchNormState, NormBase):
     """BatchNormReLU2d synchronized as SyncBatchNorm: relu(sync_batch_norm(input) + residual).
     Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
 

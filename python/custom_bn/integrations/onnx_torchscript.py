@@ -1,10 +1,13 @@
 """The TorchScript-based ONNX exporter (`torch.onnx.export(..., dynamo=False)`, which
 ultralytics' export uses): symbolics for custom_bn::batch_norm, batch_norm_relu and
 batch_norm_eval, registered when custom_bn is imported. They need neither onnx nor
-onnxscript."""
+onnxscript. Public API (torch.onnx.register_custom_op_symbolic) but private helpers of the
+symbolics (`symbolic_helper._is_none`, `_parse_arg`), which every custom symbolic uses."""
 
 import torch
 from torch.onnx import symbolic_helper
+
+from .hooks import hook_point
 
 # BatchNormalization with scale and statistics of another dtype than the input (float32
 # parameters of a bfloat16 model) needs opset 15.
@@ -29,9 +32,15 @@ def _filled_like(g, value, fill: float, like):
 def _symbolic_batch_norm(g, input, weight, bias, running_mean, running_var, eps, relu, residual):
     if symbolic_helper._is_none(running_mean) or symbolic_helper._is_none(running_var):
         raise RuntimeError(_TRAINING_ERROR)
-    output = g.op("BatchNormalization", input, _filled_like(g, weight, 1.0, running_mean),
-                  _filled_like(g, bias, 0.0, running_mean), running_mean, running_var,
-                  epsilon_f=symbolic_helper._parse_arg(eps, "f"))  # fmt: skip
+    output = g.op(
+        "BatchNormalization",
+        input,
+        _filled_like(g, weight, 1.0, running_mean),
+        _filled_like(g, bias, 0.0, running_mean),
+        running_mean,
+        running_var,
+        epsilon_f=symbolic_helper._parse_arg(eps, "f"),
+    )
     if residual is not None and not symbolic_helper._is_none(residual):
         output = g.op("Add", output, residual)
     return g.op("Relu", output) if relu else output
@@ -41,41 +50,29 @@ def _training(value) -> bool:
     return bool(symbolic_helper._parse_arg(value, "b"))
 
 
-def _symbolic_batch_norm_op(
-    g,
-    input,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked=None,
-):
-    if _training(training):
-        raise RuntimeError(_TRAINING_ERROR)
-    return _symbolic_batch_norm(g, input, weight, bias, running_mean, running_var, eps, False, None)
+def _symbolic_training_op(relu: bool):
+    """The symbolic of batch_norm (relu=False) or batch_norm_relu: evaluation mode only."""
 
+    def symbolic(
+        g,
+        input,
+        weight,
+        bias,
+        running_mean,
+        running_var,
+        training,
+        momentum,
+        eps,
+        num_batches_tracked=None,
+        residual=None,
+    ):
+        if _training(training):
+            raise RuntimeError(_TRAINING_ERROR)
+        return _symbolic_batch_norm(
+            g, input, weight, bias, running_mean, running_var, eps, relu, residual
+        )
 
-def _symbolic_batch_norm_relu_op(
-    g,
-    input,
-    weight,
-    bias,
-    running_mean,
-    running_var,
-    training,
-    momentum,
-    eps,
-    num_batches_tracked=None,
-    residual=None,
-):
-    if _training(training):
-        raise RuntimeError(_TRAINING_ERROR)
-    return _symbolic_batch_norm(
-        g, input, weight, bias, running_mean, running_var, eps, True, residual
-    )
+    return symbolic
 
 
 def _symbolic_batch_norm_eval_op(
@@ -87,11 +84,15 @@ def _symbolic_batch_norm_eval_op(
     )
 
 
-def register_symbolics() -> None:
+FEATURE = "torch.onnx.export(..., dynamo=False) exporting custom_bn's ops"
+
+
+def install() -> None:
     """Registers the symbolics of the TorchScript-based exporter (done on import of custom_bn)."""
+    register = hook_point("torch.onnx", "register_custom_op_symbolic")
     for name, symbolic in (
-        ("batch_norm", _symbolic_batch_norm_op),
-        ("batch_norm_relu", _symbolic_batch_norm_relu_op),
+        ("batch_norm", _symbolic_training_op(relu=False)),
+        ("batch_norm_relu", _symbolic_training_op(relu=True)),
         ("batch_norm_eval", _symbolic_batch_norm_eval_op),
     ):
-        torch.onnx.register_custom_op_symbolic(f"custom_bn::{name}", symbolic, SYMBOLIC_OPSET)
+        register(f"custom_bn::{name}", symbolic, SYMBOLIC_OPSET)

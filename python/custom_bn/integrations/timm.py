@@ -38,14 +38,9 @@ class BatchNormAct2d(BatchNormState, norm_act.BatchNormAct2d):
         if leaf is not None:
             return leaf
         self._check_input_dim(x)
-        weight, bias, running_mean, running_var, training, num_batches_tracked = (
-            self._op_arguments()
-        )
-        arguments = (x, weight, bias, running_mean, running_var, training, self.momentum, self.eps,
-                     num_batches_tracked)  # fmt: skip
         if _fused_relu(self):
-            return torch.ops.custom_bn.batch_norm_relu(*arguments)
-        return _drop_then_act(self, torch.ops.custom_bn.batch_norm(*arguments))
+            return torch.ops.custom_bn.batch_norm_relu(x, *self._op_arguments())
+        return _drop_then_act(self, torch.ops.custom_bn.batch_norm(x, *self._op_arguments()))
 
 
 class FrozenBatchNormAct2d(norm_act.FrozenBatchNormAct2d):

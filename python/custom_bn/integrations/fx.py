@@ -5,14 +5,19 @@ the pair with `matches_module_pattern`, which compares module types exactly
 (`type(m) is nn.BatchNorm2d`), so a subclass of `_BatchNorm` is never matched. The folding
 itself (`torch.nn.utils.fusion.fuse_conv_bn_eval`) reads only the running statistics, eps and
 the affine parameters, which ours have under the same names. So the matcher is widened to
-accept ours wherever a pattern names torch's class; everything else is torch's code."""
+accept ours wherever a pattern names torch's class; everything else is torch's code.
+
+Hook point: `torch.fx.experimental.optimization.matches_module_pattern` (torch offers no
+registry of module patterns to add to)."""
 
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import torch.fx.experimental.optimization as fx_optimization
+from ..modules import _REPLACEMENTS
+from .hooks import hook_point
 
-from .modules import _REPLACEMENTS
+FEATURE = "torch.fx.experimental.optimization.fuse folding custom_bn's batch norm into convolutions"
+_MODULE = "torch.fx.experimental.optimization"
 
 
 def _widen(matches: Callable[..., bool]) -> Callable[..., bool]:
@@ -25,8 +30,8 @@ def _widen(matches: Callable[..., bool]) -> Callable[..., bool]:
     return matches_module_pattern
 
 
-def register() -> None:
-    """Widens torch's matcher once (called on import)."""
-    current = fx_optimization.matches_module_pattern
+def install() -> None:
+    """Widens torch's matcher once."""
+    current = hook_point(_MODULE, "matches_module_pattern")
     if not hasattr(current, "__wrapped__"):
-        fx_optimization.matches_module_pattern = _widen(current)
+        hook_point(_MODULE).matches_module_pattern = _widen(current)

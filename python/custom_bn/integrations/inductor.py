@@ -4,7 +4,7 @@ Under TorchInductor (the default backend of torch.compile, and AOTInductor) torc
 decomposed into reductions and pointwise code that inductor fuses with the ReLU, residual add
 and gradient code around it. Opaque calls of our ops would each cost passes of their own that
 inductor cannot fuse (docs/perf.md rows 37 and 38). So inductor's decomposition table gets our
-ops written as torch operations (custom_bn._decompositions), with our kernels' formulas.
+ops written as torch operations (custom_bn.reference), with our kernels' formulas.
 
 Only inductor's table gets them: `torch.export`, the ONNX exporters, eager mode and the other
 compile backends keep our ops. SyncBatchNorm's stage ops (distributed statistics) stay calls.
@@ -23,22 +23,30 @@ with its table, and there the decomposition applies too.
 Importing inductor costs seconds, which eager users should not pay: the decompositions are
 registered when `torch._inductor.decomposition` is first imported (torch.compile does that on
 its first inductor compile), or at once if it already is.
+
+Hook points, all private, as torch has no public way to add to inductor's decompositions or to
+give an op a kernel that only tracers see: `proxy_tensor.CURRENT_DECOMPOSITION_TABLE`,
+`OpOverload.py_impl` with `DispatchKey.CompositeImplicitAutograd`, and in
+`torch._inductor.decomposition` `decompositions`, `register_decomposition` and
+`fast_random_decomps`. If inductor's module lacks one when it is imported, the decompositions
+are not registered, with a warning, and inductor's import goes on: compiled models keep our
+ops as calls.
 """
 
-import importlib.machinery
-import sys
+import warnings
 
 import torch
-from torch.fx.experimental import proxy_tensor
 
-from . import _decompositions
+from .. import reference
+from ..op_table import signature
+from .hooks import MissingHookPoint, hook_point, turned_off_warning, when_imported
 
 _INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
+FEATURE = "torch.compile compiling custom_bn's batch norm into inductor's own code"
 
-
-# Our ops that inductor compiles from their decompositions; the stage ops of SyncBatchNorm
-# (distributed statistics) stay calls of our kernels.
-_DECOMPOSED = (
+# Our ops that inductor compiles from their decompositions; the composite ops reach it as
+# these, and the stage ops of SyncBatchNorm (distributed statistics) stay calls of our kernels.
+DECOMPOSED = (
     "batch_norm_eval",
     "batch_norm_forward",
     "batch_norm_relu_forward",
@@ -46,12 +54,15 @@ _DECOMPOSED = (
     "batch_norm_relu_backward",
 )
 
-
 # Our ops that mutate the running stats.
 _MUTATING = ("batch_norm_forward", "batch_norm_relu_forward")
 
 
-def _decompose_if_tracing_table_has(op):
+def _op(name: str):
+    return getattr(torch.ops.custom_bn, name).default
+
+
+def _decompose_if_tracing_table_has(op, proxy_tensor):
     """A CompositeImplicitAutograd kernel for tracers: the decomposition the current tracing
     table (make_fx's) holds for op, or NotImplemented, which tracers take as "keep the op"."""
 
@@ -62,49 +73,32 @@ def _decompose_if_tracing_table_has(op):
     return kernel
 
 
-def _register_tracer_kernels() -> None:
-    for name in _MUTATING:
-        op = getattr(torch.ops.custom_bn, name).default
-        if torch._C.DispatchKey.CompositeImplicitAutograd not in op.py_kernels:
-            op.py_impl(torch._C.DispatchKey.CompositeImplicitAutograd)(
-                _decompose_if_tracing_table_has(op)
-            )
-
-
 def _register(decomposition_module) -> None:
-    for name in _DECOMPOSED:
-        op = getattr(torch.ops.custom_bn, name).default
-        if op not in decomposition_module.decompositions:
-            decomposition_module.register_decomposition(op)(getattr(_decompositions, name))
+    table = decomposition_module.decompositions
+    register = decomposition_module.register_decomposition
+    clear_cache = decomposition_module.fast_random_decomps.cache_clear
+    for name in DECOMPOSED:
+        if _op(name) not in table:
+            register(_op(name))(signature(name).adapt(getattr(reference, name)))
     # The table inductor reads is a cached copy, made on its first compile.
-    decomposition_module.fast_random_decomps.cache_clear()
+    clear_cache()
 
 
-class _RegisterOnImport:
-    """A meta path finder that lets the ordinary finders load inductor's decomposition
-    module, then registers ours in it before the import returns."""
-
-    def find_spec(self, name, path, target=None):
-        if name != _INDUCTOR_DECOMPOSITIONS:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.machinery.PathFinder.find_spec(name, path, target)
-        if spec is None or spec.loader is None:
-            return spec
-        execute = spec.loader.exec_module
-
-        def execute_then_register(module):
-            execute(module)
-            _register(module)
-
-        spec.loader.exec_module = execute_then_register
-        return spec
+def _register_or_warn(decomposition_module) -> None:
+    try:
+        _register(decomposition_module)
+    except Exception as error:  # noqa: BLE001  inductor's own import must go on.
+        if isinstance(error, AttributeError):
+            error = MissingHookPoint(f"{_INDUCTOR_DECOMPOSITIONS}: {error}")
+        warnings.warn(turned_off_warning(FEATURE, error), stacklevel=2)
 
 
-def register() -> None:
-    _register_tracer_kernels()
-    module = sys.modules.get(_INDUCTOR_DECOMPOSITIONS)
-    if module is not None:
-        _register(module)
-    elif not any(isinstance(finder, _RegisterOnImport) for finder in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+def install() -> None:
+    proxy_tensor = hook_point("torch.fx.experimental.proxy_tensor")
+    hook_point("torch.fx.experimental.proxy_tensor", "CURRENT_DECOMPOSITION_TABLE")
+    tracer_key = hook_point("torch._C", "DispatchKey", "CompositeImplicitAutograd")
+    hook_point("torch._ops", "OpOverload", "py_impl")
+    for name in _MUTATING:
+        if tracer_key not in _op(name).py_kernels:
+            _op(name).py_impl(tracer_key)(_decompose_if_tracing_table_has(_op(name), proxy_tensor))
+    when_imported(_INDUCTOR_DECOMPOSITIONS, _register_or_warn)
