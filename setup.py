@@ -30,6 +30,24 @@ def environment_with_torch() -> dict:
     return env
 
 
+def torch_requirement() -> str:
+    """The torch the library is built against: it loads into that torch only
+    (custom_bn/_library.py refuses any other). Unpinned where no torch can be imported (an
+    sdist's metadata; the wheel built from it is pinned)."""
+    try:
+        env = environment_with_torch()
+    except RuntimeError:
+        return "torch"
+    version = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.__version__.split('+')[0])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    return f"torch=={version}"
+
+
 def build_dir_for(python: str) -> pathlib.Path:
     venv_python = ROOT / ".venv" / "bin" / "python"
     if venv_python.exists() and os.path.samefile(python, venv_python):
@@ -61,14 +79,14 @@ class CMakeBuild(build_ext):
 
 setup(
     name="custom_bn",
-    version="0.1.0",
+    version=(ROOT / "VERSION").read_text().strip(),
     description="Batch normalization for PyTorch as C++ custom operators",
     packages=["custom_bn", "custom_bn.integrations"],
     package_dir={"": "python"},
     ext_modules=[Extension("custom_bn.libcustom_bn", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",  # X | None annotations, evaluated at import
-    install_requires=["torch>=2.6"],
+    install_requires=[torch_requirement()],
     # custom_bn.integrations.lightning's SyncBatchNormPlugin.
     extras_require={"lightning": ["lightning>=2.0"]},
 )
