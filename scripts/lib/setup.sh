@@ -64,7 +64,8 @@ ensure_build() {
       { cat "$BUILD_DIR/configure.log" >&2; return 1; }
   fi
   log "building $BUILD_DIR"
-  cmake --build "$BUILD_DIR" --parallel "$(nproc)"
+  # Paths below the checkout hashed as relative ones, so that moving a checkout keeps its cache.
+  CCACHE_BASEDIR="${CCACHE_BASEDIR:-$CUSTOM_BN_ROOT}" cmake --build "$BUILD_DIR" --parallel "$(nproc)"
 }
 
 ensure_ready() {

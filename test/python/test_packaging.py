@@ -1,5 +1,5 @@
-"""An sdist of the checkout builds, with pip, a wheel that carries the library, requires the
-torch it was built against and installs into a working package."""
+"""Packaging: an sdist that holds the CMake project, and a wheel (`pip wheel .`) that carries
+the library, requires the torch it was built against and installs into a working package."""
 
 import os
 import subprocess
@@ -10,21 +10,57 @@ import zipfile
 import torch
 from conftest import ROOT
 
+VERSION = (ROOT / "VERSION").read_text().strip()
 
-def test_sdist_builds_a_wheel_that_installs_and_imports(tmp_path):
-    sdists, wheels, site = tmp_path / "sdists", tmp_path / "wheels", tmp_path / "site"
+
+def test_sdist_holds_every_source_and_configures(tmp_path):
+    """An sdist carries every tracked file the build reads and configures as a CMake project
+    (the wheel test below builds that project; compiling it a second time here would cost
+    minutes of CI)."""
     subprocess.run(
-        [sys.executable, "-m", "build", "--sdist", "--no-isolation", "-o", str(sdists), str(ROOT)],
+        [
+            sys.executable,
+            "-m",
+            "build",
+            "--sdist",
+            "--no-isolation",
+            "-o",
+            str(tmp_path),
+            str(ROOT),
+        ],
         check=True,
         capture_output=True,
     )
-    (sdist,) = sdists.glob("custom_bn-*.tar.gz")
-    version = (ROOT / "VERSION").read_text().strip()
-    assert sdist.name == f"custom_bn-{version}.tar.gz"
-    members = {m.split("/", 1)[-1] for m in tarfile.open(sdist).getnames()}
-    assert {"CMakeLists.txt", "VERSION", "csrc/schemas.cpp", "include/custom_bn/ops.h"} <= members
+    (sdist,) = tmp_path.glob("custom_bn-*.tar.gz")
+    assert sdist.name == f"custom_bn-{VERSION}.tar.gz"
+    with tarfile.open(sdist) as archive:
+        archive.extractall(tmp_path, filter="data")
+    source = tmp_path / sdist.name.removesuffix(".tar.gz")
+    read_by_the_build = subprocess.run(
+        ["git", "ls-files", "CMakeLists.txt", "VERSION", "cmake", "csrc", "include"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert [f for f in read_by_the_build if not (source / f).is_file()] == []
+    prefix = torch.utils.cmake_prefix_path
+    configure = subprocess.run(
+        ["cmake", "-S", str(source), "-B", str(tmp_path / "build"), "-G", "Ninja",
+         f"-DCMAKE_PREFIX_PATH={prefix}", "-DCUSTOM_BN_BUILD_TESTS=OFF",
+         "-DCUSTOM_BN_WITH_CUDA=OFF"],
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert configure.returncode == 0, configure.stdout[-2000:] + configure.stderr[-2000:]
+    version_file = tmp_path / "build" / "custom_bnConfigVersion.cmake"
+    assert f'set(PACKAGE_VERSION "{VERSION}")' in version_file.read_text()
+
+
+def test_wheel_requires_its_torch_installs_and_imports(tmp_path):
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(sdist), "--no-deps", "-q", "-w", str(wheels)],
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheels)],
         check=True,
         cwd=tmp_path,
     )
@@ -68,4 +104,4 @@ def test_sdist_builds_a_wheel_that_installs_and_imports(tmp_path):
     )
     assert result.stdout.splitlines()[0].startswith(str(site))
     assert "torch.Size([2, 3, 4, 4])" in result.stdout
-    assert result.stdout.splitlines()[-1] == version
+    assert result.stdout.splitlines()[-1] == VERSION
