@@ -56,7 +56,7 @@ FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
 # The fused op keeps to the passes above when it has a residual.
 
 
-def goes_by_channel(x, op):
+def goes_channel_at_a_time(x, op):
     """Whether a CPU training call of `op` on x goes a channel at a time: the library's own
     plan (csrc/cpu/plan.h), asked through its debug op."""
     if x.device.type != "cpu":
@@ -69,10 +69,10 @@ def passes_over_memory(x, kind, mode):
     """Tensors of x's size each configuration moves through memory in custom_bn."""
     if kind == "bn_add_relu" or mode == "eval_fwd":
         return FUSED_TRAFFIC[kind] if kind != "bn" else TRAFFIC[mode]
-    forward = 2 if goes_by_channel(x, "batch_norm_forward") else 3
+    forward = 2 if goes_channel_at_a_time(x, "batch_norm_forward") else 3
     if kind == "bn_relu":
-        return forward + (4 if goes_by_channel(x, "batch_norm_relu_backward") else 7)
-    backward = 3 if goes_by_channel(x, "batch_norm_backward") else 5
+        return forward + (4 if goes_channel_at_a_time(x, "batch_norm_relu_backward") else 7)
+    backward = 3 if goes_channel_at_a_time(x, "batch_norm_backward") else 5
     return forward + (0 if mode == "train_fwd" else backward)
 
 

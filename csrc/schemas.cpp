@@ -52,7 +52,8 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
-  // The result cache (include/custom_bn/memory.h), for the Python package's custom_bn.memory.
+  // The result cache (include/custom_bn/result_cache.h), for the Python package's
+  // custom_bn.result_cache.
   m.def("_result_cache_bytes() -> int");
   m.def("_empty_result_cache() -> ()");
   // Debug: the decisions the CPU kernels make for a call of `op` on `input` (csrc/cpu/plan.h),

@@ -48,10 +48,11 @@ void map_channel(const std::array<const scalar_t*, kInputs>& in,
 // The statistics of each channel, then invstd = 1 / sqrt(m2 / n + eps) and
 // alpha = invstd * weight, then the normalized channel (with_relu: relu of it) into out.
 template <typename scalar_t>
-void normalize_by_channel(const scalar_t* x, const CpuPlan& plan, const opmath_t<scalar_t>* w,
-                          const opmath_t<scalar_t>* b, double eps, bool with_relu,
-                          opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out,
-                          opmath_t<scalar_t>* invstd_out, scalar_t* out) {
+void normalize_channel_at_a_time(const scalar_t* x, const CpuPlan& plan,
+                                 const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b,
+                                 double eps, bool with_relu, opmath_t<scalar_t>* mean_out,
+                                 opmath_t<scalar_t>* m2_out, opmath_t<scalar_t>* invstd_out,
+                                 scalar_t* out) {
   using opmath = opmath_t<scalar_t>;
   const ChannelView& view = plan.view;
   const ChannelsFirstItems items(view);
@@ -81,11 +82,13 @@ void normalize_by_channel(const scalar_t* x, const CpuPlan& plan, const opmath_t
 // gradient: reduce_terms gives (dz, dz * (x - mean)), grad_input_of(v, q) the gradient, both
 // from the same inputs.
 template <int kInputs, typename scalar_t, typename ReduceTerms, typename GradFn>
-void grad_input_by_channel(const std::array<const scalar_t*, kInputs>& in, const CpuPlan& plan,
-                           const opmath_t<scalar_t>* mean_in, const opmath_t<scalar_t>* invstd_in,
-                           const opmath_t<scalar_t>* w, opmath_t<scalar_t>* sum_dy_out,
-                           opmath_t<scalar_t>* sum_dy_xmu_out, const ReduceTerms& reduce_terms,
-                           const GradFn& grad_input_of, scalar_t* out) {
+void grad_input_channel_at_a_time(const std::array<const scalar_t*, kInputs>& in,
+                                  const CpuPlan& plan, const opmath_t<scalar_t>* mean_in,
+                                  const opmath_t<scalar_t>* invstd_in, const opmath_t<scalar_t>* w,
+                                  opmath_t<scalar_t>* sum_dy_out,
+                                  opmath_t<scalar_t>* sum_dy_xmu_out,
+                                  const ReduceTerms& reduce_terms, const GradFn& grad_input_of,
+                                  scalar_t* out) {
   using opmath = opmath_t<scalar_t>;
   const ChannelView& view = plan.view;
   const ChannelsFirstItems items(view);

@@ -54,12 +54,12 @@ at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
   return invstd;
 }
 
-at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_options,
-                           double eps) {
+at::Tensor invstd_of_running_var(const at::Tensor& var, const at::TensorOptions& stat_options,
+                                 double eps) {
   const at::Tensor var_stat = channel_vector(var, var.numel(), stat_options.dtype().toScalarType());
   at::Tensor invstd = empty_like_stat(var_stat);
   const int64_t channels = var_stat.numel();
-  AT_DISPATCH_FLOATING_TYPES(var_stat.scalar_type(), "invstd_from_var", [&] {
+  AT_DISPATCH_FLOATING_TYPES(var_stat.scalar_type(), "invstd_of_running_var", [&] {
     const scalar_t* in = data<scalar_t>(var_stat);
     scalar_t* out = data<scalar_t>(invstd);
     for (int64_t c = 0; c < channels; ++c) out[c] = custom_bn::invstd_from_var(in[c], eps);

@@ -15,9 +15,10 @@ at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channel
 // invstd = 1 / sqrt(m2 / count + eps); zeros when count is 0.
 at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps);
 
-// invstd = 1 / sqrt(var + eps), for eval with running_var (any float dtype, any strides).
-at::Tensor invstd_from_var(const at::Tensor& var, const at::TensorOptions& stat_options,
-                           double eps);
+// invstd = 1 / sqrt(var + eps) per channel, for eval with running_var (any float dtype, any
+// strides): the scalar invstd_from_var of batch_norm_math.h over a tensor.
+at::Tensor invstd_of_running_var(const at::Tensor& var, const at::TensorOptions& stat_options,
+                                 double eps);
 
 // (alpha, bias) of y = (x - mean) * alpha + bias, with alpha = invstd * weight.
 std::pair<at::Tensor, at::Tensor> affine_coefficients(const at::Tensor& invstd,

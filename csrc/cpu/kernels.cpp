@@ -130,11 +130,12 @@ void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& outp
   });
 }
 
-void normalize_by_channel(const at::Tensor& input, const CpuPlan& plan, const at::Tensor& weight,
-                          const at::Tensor& bias, double eps, bool with_relu, at::Tensor& mean,
-                          at::Tensor& m2, at::Tensor& invstd, at::Tensor& output) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "normalize_by_channel", [&] {
-    CPU_CAPABILITY::normalize_by_channel(
+void normalize_channel_at_a_time(const at::Tensor& input, const CpuPlan& plan,
+                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 bool with_relu, at::Tensor& mean, at::Tensor& m2,
+                                 at::Tensor& invstd, at::Tensor& output) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "normalize_channel_at_a_time", [&] {
+    CPU_CAPABILITY::normalize_channel_at_a_time(
         input.const_data_ptr<scalar_t>(), plan, stat_ptr<scalar_t>(weight),
         stat_ptr<scalar_t>(bias), eps, with_relu, mutable_stat_ptr<scalar_t>(mean),
         mutable_stat_ptr<scalar_t>(m2), mutable_stat_ptr<scalar_t>(invstd),
@@ -142,16 +143,17 @@ void normalize_by_channel(const at::Tensor& input, const CpuPlan& plan, const at
   });
 }
 
-void grad_input_by_channel(const at::Tensor& grad_output, const at::Tensor& output,
-                           const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
-                           const at::Tensor& invstd, const at::Tensor& weight, at::Tensor& sum_dy,
-                           at::Tensor& sum_dy_xmu, at::Tensor& grad_input) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "grad_input_by_channel", [&] {
+void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& output,
+                                  const at::Tensor& input, const CpuPlan& plan,
+                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                  const at::Tensor& weight, at::Tensor& sum_dy,
+                                  at::Tensor& sum_dy_xmu, at::Tensor& grad_input) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "grad_input_channel_at_a_time", [&] {
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const auto run = [&](const auto& in, const auto& reduce_terms, const auto& grad_input_of) {
       constexpr int kInputs = std::tuple_size_v<std::decay_t<decltype(in)>>;
-      CPU_CAPABILITY::grad_input_by_channel<kInputs>(
+      CPU_CAPABILITY::grad_input_channel_at_a_time<kInputs>(
           in, plan, stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(invstd),
           stat_ptr<scalar_t>(weight), mutable_stat_ptr<scalar_t>(sum_dy),
           mutable_stat_ptr<scalar_t>(sum_dy_xmu), reduce_terms, grad_input_of,
@@ -168,10 +170,16 @@ void grad_input_by_channel(const at::Tensor& grad_output, const at::Tensor& outp
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{kVectorBytes,         collect_stats,         apply_affine,
-                                 apply_affine_relu,    reduce_grad,           reduce_grad_relu,
-                                 apply_grad_input,     apply_grad_input_relu, normalize_by_channel,
-                                 grad_input_by_channel};
+  static const KernelTable table{kVectorBytes,
+                                 collect_stats,
+                                 apply_affine,
+                                 apply_affine_relu,
+                                 reduce_grad,
+                                 reduce_grad_relu,
+                                 apply_grad_input,
+                                 apply_grad_input_relu,
+                                 normalize_channel_at_a_time,
+                                 grad_input_channel_at_a_time};
   return table;
 }
 

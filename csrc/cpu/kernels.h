@@ -51,17 +51,17 @@ struct KernelTable {
   // work of collect_stats, then invstd = 1 / sqrt(m2 / n + eps) and alpha = invstd * weight,
   // then apply_affine (with_relu: apply_affine_relu, no residual) into output. weight and
   // bias are given.
-  void (*normalize_by_channel)(const at::Tensor& input, const CpuPlan& plan,
-                               const at::Tensor& weight, const at::Tensor& bias, double eps,
-                               bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
-                               at::Tensor& output);
+  void (*normalize_channel_at_a_time)(const at::Tensor& input, const CpuPlan& plan,
+                                      const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                      bool with_relu, at::Tensor& mean, at::Tensor& m2,
+                                      at::Tensor& invstd, at::Tensor& output);
   // The same for the backward: reduce_grad (with output defined: reduce_grad_relu, writing
   // no masked gradient), the training coefficients, then apply_grad_input(_relu).
-  void (*grad_input_by_channel)(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& input, const CpuPlan& plan,
-                                const at::Tensor& mean, const at::Tensor& invstd,
-                                const at::Tensor& weight, at::Tensor& sum_dy,
-                                at::Tensor& sum_dy_xmu, at::Tensor& grad_input);
+  void (*grad_input_channel_at_a_time)(const at::Tensor& grad_output, const at::Tensor& output,
+                                       const at::Tensor& input, const CpuPlan& plan,
+                                       const at::Tensor& mean, const at::Tensor& invstd,
+                                       const at::Tensor& weight, at::Tensor& sum_dy,
+                                       at::Tensor& sum_dy_xmu, at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

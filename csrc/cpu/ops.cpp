@@ -7,7 +7,7 @@
 #include "cpu/channel_math.h"
 #include "cpu/kernels.h"
 #include "cpu/plan.h"
-#include "cpu/result_memory.h"
+#include "cpu/result_cache.h"
 #include "layout.h"
 
 #include <ATen/EmptyTensor.h>
@@ -37,9 +37,8 @@ PlannedInput plan_input(const at::Tensor& input, const char* op, bool training =
 at::Tensor empty_result(const at::Tensor& input, const CpuPlan& plan, ResultKind kind) {
   const c10::MemoryFormat format = result_memory_format(input, kind);
   if (format == c10::MemoryFormat::Preserve) return empty_result_like(input, kind);
-  c10::Allocator* allocator = plan.result_memory == ResultMemory::kResultCache
-                                  ? static_cast<c10::Allocator*>(&result_allocator())
-                                  : c10::GetCPUAllocator();
+  c10::Allocator* allocator =
+      plan.in_result_cache ? static_cast<c10::Allocator*>(&result_cache()) : c10::GetCPUAllocator();
   return at::detail::empty_generic(input.sizes(), allocator,
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), input.scalar_type(),
                                    format);
@@ -53,7 +52,7 @@ at::Tensor planned_result(const at::Tensor& input, const PlannedInput& in, Resul
 
 at::Tensor eval_invstd(const at::Tensor& running_var, const at::TensorOptions& options,
                        double eps) {
-  return invstd_from_var(running_var, options, eps);
+  return invstd_of_running_var(running_var, options, eps);
 }
 
 // A (C,) result of a reduction, which writes every channel: left unfilled (a zeros per result
@@ -158,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     m2 = at::empty({channels}, options);
     invstd = at::empty({channels}, options);
     output = planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
-      kernels().normalize_by_channel(
+      kernels().normalize_channel_at_a_time(
           in.dense.tensor, in.plan, channel_param(weight, channels, options, 1.0),
           channel_param(bias, channels, options, 0.0), eps, relu, mean, m2, invstd, out);
     });
@@ -204,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     sum_dy = at::empty_like(stats.mean);
     sum_dy_xmu = at::empty_like(stats.mean);
     grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& out) {
-      kernels().grad_input_by_channel(
+      kernels().grad_input_channel_at_a_time(
           align_to(grad_output, in.dense), at::Tensor(), in.dense.tensor, in.plan, stats.mean,
           stats.invstd, channel_param(weight, in.plan.view.channels, stats.mean.options(), 1.0),
           sum_dy, sum_dy_xmu, out);
@@ -248,9 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   at::Tensor grad_input;
   if (output_mask[0] && in.plan.channel_at_a_time) {
     grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& result) {
-      kernels().grad_input_by_channel(dy, out, in.dense.tensor, in.plan, stats.mean, stats.invstd,
-                                      channel_param(weight, channels, stats.mean.options(), 1.0),
-                                      sum_dy, sum_dy_xmu, result);
+      kernels().grad_input_channel_at_a_time(
+          dy, out, in.dense.tensor, in.plan, stats.mean, stats.invstd,
+          channel_param(weight, channels, stats.mean.options(), 1.0), sum_dy, sum_dy_xmu, result);
     });
   } else {
     if (input.numel() > 0) {

@@ -6,6 +6,7 @@
 #pragma once
 
 #include "channel_view.h"
+#include "cpu/cache_sizes.h"
 
 #include <c10/core/ScalarType.h>
 
@@ -24,7 +25,7 @@ constexpr int64_t kCacheLineBytes = 64;
 
 // The fewest values per channel with which a small layer goes a channel at a time: below that
 // (a 8x512x4x4 layer has 128) the per-channel set-up costs more than the pass it saves.
-constexpr int64_t kMinChannelValuesByChannel = 256;
+constexpr int64_t kMinChannelValuesForChannelAtATime = 256;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -51,19 +52,13 @@ enum class Prefetch {
   kEachStep,   // runs of 1 KB or more: the next run along with each vector step
 };
 
-// Where an elementwise result lives.
-enum class ResultMemory {
-  kTorchAllocator,  // c10::GetCPUAllocator(), as torch's own results
-  kResultCache,     // result_allocator(): freed large results are reused (result_memory.h)
-};
-
 // What a call does, as far as planning goes.
 struct CallWork {
   // Tensors its elementwise pass reads: x; (x, residual); (dy, x); (dy, output, x).
   int elementwise_inputs;
   // Training whose reduction feeds the elementwise pass directly (no residual in either
   // direction), so that the two may run a channel at a time.
-  bool may_go_by_channel;
+  bool may_go_channel_at_a_time;
 };
 
 // The CallWork of an op ("batch_norm_forward", "batch_norm_backward",
@@ -90,24 +85,23 @@ struct CpuPlan {
   // Training a channel at a time: the reduction over a channel, then the elementwise pass over
   // it while it is still in L2. Chosen when one channel of the pass's tensors fits in L2 and
   // all of them exceed the last-level cache, or take at most an eighth of it with at least
-  // kMinChannelValuesByChannel values per channel (channels-first only).
+  // kMinChannelValuesForChannelAtATime values per channel (channels-first only).
   bool channel_at_a_time;
   // The elementwise result is written with non-temporal stores: the pass's tensors exceed the
   // last-level cache, and no cache line would mix streamed and regular stores.
   bool stream_result;
   Prefetch prefetch;
   int64_t prefetch_runs_ahead;  // kWholeRuns: how many runs ahead
-  ResultMemory result_memory;
+  // An elementwise result from result_cache() (freed large results are reused,
+  // result_cache.h), else from c10::GetCPUAllocator() as torch's own results.
+  bool in_result_cache;
   ChannelsLastWork channels_last_work;  // channels-last reductions only
 };
 
 CpuPlan plan_call(const ChannelView& view, at::ScalarType dtype, const CallWork& work);
 
-// The plan as JSON, with the kernel variant and the cache sizes it was made with.
+// The plan as JSON, with the kernel variant and the cache sizes it was made with
+// (plan_report.cpp).
 std::string describe_plan(const CpuPlan& plan);
-
-// Bytes of the level-2 (per core) or level-3 cache: CUSTOM_BN_CACHE_BYTES_L2 / _L3 where set,
-// else sysfs, else sysconf, else 1 MB and 32 MB.
-int64_t cache_bytes(int level);
 
 }  // namespace custom_bn::cpu

@@ -2,7 +2,7 @@
 #pragma once
 
 #include <custom_bn/fusion.h>
-#include <custom_bn/memory.h>
 #include <custom_bn/nn.h>
 #include <custom_bn/ops.h>
+#include <custom_bn/result_cache.h>
 #include <custom_bn/sync_batch_norm.h>

@@ -12,7 +12,7 @@ from ._library import library_path, load, version
 
 load()
 
-from . import functional, integrations, memory  # noqa: E402
+from . import functional, integrations, result_cache  # noqa: E402
 from .convert import convert_batchnorm  # noqa: E402
 from .frozen import FrozenBatchNorm2d  # noqa: E402
 from .fusion import fuse_batchnorm_relu  # noqa: E402
@@ -51,7 +51,7 @@ __all__ = [
     "fuse_batchnorm_relu",
     "functional",
     "library_path",
-    "memory",
+    "result_cache",
     "quantization",
     "SyncBatchNorm",
     "SyncBatchNormReLU2d",

@@ -61,12 +61,12 @@ TEST(CpuPlan, PrefetchesRunsOfAQuarterToOneKilobyteWhole) {
 TEST(CpuPlan, SmallLayersStayInCacheAndInTorchsAllocator) {
   const cpu::CpuPlan plan = plan_of(torch::randn({8, 64, 28, 28}), "batch_norm_backward", true);
   EXPECT_FALSE(plan.stream_result);
-  EXPECT_EQ(plan.result_memory, cpu::ResultMemory::kTorchAllocator);
+  EXPECT_FALSE(plan.in_result_cache);
 }
 
 // Channels-first training goes a channel at a time on small layers too (an eighth of the
 // last-level cache at most), but not on layers that fill more of it, nor on channels of
-// fewer than kMinChannelValuesByChannel values.
+// fewer than kMinChannelValuesForChannelAtATime values.
 TEST(CpuPlan, SmallChannelsFirstLayersTrainAChannelAtATime) {
   for (const char* op : {"batch_norm_forward", "batch_norm_backward"}) {
     EXPECT_TRUE(plan_of(torch::randn({8, 64, 28, 28}), op, true).channel_at_a_time) << op;
@@ -86,9 +86,12 @@ TEST(CpuPlan, SmallChannelsFirstLayersTrainAChannelAtATime) {
 }
 
 TEST(CpuPlan, ResidualsKeepTheFusedOpOffTheChannelAtATimePath) {
-  EXPECT_FALSE(cpu::work_of("batch_norm_relu_forward", true, /*residual=*/true).may_go_by_channel);
-  EXPECT_FALSE(cpu::work_of("batch_norm_relu_backward", true, /*residual=*/true).may_go_by_channel);
-  EXPECT_FALSE(cpu::work_of("batch_norm_backward", /*training=*/false, false).may_go_by_channel);
+  EXPECT_FALSE(
+      cpu::work_of("batch_norm_relu_forward", true, /*residual=*/true).may_go_channel_at_a_time);
+  EXPECT_FALSE(
+      cpu::work_of("batch_norm_relu_backward", true, /*residual=*/true).may_go_channel_at_a_time);
+  EXPECT_FALSE(
+      cpu::work_of("batch_norm_backward", /*training=*/false, false).may_go_channel_at_a_time);
   EXPECT_EQ(cpu::work_of("batch_norm_relu_backward", true, false).elementwise_inputs, 3);
 }
 

@@ -271,11 +271,11 @@ TEST(Readme, CppSnippetRuns) {
   torch::Tensor f = frozen(z);
 
   // The cache of freed large CPU results: how much it holds, and release it.
-  size_t held = custom_bn::memory::cached_bytes();
-  custom_bn::memory::empty_cache();
+  size_t held = custom_bn::result_cache::cached_bytes();
+  custom_bn::result_cache::empty_cache();
 
-  EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
-  EXPECT_LE(custom_bn::memory::cached_bytes(), held);
+  EXPECT_EQ(custom_bn::result_cache::cached_bytes(), 0u);
+  EXPECT_LE(custom_bn::result_cache::cached_bytes(), held);
   expect_close(f, z / std::sqrt(1 + 1e-5), tolerance(torch::kFloat), "frozen");
   EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
   EXPECT_TRUE((z >= 0).all().item<bool>());

@@ -28,7 +28,7 @@ def cache_bytes(level: int = 3) -> int:
     return cpu_plan(torch.empty(1, 1))[f"l{level}_bytes"]
 
 
-def goes_by_channel(x: torch.Tensor, op: str) -> bool:
+def goes_channel_at_a_time(x: torch.Tensor, op: str) -> bool:
     """Whether a CPU training call of `op` on x goes a channel at a time."""
     return cpu_plan(x, op)["channel_at_a_time"]
 

@@ -8,7 +8,7 @@ to the two-kernel path (it measured faster); those cases hold it to the same che
 import custom_bn  # noqa: F401  (loads the ops)
 import pytest
 import torch
-from conftest import cache_bytes, cpu_plan, goes_by_channel
+from conftest import cache_bytes, cpu_plan, goes_channel_at_a_time
 
 ops = torch.ops.custom_bn
 EPS = 1e-5
@@ -65,7 +65,9 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype, l
     w, b = torch.rand(channels) + 0.5, torch.randn(channels)
     rm, rv = torch.zeros(channels), torch.ones(channels)
     grad = torch.randn_like(x)
-    assert goes_by_channel(x, "batch_norm_forward") and goes_by_channel(x, "batch_norm_backward")
+    assert goes_channel_at_a_time(x, "batch_norm_forward") and goes_channel_at_a_time(
+        x, "batch_norm_backward"
+    )
     out, mean, invstd = ops.batch_norm_forward(x, w, b, rm, rv, None, True, 0.1, EPS)
     dx, dw, db = ops.batch_norm_backward(
         grad, x, w, None, None, mean, invstd, True, EPS, [True, True, True]
@@ -112,7 +114,7 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(
     plan = cpu_plan(x, "batch_norm_relu_forward", residual=with_residual)
     assert plan["channel_at_a_time"] != with_residual
     assert (
-        goes_by_channel(x, "batch_norm_relu_backward")
+        goes_channel_at_a_time(x, "batch_norm_relu_backward")
         and not cpu_plan(x, "batch_norm_relu_backward", residual=True)["channel_at_a_time"]
     )
     out, mean, invstd = ops.batch_norm_relu_forward(

@@ -1,5 +1,5 @@
 """Large CPU results: CUSTOM_BN_RESULT_CACHE_MB, the cache of freed large results
-(csrc/cpu/result_memory.h): results stay right with the cache off, the plan puts large results
+(csrc/cpu/result_cache.h): results stay right with the cache off, the plan puts large results
 in the cache only while it is on, and a malformed setting is a clear error."""
 
 import os
@@ -15,7 +15,7 @@ from conftest import ROOT, cpu_plan
 SCRIPT = """
 import json, torch, custom_bn
 print(json.loads(torch.ops.custom_bn._cpu_plan(torch.empty(8, 32, 128, 128), "batch_norm_forward"))
-      ["result_memory"])
+      ["in_result_cache"])
 for _ in range(2):
     x = torch.randn(8, 32, 128, 128)
     w, b = torch.rand(32), torch.randn(32)
@@ -35,16 +35,16 @@ def run_with(cache_mb):
     return subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
 
 
-@pytest.mark.parametrize("cache_mb,memory", [("0", "torch_allocator"), ("64", "result_cache")])
-def test_results_are_right_with_the_cache_on_and_off(cache_mb, memory):
+@pytest.mark.parametrize("cache_mb,in_cache", [("0", "False"), ("64", "True")])
+def test_results_are_right_with_the_cache_on_and_off(cache_mb, in_cache):
     result = run_with(cache_mb)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == [memory, "ok"]
+    assert result.stdout.split() == [in_cache, "ok"]
 
 
 def test_small_results_come_from_torchs_allocator():
     plan = cpu_plan(torch.empty(8, 32, 16, 16))
-    assert plan["result_memory"] == "torch_allocator"
+    assert plan["in_result_cache"] is False
 
 
 def test_malformed_cache_size_names_the_variable():

@@ -1,4 +1,4 @@
-"""custom_bn.memory: the cache of freed large CPU results can be seen and released, and a
+"""custom_bn.result_cache: the cache of freed large CPU results can be seen and released, and a
 process that forks while another thread is using the cache does not deadlock (a DataLoader
 worker forks so)."""
 
@@ -22,18 +22,18 @@ def large_result():
 
 
 def test_freed_results_are_cached_until_emptied():
-    custom_bn.memory.empty_cache()
-    assert custom_bn.memory.cached_bytes() == 0
+    custom_bn.result_cache.empty_cache()
+    assert custom_bn.result_cache.cached_bytes() == 0
     out = large_result()
-    assert custom_bn.memory.cached_bytes() == 0, "a live result is not cached"
+    assert custom_bn.result_cache.cached_bytes() == 0, "a live result is not cached"
     nbytes = out.nbytes
     del out
-    assert custom_bn.memory.cached_bytes() >= nbytes
+    assert custom_bn.result_cache.cached_bytes() >= nbytes
     again = large_result()  # reuses the cached block
-    assert custom_bn.memory.cached_bytes() == 0
+    assert custom_bn.result_cache.cached_bytes() == 0
     del again
-    custom_bn.memory.empty_cache()
-    assert custom_bn.memory.cached_bytes() == 0
+    custom_bn.result_cache.empty_cache()
+    assert custom_bn.result_cache.cached_bytes() == 0
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -54,7 +54,7 @@ def test_fork_while_another_thread_uses_the_cache_does_not_deadlock():
                 try:
                     torch.set_num_threads(1)
                     ok = large_result().shape == (8, 32, 128, 128)
-                    custom_bn.memory.empty_cache()
+                    custom_bn.result_cache.empty_cache()
                 finally:
                     os._exit(0 if ok else 1)
             deadline = time.monotonic() + 60

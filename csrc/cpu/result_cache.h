@@ -20,14 +20,14 @@
 
 namespace custom_bn::cpu {
 
-class ResultAllocator final : public c10::Allocator {
+class ResultCache final : public c10::Allocator {
  public:
   // Results of at least this many bytes are worth caching; glibc reuses smaller blocks well
   // on its own.
   static constexpr size_t kMinCachedBytes = size_t(8) << 20;
 
   // Keeps at most cache_limit bytes of freed blocks (0: none); huge_pages: advise 2 MB pages.
-  ResultAllocator(size_t cache_limit, bool huge_pages);
+  ResultCache(size_t cache_limit, bool huge_pages);
 
   // Whether a result of `bytes` should come from here: caching is on and the result large.
   bool serves(size_t bytes) const { return cache_limit_ > 0 && bytes >= kMinCachedBytes; }
@@ -48,7 +48,7 @@ class ResultAllocator final : public c10::Allocator {
   struct Block {
     void* data;
     size_t capacity;
-    ResultAllocator* owner;
+    ResultCache* owner;
   };
   static void give_back(void* block);
   void cache_or_free(Block* block);
@@ -66,6 +66,6 @@ class ResultAllocator final : public c10::Allocator {
 // 0 turns caching off, and every result comes from torch's CPU allocator),
 // CUSTOM_BN_HUGE_PAGES=0 its huge-page advice. Never destroyed: results may outlive static
 // destruction.
-ResultAllocator& result_allocator();
+ResultCache& result_cache();
 
 }  // namespace custom_bn::cpu

@@ -1,7 +1,7 @@
-// The allocator of large CPU results (csrc/cpu/result_memory.h): freed blocks are reused, the
+// The allocator of large CPU results (csrc/cpu/result_cache.h): freed blocks are reused, the
 // cache stays under its limit, and a reused block never leaks a previous result's values.
 #include "cpu/plan.h"
-#include "cpu/result_memory.h"
+#include "cpu/result_cache.h"
 #include "samples.h"
 
 #include <custom_bn/custom_bn.h>
@@ -16,19 +16,19 @@
 namespace custom_bn::testing {
 namespace {
 
-using cpu::ResultAllocator;
+using cpu::ResultCache;
 
 constexpr size_t kMB = size_t(1) << 20;
 
-TEST(ResultMemory, ServesLargeResultsWhileCachingIsOn) {
-  ResultAllocator allocator(64 * kMB, /*huge_pages=*/false);
-  EXPECT_FALSE(allocator.serves(ResultAllocator::kMinCachedBytes - 1));
-  EXPECT_TRUE(allocator.serves(ResultAllocator::kMinCachedBytes));
-  EXPECT_FALSE(ResultAllocator(0, false).serves(64 * kMB));
+TEST(ResultCache, ServesLargeResultsWhileCachingIsOn) {
+  ResultCache allocator(64 * kMB, /*huge_pages=*/false);
+  EXPECT_FALSE(allocator.serves(ResultCache::kMinCachedBytes - 1));
+  EXPECT_TRUE(allocator.serves(ResultCache::kMinCachedBytes));
+  EXPECT_FALSE(ResultCache(0, false).serves(64 * kMB));
 }
 
-TEST(ResultMemory, BlocksAreHugePageAlignedMappings) {
-  ResultAllocator allocator(64 * kMB, /*huge_pages=*/true);
+TEST(ResultCache, BlocksAreHugePageAlignedMappings) {
+  ResultCache allocator(64 * kMB, /*huge_pages=*/true);
   for (size_t size : {size_t(1), 3 * kMB, 9 * kMB + 5}) {
     c10::DataPtr block = allocator.allocate(size);
     ASSERT_NE(block.get(), nullptr);
@@ -37,9 +37,9 @@ TEST(ResultMemory, BlocksAreHugePageAlignedMappings) {
   }
 }
 
-TEST(ResultMemory, FreedBlockIsReusedForTheSameSize) {
-  ResultAllocator allocator(256 * kMB, /*huge_pages=*/true);
-  const size_t size = ResultAllocator::kMinCachedBytes + kMB;
+TEST(ResultCache, FreedBlockIsReusedForTheSameSize) {
+  ResultCache allocator(256 * kMB, /*huge_pages=*/true);
+  const size_t size = ResultCache::kMinCachedBytes + kMB;
   c10::DataPtr first = allocator.allocate(size);
   void* const data = first.get();
   static_cast<char*>(data)[size - 1] = 1;  // the whole request is writable
@@ -50,8 +50,8 @@ TEST(ResultMemory, FreedBlockIsReusedForTheSameSize) {
   EXPECT_EQ(allocator.cached_bytes(), 0u);
 }
 
-TEST(ResultMemory, MuchLargerBlocksAreNotHandedToSmallRequests) {
-  ResultAllocator allocator(256 * kMB, /*huge_pages=*/false);
+TEST(ResultCache, MuchLargerBlocksAreNotHandedToSmallRequests) {
+  ResultCache allocator(256 * kMB, /*huge_pages=*/false);
   c10::DataPtr large = allocator.allocate(64 * kMB);
   void* const large_data = large.get();
   large.clear();
@@ -63,8 +63,8 @@ TEST(ResultMemory, MuchLargerBlocksAreNotHandedToSmallRequests) {
   EXPECT_EQ(close.get(), large_data);
 }
 
-TEST(ResultMemory, CacheStaysUnderItsLimitDroppingTheOldest) {
-  ResultAllocator allocator(80 * kMB, /*huge_pages=*/false);
+TEST(ResultCache, CacheStaysUnderItsLimitDroppingTheOldest) {
+  ResultCache allocator(80 * kMB, /*huge_pages=*/false);
   std::vector<c10::DataPtr> blocks;
   std::vector<void*> data;
   for (int i = 0; i < 3; ++i) {
@@ -85,14 +85,14 @@ TEST(ResultMemory, CacheStaysUnderItsLimitDroppingTheOldest) {
   EXPECT_EQ(allocator.cached_bytes(), 0u);
 }
 
-TEST(ResultMemory, ZeroLimitCachesNothing) {
-  ResultAllocator allocator(0, /*huge_pages=*/false);
+TEST(ResultCache, ZeroLimitCachesNothing) {
+  ResultCache allocator(0, /*huge_pages=*/false);
   allocator.allocate(40 * kMB).clear();
   EXPECT_EQ(allocator.cached_bytes(), 0u);
 }
 
-TEST(ResultMemory, ReleaseCachedFreesEverything) {
-  ResultAllocator allocator(256 * kMB, /*huge_pages=*/false);
+TEST(ResultCache, ReleaseCachedFreesEverything) {
+  ResultCache allocator(256 * kMB, /*huge_pages=*/false);
   allocator.allocate(40 * kMB).clear();
   allocator.allocate(64 * kMB).clear();
   EXPECT_EQ(allocator.cached_bytes(), 104 * kMB);
@@ -103,8 +103,8 @@ TEST(ResultMemory, ReleaseCachedFreesEverything) {
 // A process that forks while another thread holds the cache's lock: fork waits for the lock
 // (pthread_atfork), so the child gets it released and can allocate. Without the handlers the
 // child's copy of the lock stays held and its first allocation waits forever.
-TEST(ResultMemory, ForkWhileAnotherThreadHoldsTheLockDoesNotDeadlock) {
-  ResultAllocator& allocator = cpu::result_allocator();
+TEST(ResultCache, ForkWhileAnotherThreadHoldsTheLockDoesNotDeadlock) {
+  ResultCache& allocator = cpu::result_cache();
   std::atomic<bool> holding{false};
   std::thread holder([&] {
     allocator.before_fork();  // takes the lock
@@ -116,7 +116,7 @@ TEST(ResultMemory, ForkWhileAnotherThreadHoldsTheLockDoesNotDeadlock) {
   const pid_t pid = fork();
   if (pid == 0) {
     alarm(20);  // a deadlocked child is killed, and the test fails
-    c10::DataPtr block = allocator.allocate(ResultAllocator::kMinCachedBytes);
+    c10::DataPtr block = allocator.allocate(ResultCache::kMinCachedBytes);
     block.clear();
     allocator.release_cached();
     _exit(block.get() == nullptr ? 0 : 1);
@@ -130,8 +130,8 @@ TEST(ResultMemory, ForkWhileAnotherThreadHoldsTheLockDoesNotDeadlock) {
 
 // Several threads allocate, fill and free results above the cache's threshold at once; each
 // result must hold exactly what its thread wrote, and the cache stays within its limit.
-TEST(ResultMemory, ConcurrentResultsStayApart) {
-  ResultAllocator allocator(64 * kMB, /*huge_pages=*/false);
+TEST(ResultCache, ConcurrentResultsStayApart) {
+  ResultCache allocator(64 * kMB, /*huge_pages=*/false);
   std::vector<std::thread> threads;
   std::atomic<int> mismatches{0};
   for (int t = 0; t < 4; ++t) {
@@ -153,24 +153,24 @@ TEST(ResultMemory, ConcurrentResultsStayApart) {
   EXPECT_EQ(allocator.cached_bytes(), 0u);
 }
 
-class ResultMemoryOps : public SeededTest {};
+class ResultCacheOps : public SeededTest {};
 
-// Outputs and input gradients come from result_allocator(), and a reused block holds the new
+// Outputs and input gradients come from result_cache(), and a reused block holds the new
 // result only: each call is compared with torch after a call that left other values there.
-// The public API (include/custom_bn/memory.h) sees and releases what the ops leave cached.
-TEST_F(ResultMemoryOps, CachedBytesAndEmptyCache) {
-  custom_bn::memory::empty_cache();
+// The public API (include/custom_bn/result_cache.h) sees and releases what the ops leave cached.
+TEST_F(ResultCacheOps, CachedBytesAndEmptyCache) {
+  custom_bn::result_cache::empty_cache();
   {
     const torch::Tensor out =
         custom_bn::batch_norm(torch::rand({8, 32, 96, 96}), {}, {}, {}, {}, true, 0.1, 1e-5);
-    EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
+    EXPECT_EQ(custom_bn::result_cache::cached_bytes(), 0u);
   }
-  EXPECT_GE(custom_bn::memory::cached_bytes(), size_t(8 * 32 * 96 * 96 * 4));
-  custom_bn::memory::empty_cache();
-  EXPECT_EQ(custom_bn::memory::cached_bytes(), 0u);
+  EXPECT_GE(custom_bn::result_cache::cached_bytes(), size_t(8 * 32 * 96 * 96 * 4));
+  custom_bn::result_cache::empty_cache();
+  EXPECT_EQ(custom_bn::result_cache::cached_bytes(), 0u);
 }
 
-TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
+TEST_F(ResultCacheOps, ReusedResultsMatchTorch) {
   for (bool channels_last : {false, true}) {
     const auto format =
         channels_last ? torch::MemoryFormat::ChannelsLast : torch::MemoryFormat::Contiguous;
@@ -179,12 +179,12 @@ TEST_F(ResultMemoryOps, ReusedResultsMatchTorch) {
       torch::Tensor w = torch::rand({32});
       torch::Tensor b = torch::randn({32});
       torch::Tensor out = custom_bn::batch_norm(x, w, b, {}, {}, true, 0.1, 1e-5);
-      ASSERT_TRUE(cpu::result_allocator().serves(out.nbytes()));
-      EXPECT_EQ(out.storage().allocator(), &cpu::result_allocator());
+      ASSERT_TRUE(cpu::result_cache().serves(out.nbytes()));
+      EXPECT_EQ(out.storage().allocator(), &cpu::result_cache());
       EXPECT_TRUE(out.is_contiguous(format));
       torch::Tensor grad = torch::randn_like(x);
       torch::Tensor dx = torch::autograd::grad({out}, {x}, {grad})[0];
-      EXPECT_EQ(dx.storage().allocator(), &cpu::result_allocator());
+      EXPECT_EQ(dx.storage().allocator(), &cpu::result_cache());
 
       // Against float64: at 73,728 values a channel, torch's float32 sums are the less
       // accurate side.

@@ -1,5 +1,5 @@
-"""The memory custom_bn holds for reuse, as torch.cuda.memory_reserved and
-torch.cuda.empty_cache do for CUDA: large CPU results (outputs and input gradients) that were
+"""The result cache: the memory custom_bn holds for reuse, as torch.cuda.memory_reserved and
+torch.cuda.empty_cache do for CUDA. Large CPU results (outputs and input gradients) that were
 freed are kept, up to CUSTOM_BN_RESULT_CACHE_MB (default 1024; 0 turns the cache off), and
 handed to the next result of a similar size, so that a training loop's results do not fault
 in fresh pages every step."""

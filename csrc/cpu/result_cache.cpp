@@ -1,9 +1,9 @@
-// The allocator of large CPU results (result_memory.h) and the public memory API
-// (include/custom_bn/memory.h) over it.
-#include "cpu/result_memory.h"
+// The allocator of large CPU results (result_cache.h) and the public memory API
+// (include/custom_bn/result_cache.h) over it.
+#include "cpu/result_cache.h"
 #include "settings.h"
 
-#include <custom_bn/memory.h>
+#include <custom_bn/result_cache.h>
 
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -26,13 +26,13 @@ size_t round_up(size_t n, size_t multiple) { return (n + multiple - 1) / multipl
 
 }  // namespace
 
-ResultAllocator::ResultAllocator(size_t cache_limit, bool huge_pages)
+ResultCache::ResultCache(size_t cache_limit, bool huge_pages)
     : cache_limit_(cache_limit), huge_pages_(huge_pages) {}
 
-void ResultAllocator::before_fork() { mutex_.lock(); }
-void ResultAllocator::after_fork() { mutex_.unlock(); }
+void ResultCache::before_fork() { mutex_.lock(); }
+void ResultCache::after_fork() { mutex_.unlock(); }
 
-c10::DataPtr ResultAllocator::allocate(size_t n) {
+c10::DataPtr ResultCache::allocate(size_t n) {
   const size_t capacity = round_up(std::max<size_t>(n, 1), kHugePage);
   {
     // The smallest cached block that fits, if it wastes at most a quarter of itself; of equal
@@ -50,7 +50,7 @@ c10::DataPtr ResultAllocator::allocate(size_t n) {
       Block* block = *best;
       cached_.erase(best);
       cached_bytes_ -= block->capacity;
-      return {block->data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+      return {block->data, block, &ResultCache::give_back, c10::Device(c10::kCPU)};
     }
   }
   Block* block = map_block(capacity);
@@ -60,12 +60,12 @@ c10::DataPtr ResultAllocator::allocate(size_t n) {
   }
   TORCH_CHECK_WITH(OutOfMemoryError, block != nullptr, "custom_bn: could not allocate ", capacity,
                    " bytes for a result");
-  return {block->data, block, &ResultAllocator::give_back, c10::Device(c10::kCPU)};
+  return {block->data, block, &ResultCache::give_back, c10::Device(c10::kCPU)};
 }
 
 // A fresh mapping of `capacity` bytes (a multiple of 2 MB) aligned to 2 MB: mapped 2 MB
 // larger, then trimmed at both ends. Null when the kernel refuses.
-ResultAllocator::Block* ResultAllocator::map_block(size_t capacity) const {
+ResultCache::Block* ResultCache::map_block(size_t capacity) const {
   const size_t mapped = capacity + kHugePage;
   void* start = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (start == MAP_FAILED) return nullptr;
@@ -79,24 +79,24 @@ ResultAllocator::Block* ResultAllocator::map_block(size_t capacity) const {
   // Advice only: where huge pages are off it changes nothing.
   if (huge_pages_) (void)madvise(data, capacity, MADV_HUGEPAGE);
 #endif
-  return new Block{data, capacity, const_cast<ResultAllocator*>(this)};
+  return new Block{data, capacity, const_cast<ResultCache*>(this)};
 }
 
-void ResultAllocator::unmap_block(Block* block) {
+void ResultCache::unmap_block(Block* block) {
   munmap(block->data, block->capacity);
   delete block;
 }
 
-void ResultAllocator::copy_data(void* dest, const void* src, std::size_t count) const {
+void ResultCache::copy_data(void* dest, const void* src, std::size_t count) const {
   std::memcpy(dest, src, count);
 }
 
-size_t ResultAllocator::cached_bytes() const {
+size_t ResultCache::cached_bytes() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return cached_bytes_;
 }
 
-void ResultAllocator::release_cached() {
+void ResultCache::release_cached() {
   std::vector<Block*> released;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -106,14 +106,14 @@ void ResultAllocator::release_cached() {
   for (Block* block : released) unmap_block(block);
 }
 
-void ResultAllocator::give_back(void* block) {
+void ResultCache::give_back(void* block) {
   auto* b = static_cast<Block*>(block);
   b->owner->cache_or_free(b);
 }
 
 // The freed block joins the cache; the oldest blocks leave it while it holds more than the
 // limit (so a block larger than the limit is freed at once).
-void ResultAllocator::cache_or_free(Block* block) {
+void ResultCache::cache_or_free(Block* block) {
   std::vector<Block*> evicted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -129,18 +129,17 @@ void ResultAllocator::cache_or_free(Block* block) {
   for (Block* b : evicted) unmap_block(b);
 }
 
-ResultAllocator& result_allocator() {
-  static ResultAllocator* const allocator = [] {
+ResultCache& result_cache() {
+  static ResultCache* const allocator = [] {
     const int64_t megabytes =
         count_setting("CUSTOM_BN_RESULT_CACHE_MB", "a number of megabytes", 0, 1024);
-    auto* created = new ResultAllocator(static_cast<size_t>(megabytes) << 20,
-                                        flag_setting("CUSTOM_BN_HUGE_PAGES", true));
+    auto* created = new ResultCache(static_cast<size_t>(megabytes) << 20,
+                                    flag_setting("CUSTOM_BN_HUGE_PAGES", true));
     // A process that forks (a DataLoader worker) while another thread holds the cache's lock
     // would leave the child a lock nobody releases: fork waits for the lock, and both sides
     // release it after.
-    pthread_atfork([] { result_allocator().before_fork(); },
-                   [] { result_allocator().after_fork(); },
-                   [] { result_allocator().after_fork(); });
+    pthread_atfork([] { result_cache().before_fork(); }, [] { result_cache().after_fork(); },
+                   [] { result_cache().after_fork(); });
     return created;
   }();
   return *allocator;
@@ -148,11 +147,11 @@ ResultAllocator& result_allocator() {
 
 }  // namespace custom_bn::cpu
 
-namespace custom_bn::memory {
+namespace custom_bn::result_cache {
 
-size_t cached_bytes() { return cpu::result_allocator().cached_bytes(); }
+size_t cached_bytes() { return cpu::result_cache().cached_bytes(); }
 
-void empty_cache() { cpu::result_allocator().release_cached(); }
+void empty_cache() { cpu::result_cache().release_cached(); }
 
 namespace {
 
@@ -166,4 +165,4 @@ TORCH_LIBRARY_IMPL(custom_bn, CompositeImplicitAutograd, m) {
   m.impl("_empty_result_cache", TORCH_FN(empty_cache));
 }
 
-}  // namespace custom_bn::memory
+}  // namespace custom_bn::result_cache
