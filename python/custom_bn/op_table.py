@@ -10,6 +10,7 @@ Python code restates an op's argument list or indexes its arguments by position.
 import dataclasses
 import enum
 import functools
+import itertools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -86,7 +87,8 @@ class OpSignature:
 
     def bind_dims(self, in_dims: Sequence[int | None]) -> dict:
         """{name: vmapped dimension}: vmap passes in_dims for the positional arguments only."""
-        return {a.name: d for a, d in zip(self.arguments, (*in_dims, *[None] * 16), strict=False)}
+        dims = itertools.chain(in_dims, itertools.repeat(None))
+        return {a.name: d for a, d in zip(self.arguments, dims, strict=False)}
 
     def call(self, values: Mapping[str, Any]) -> Any:
         return self.packet(**values)

@@ -73,15 +73,19 @@ class _CallbackOnImport:
         return spec
 
 
-def when_imported(module_name: str, callback: Callable[[Any], None]) -> None:
+def when_imported(module_name: str, feature: str, callback: Callable[[Any], None]) -> None:
     """callback(module) now if module_name is imported, else when it is first imported, so
-    that users who never import it do not pay for importing it. The callback must not raise:
-    its exception would escape that import."""
+    that users who never import it do not pay for importing it. Where the callback fails
+    (torch has moved), `feature` is turned off with a warning and that import goes on."""
+
+    def install(module: Any) -> None:
+        install_or_warn(feature, lambda: callback(module))
+
     module = sys.modules.get(module_name)
     if module is not None:
-        callback(module)
+        install(module)
     elif not any(
         isinstance(finder, _CallbackOnImport) and finder.module_name == module_name
         for finder in sys.meta_path
     ):
-        sys.meta_path.insert(0, _CallbackOnImport(module_name, callback))
+        sys.meta_path.insert(0, _CallbackOnImport(module_name, install))

@@ -33,13 +33,11 @@ are not registered, with a warning, and inductor's import goes on: compiled mode
 ops as calls.
 """
 
-import warnings
-
 import torch
 
 from .. import reference
 from ..op_table import signature
-from .hooks import MissingHookPoint, hook_point, turned_off_warning, when_imported
+from .hooks import hook_point, when_imported
 
 _INDUCTOR_DECOMPOSITIONS = "torch._inductor.decomposition"
 FEATURE = "torch.compile compiling custom_bn's batch norm into inductor's own code"
@@ -74,23 +72,15 @@ def _decompose_if_tracing_table_has(op, proxy_tensor):
 
 
 def _register(decomposition_module) -> None:
-    table = decomposition_module.decompositions
-    register = decomposition_module.register_decomposition
-    clear_cache = decomposition_module.fast_random_decomps.cache_clear
+    name = decomposition_module.__name__
+    table = hook_point(name, "decompositions")
+    register = hook_point(name, "register_decomposition")
+    clear_cache = hook_point(name, "fast_random_decomps", "cache_clear")
     for name in DECOMPOSED:
         if _op(name) not in table:
             register(_op(name))(signature(name).adapt(getattr(reference, name)))
     # The table inductor reads is a cached copy, made on its first compile.
     clear_cache()
-
-
-def _register_or_warn(decomposition_module) -> None:
-    try:
-        _register(decomposition_module)
-    except Exception as error:  # noqa: BLE001  inductor's own import must go on.
-        if isinstance(error, AttributeError):
-            error = MissingHookPoint(f"{_INDUCTOR_DECOMPOSITIONS}: {error}")
-        warnings.warn(turned_off_warning(FEATURE, error), stacklevel=2)
 
 
 def install() -> None:
@@ -101,4 +91,4 @@ def install() -> None:
     for name in _MUTATING:
         if tracer_key not in _op(name).py_kernels:
             _op(name).py_impl(tracer_key)(_decompose_if_tracing_table_has(_op(name), proxy_tensor))
-    when_imported(_INDUCTOR_DECOMPOSITIONS, _register_or_warn)
+    when_imported(_INDUCTOR_DECOMPOSITIONS, FEATURE, lambda module: _register(module))

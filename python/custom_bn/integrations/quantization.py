@@ -25,12 +25,11 @@ Hook points, private as torch has no registry for either: the eager fuser table
 """
 
 import functools
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 from ..modules import _REPLACEMENTS, _retype
-from .hooks import hook_point, turned_off_warning, when_imported
+from .hooks import hook_point, when_imported
 
 FEATURE = "torch.ao.quantization fusing and quantizing custom_bn's batch norm by default"
 _FUSER_TABLE = ("torch.ao.quantization.fuser_method_mappings", "_DEFAULT_OP_LIST_TO_FUSER_METHOD")
@@ -106,12 +105,9 @@ def _with_our_config(native: Callable[[], Any]) -> Callable[[], Any]:
 
 def _patch_fx_pass(module: Any) -> None:
     """Points one FX pass's default config at torch's native one with ours added."""
-    try:
-        native = hook_point(module.__name__, "get_native_backend_config")
-        if not hasattr(native, "__wrapped__"):
-            module.get_native_backend_config = _with_our_config(native)
-    except Exception as error:  # noqa: BLE001  the pass's own import must go on.
-        warnings.warn(turned_off_warning(FEATURE, error), stacklevel=2)
+    native = hook_point(module.__name__, "get_native_backend_config")
+    if not hasattr(native, "__wrapped__"):
+        module.get_native_backend_config = _with_our_config(native)
 
 
 def install() -> None:
@@ -122,4 +118,4 @@ def install() -> None:
     hook_point(_BACKEND_CONFIG, "BackendPatternConfig", "from_dict")
     table.update(fuser_method_mapping())
     for name in _FX_PASSES:
-        when_imported(name, _patch_fx_pass)
+        when_imported(name, FEATURE, _patch_fx_pass)
