@@ -5,8 +5,8 @@
 // jacrev, jvp, jacfwd, and their compositions) accept such kernels at every level; they
 // refuse C++ torch::autograd::Function.
 //
-// The backward runs the batch_norm(_relu)_backward op; when it must itself be differentiable
-// (create_graph, and always under torch.func), the formula of formulas.h instead.
+// The backward runs the batch_norm(_relu)_backward op, whose own Autograd kernel
+// (backward.cpp) makes it differentiable where it must be (create_graph, torch.func).
 #include "autograd/formulas.h"
 #include "channel_stats.h"
 #include "checks.h"
@@ -59,15 +59,6 @@ variable_list BatchNormBackward::apply(variable_list&& grads) {
   const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                  task_should_compute_output(2)};
   const bool residual_grad = relu && task_should_compute_output(3);
-  if (at::GradMode::is_enabled()) {
-    // ReLU's second derivative is zero almost everywhere: its mask is a constant of the graph.
-    const at::Tensor dz =
-        relu ? grad_output * (out > 0).to(grad_output.scalar_type()) : grad_output;
-    const auto g = differentiable_backward(dz, x, w, mean, var, training, eps, mask);
-    std::copy(g.begin(), g.end(), result.begin());
-    if (residual_grad) result[3] = dz;
-    return result;
-  }
   if (relu) {
     std::tie(result[0], result[1], result[2], result[3]) = batch_norm_relu_backward(
         grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), training, eps,

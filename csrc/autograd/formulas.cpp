@@ -23,7 +23,18 @@ struct Normalized {
   at::Tensor mean_over_batch(const at::Tensor& t) const {
     return t.mean(reduce_dims, /*keepdim=*/true);
   }
+  // Training: the derivative of x_hat along v is invstd * project(v), with
+  // project(v) = v - mean(v) - x_hat * mean(x_hat * v), self-adjoint. Eval: v itself.
+  at::Tensor project(const at::Tensor& v, bool training) const {
+    return training ? v - mean_over_batch(v) - x_hat * mean_over_batch(x_hat * v) : v;
+  }
 };
+
+// a + b, where an undefined tensor is zero.
+at::Tensor sum_of(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  return b.defined() ? a + b : a;
+}
 
 Normalized normalize(const at::Tensor& input, const at::Tensor& running_mean,
                      const at::Tensor& running_var, bool training, double eps) {
@@ -59,13 +70,53 @@ std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
   std::array<at::Tensor, 3> grads;
   if (output_mask[0]) {
     // Training: grad_x = w * invstd * (dy - mean(dy) - x_hat * mean(dy * x_hat)).
-    const at::Tensor grad_input =
-        training ? scale * (dy - n.mean_over_batch(dy) - n.x_hat * n.mean_over_batch(dy * n.x_hat))
-                 : dy * scale;
-    grads[0] = grad_input.to(input.scalar_type());
+    grads[0] = (scale * n.project(dy, training)).to(input.scalar_type());
   }
   if (output_mask[1]) grads[1] = (dy * n.x_hat).sum(n.reduce_dims).to(param_dtype);
   if (output_mask[2]) grads[2] = dy.sum(n.reduce_dims).to(param_dtype);
+  return grads;
+}
+
+std::array<at::Tensor, 3> double_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, const at::Tensor& running_mean,
+                                          const at::Tensor& running_var, bool training, double eps,
+                                          const at::Tensor& gg_input, const at::Tensor& gg_weight,
+                                          const at::Tensor& gg_bias,
+                                          std::array<bool, 3> output_mask) {
+  // The backward is grad_input = w * invstd * project(dy), grad_weight = sum(dy * x_hat),
+  // grad_bias = sum(dy); below, a = gg_input, b = gg_weight, c = gg_bias and P = project.
+  const Normalized n = normalize(input, running_mean, running_var, training, eps);
+  const at::Tensor dy = grad_output.to(n.stat);
+  const at::Tensor a = gg_input.defined() ? gg_input.to(n.stat) : at::Tensor();
+  const at::Tensor b = gg_weight.defined() ? n.per_channel(gg_weight) : at::Tensor();
+  const at::Tensor c = gg_bias.defined() ? n.per_channel(gg_bias) : at::Tensor();
+  const at::Tensor w = weight.defined() ? n.per_channel(weight) : at::Tensor();
+  const auto times_weight = [&](const at::Tensor& t) { return w.defined() ? t * w : t; };
+  const at::Tensor projected_dy = n.project(dy, training);
+  std::array<at::Tensor, 3> grads;
+  if (output_mask[0]) {
+    // P is self-adjoint: d/d(dy) = w * invstd * P(a) + b * x_hat + c.
+    at::Tensor g = a.defined() ? times_weight(n.invstd * n.project(a, training)) : at::Tensor();
+    g = sum_of(sum_of(g, b.defined() ? b * n.x_hat : at::Tensor()), c);
+    if (g.defined()) grads[0] = g.expand_as(dy).to(grad_output.scalar_type());
+  }
+  if (output_mask[1]) {
+    // b * d x_hat^T dy, and in training, through invstd and x_hat in grad_input:
+    // w * invstd^2 * (-mean(a * P(dy)) * x_hat - mean(x_hat * dy) * P(a) - mean(a * x_hat) *
+    // P(dy)).
+    at::Tensor g = b.defined() ? b * n.invstd * projected_dy : at::Tensor();
+    if (training && a.defined()) {
+      const at::Tensor through_statistics =
+          -(n.mean_over_batch(a * projected_dy) * n.x_hat +
+            n.mean_over_batch(n.x_hat * dy) * n.project(a, training) +
+            n.mean_over_batch(a * n.x_hat) * projected_dy);
+      g = sum_of(g, times_weight(n.invstd.square() * through_statistics));
+    }
+    if (g.defined()) grads[1] = g.to(input.scalar_type());
+  }
+  if (output_mask[2] && weight.defined() && a.defined()) {
+    grads[2] = (a * n.invstd * projected_dy).sum(n.reduce_dims).to(weight.scalar_type());
+  }
   return grads;
 }
 
@@ -76,12 +127,7 @@ at::Tensor forward_tangent(const at::Tensor& input, const at::Tensor& weight,
   const Normalized n = normalize(input, running_mean, running_var, training, eps);
   at::Tensor tangent = at::zeros_like(n.x_hat);
   if (input_tangent.defined()) {
-    // Training: d x_hat = invstd * (dx - mean(dx) - x_hat * mean(x_hat * dx)); eval: invstd * dx.
-    const at::Tensor dx = input_tangent.to(n.stat);
-    at::Tensor dx_hat =
-        training
-            ? n.invstd * (dx - n.mean_over_batch(dx) - n.x_hat * n.mean_over_batch(n.x_hat * dx))
-            : n.invstd * dx;
+    const at::Tensor dx_hat = n.invstd * n.project(input_tangent.to(n.stat), training);
     tangent = tangent + (weight.defined() ? dx_hat * n.per_channel(weight) : dx_hat);
   }
   if (weight_tangent.defined()) tangent = tangent + n.x_hat * n.per_channel(weight_tangent);

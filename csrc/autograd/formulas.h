@@ -1,5 +1,5 @@
 // batch_norm's derivatives written with differentiable ATen ops, once, for what the kernels
-// do not cover: double backward (the backward of the backward) and forward-mode AD (jvp).
+// do not cover: the backward ops' own derivatives (double backward) and forward-mode AD (jvp).
 // Both differentiate the same normalization,
 //   x_hat = (x - mean) * invstd,   y = x_hat * weight + bias,
 // with mean and invstd the batch's (training: functions of x) or the running stats' (eval:
@@ -14,12 +14,24 @@ namespace custom_bn::autograd {
 
 // batch_norm's backward: (grad_input, grad_weight, grad_bias), each undefined where
 // output_mask is false. The batch statistics are recomputed from input, so that their
-// dependence on input is part of the graph: second-order gradients need it.
+// dependence on input is part of the graph: the backward op's forward-mode tangents come from
+// running it on dual tensors.
 std::array<at::Tensor, 3> differentiable_backward(const at::Tensor& grad_output,
                                                   const at::Tensor& input, const at::Tensor& weight,
                                                   const at::Tensor& running_mean,
                                                   const at::Tensor& running_var, bool training,
                                                   double eps, std::array<bool, 3> output_mask);
+
+// The backward of batch_norm's backward: for the gradients (gg_input, gg_weight, gg_bias) of
+// its results (grad_input, grad_weight, grad_bias), the gradients of (grad_output, input,
+// weight), each undefined where output_mask is false or where it is zero. An undefined gg_* is
+// zero. Written in differentiable ATen ops, so that it has derivatives of its own.
+std::array<at::Tensor, 3> double_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const at::Tensor& weight, const at::Tensor& running_mean,
+                                          const at::Tensor& running_var, bool training, double eps,
+                                          const at::Tensor& gg_input, const at::Tensor& gg_weight,
+                                          const at::Tensor& gg_bias,
+                                          std::array<bool, 3> output_mask);
 
 // The tangent of y for tangents (input_tangent, weight_tangent, bias_tangent) of (input,
 // weight, bias); an undefined tangent is zero. In the output's dtype.

@@ -1,0 +1,173 @@
+// The Autograd kernels of batch_norm_backward and batch_norm_relu_backward, as ATen gives
+// native_batch_norm_backward a derivative of its own: the backward always runs the backward
+// op's kernels, so first-order gradients are the same with create_graph as without, and when
+// its arguments require grad, a node records the formula of its own backward (formulas.h:
+// double_backward); forward-mode tangents come from the differentiable formula.
+#include "autograd/formulas.h"
+#include "checks.h"
+#include "op_params.h"
+
+#include <ATen/TensorOperators.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/VariableTypeUtils.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <mutex>
+
+namespace custom_bn::autograd {
+namespace {
+
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+// ReLU's derivative at the fused op's output, a constant of the graph (its own derivative is
+// zero almost everywhere); undefined output: no ReLU.
+at::Tensor relu_grad(const at::Tensor& grad, const at::Tensor& relu_output) {
+  return relu_output.defined() ? grad * (relu_output > 0).to(grad.scalar_type()) : grad;
+}
+
+// The backward of one call of a backward op. Gradients in argument order: grad_output, input,
+// weight (ReLU's output and the statistics get none).
+struct BatchNormDoubleBackward final : torch::autograd::TraceableFunction {
+  SavedVariable grad_output, input, weight, running_mean, running_var;
+  SavedVariable relu_output;  // batch_norm_relu_backward's output argument
+  bool relu = false;
+  bool training = false;
+  double eps = 0;
+
+  std::string name() const override {
+    return relu ? "BatchNormReluBackwardBackward" : "BatchNormBackwardBackward";
+  }
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* saved :
+         {&grad_output, &input, &weight, &running_mean, &running_var, &relu_output}) {
+      saved->reset_data();
+    }
+  }
+  variable_list apply(variable_list&& grads) override;
+};
+
+variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const at::Tensor out = relu_output.unpack();
+  // The fused op's grad_input, grad_weight and grad_bias are batch_norm's of dz, and its
+  // grad_residual is dz itself.
+  const at::Tensor dz = relu_grad(grad_output.unpack(), out);
+  const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
+                                 task_should_compute_output(2)};
+  std::array<at::Tensor, 3> result =
+      double_backward(dz, input.unpack(), weight.unpack(), running_mean.unpack(),
+                      running_var.unpack(), training, eps, grads[0], grads[1], grads[2], mask);
+  if (relu && mask[0]) {
+    const at::Tensor& gg_residual = grads[3];
+    at::Tensor grad_dz = result[0];
+    if (gg_residual.defined()) grad_dz = grad_dz.defined() ? grad_dz + gg_residual : gg_residual;
+    result[0] = grad_dz.defined() ? relu_grad(grad_dz, out) : grad_dz;
+  }
+  return {result.begin(), result.end()};
+}
+
+// The results of a backward op; batch_norm_backward's leave the fourth undefined.
+using BackwardResult = std::array<at::Tensor, 4>;
+
+// Runs `below` (the backward op below autograd) with autograd around it. relu_output is
+// undefined for batch_norm_backward.
+template <typename Below>
+BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_output,
+                                      const at::Tensor& relu_output, const at::Tensor& input,
+                                      CUSTOM_BN_BACKWARD_STATS_PARAMS,
+                                      std::array<bool, 3> batch_norm_mask, const Below& below) {
+  // What the formula takes as constants must not ask for gradients: torch's error, never a
+  // silent zero (the statistics are recomputed from input; ReLU's mask has none).
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
+  torch::autograd::check_no_requires_grad(running_var, "running_var", op);
+  torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
+  torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", op);
+  std::shared_ptr<BatchNormDoubleBackward> node;
+  if (torch::autograd::compute_requires_grad(grad_output, input, weight)) {
+    node.reset(new BatchNormDoubleBackward(), torch::autograd::deleteNode);
+    node->set_next_edges(torch::autograd::collect_next_edges(grad_output, input, weight));
+  }
+  BackwardResult result;
+  {
+    at::AutoDispatchBelowAutograd below_autograd;
+    result = below();
+  }
+  const at::Tensor w = weight.value_or(at::Tensor());
+  const at::Tensor mean = training ? at::Tensor() : running_mean.value_or(at::Tensor());
+  const at::Tensor var = training ? at::Tensor() : running_var.value_or(at::Tensor());
+  if (node) {
+    // Every result in its place, undefined ones too, so that the node's inputs keep their order.
+    const size_t results = relu_output.defined() ? 4 : 3;
+    torch::autograd::set_history(std::vector<at::Tensor>(result.begin(), result.begin() + results),
+                                 node);
+    node->relu = relu_output.defined();
+    node->training = training;
+    node->eps = eps;
+    node->grad_output = SavedVariable(grad_output, false);
+    node->input = SavedVariable(input, false);
+    node->weight = SavedVariable(w, false);
+    node->running_mean = SavedVariable(mean, false);
+    node->running_var = SavedVariable(var, false);
+    node->relu_output = SavedVariable(relu_output, false);
+  }
+  const auto has_tangent = [](const at::Tensor& t) {
+    return t.defined() && t._fw_grad(/*level=*/0).defined();
+  };
+  if (has_tangent(grad_output) || has_tangent(input) || has_tangent(w) || has_tangent(mean) ||
+      has_tangent(var)) {
+    // The formula run on the dual tensors carries their tangents; its values are discarded.
+    at::NoGradGuard tangents_only;
+    const at::Tensor dz = relu_grad(grad_output, relu_output);
+    const std::array<at::Tensor, 3> dual =
+        differentiable_backward(dz, input, w, mean, var, training, eps, batch_norm_mask);
+    for (size_t i = 0; i < dual.size(); ++i) {
+      if (result[i].defined() && dual[i].defined()) {
+        result[i]._set_fw_grad(dual[i]._fw_grad(/*level=*/0), /*level=*/0,
+                               /*is_inplace_op=*/false);
+      }
+    }
+    if (result[3].defined()) {
+      result[3]._set_fw_grad(dz._fw_grad(/*level=*/0), /*level=*/0, /*is_inplace_op=*/false);
+    }
+  }
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
+    CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
+  const BackwardResult r = backward_with_autograd(
+      "custom_bn::batch_norm_backward", grad_output, at::Tensor(), input, weight, running_mean,
+      running_var, save_mean, save_invstd, training, eps, output_mask, [&]() -> BackwardResult {
+        const auto [grad_input, grad_weight, grad_bias] =
+            batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                                save_invstd, training, eps, output_mask);
+        return {grad_input, grad_weight, grad_bias, at::Tensor()};
+      });
+  return {r[0], r[1], r[2]};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_autograd(
+    CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
+  const BackwardResult r = backward_with_autograd(
+      "custom_bn::batch_norm_relu_backward", grad_output, output, input, weight, running_mean,
+      running_var, save_mean, save_invstd, training, eps,
+      {output_mask[0], output_mask[1], output_mask[2]}, [&]() -> BackwardResult {
+        const auto [grad_input, grad_weight, grad_bias, grad_residual] =
+            batch_norm_relu_backward(grad_output, output, input, weight, running_mean, running_var,
+                                     save_mean, save_invstd, training, eps, output_mask);
+        return {grad_input, grad_weight, grad_bias, grad_residual};
+      });
+  return {r[0], r[1], r[2], r[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(custom_bn, Autograd, m) {
+  m.impl("batch_norm_backward", TORCH_FN(batch_norm_backward_autograd));
+  m.impl("batch_norm_relu_backward", TORCH_FN(batch_norm_relu_backward_autograd));
+}
+
+}  // namespace custom_bn::autograd
