@@ -40,8 +40,16 @@ at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channel
 // the tensor, GCC cannot count the iterations and leaves the loop scalar (a square root and
 // two divisions per channel, in sequence).
 at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
-  if (count <= 0) return at::zeros({m2.numel()}, m2.options());
   at::Tensor invstd = empty_like_stat(m2);
+  fill_invstd_from_m2(m2, count, eps, invstd);
+  return invstd;
+}
+
+void fill_invstd_from_m2(const at::Tensor& m2, double count, double eps, at::Tensor& invstd) {
+  if (count <= 0) {
+    invstd.zero_();
+    return;
+  }
   const int64_t channels = m2.numel();
   AT_DISPATCH_FLOATING_TYPES(m2.scalar_type(), "invstd_from_m2", [&] {
     const scalar_t* m2_data = data<scalar_t>(m2);
@@ -51,7 +59,6 @@ at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps) {
       out[c] = custom_bn::invstd_from_var(m2_data[c] / n, eps);
     }
   });
-  return invstd;
 }
 
 at::Tensor invstd_of_running_var(const at::Tensor& var, const at::TensorOptions& stat_options,

@@ -14,6 +14,8 @@ at::Tensor channel_param(const std::optional<at::Tensor>& param, int64_t channel
 
 // invstd = 1 / sqrt(m2 / count + eps); zeros when count is 0.
 at::Tensor invstd_from_m2(const at::Tensor& m2, double count, double eps);
+// The same into a (C,) tensor `invstd` of m2's dtype.
+void fill_invstd_from_m2(const at::Tensor& m2, double count, double eps, at::Tensor& invstd);
 
 // invstd = 1 / sqrt(var + eps) per channel, for eval with running_var (any float dtype, any
 // strides): the scalar invstd_from_var of batch_norm_math.h over a tensor.

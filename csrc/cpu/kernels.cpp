@@ -1,10 +1,11 @@
-// The CPU kernel table of one instruction set: each entry dispatches on the input's dtype and
+// The CPU kernel table of one instruction set: each pass dispatches on the input's dtype and
 // runs the engines of reduce.h, map.h, stats.h and channel_at_a_time.h with the per-element
-// math of pass_math.h. Compiled once per instruction set; CPU_CAPABILITY names this copy's
-// namespace.
+// math of pass_math.h; each op's schedule of passes follows the plan. Compiled once per instruction
+// set; CPU_CAPABILITY names this copy's namespace.
 #include "cpu/kernels.h"
 
 #include "cpu/channel_at_a_time.h"
+#include "cpu/channel_math.h"
 #include "cpu/map.h"
 #include "cpu/pass_math.h"
 #include "cpu/reduce.h"
@@ -130,20 +131,36 @@ void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& outp
   });
 }
 
-void normalize_channel_at_a_time(const at::Tensor& input, const CpuPlan& plan,
-                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 bool with_relu, at::Tensor& mean, at::Tensor& m2,
-                                 at::Tensor& invstd, at::Tensor& output) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "normalize_channel_at_a_time", [&] {
-    CPU_CAPABILITY::normalize_channel_at_a_time(
-        input.const_data_ptr<scalar_t>(), plan, stat_ptr<scalar_t>(weight),
-        stat_ptr<scalar_t>(bias), eps, with_relu, mutable_stat_ptr<scalar_t>(mean),
-        mutable_stat_ptr<scalar_t>(m2), mutable_stat_ptr<scalar_t>(invstd),
-        output.mutable_data_ptr<scalar_t>());
-  });
+double values_in_channel(const CpuPlan& plan) {
+  return static_cast<double>(plan.view.outer * plan.view.inner);
 }
 
-void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& output,
+void normalize_training(const at::Tensor& input, const at::Tensor& residual, const CpuPlan& plan,
+                        const at::Tensor& weight, const at::Tensor& bias, double eps,
+                        bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
+                        at::Tensor& output) {
+  if (plan.channel_at_a_time) {  // never with a residual (work_of)
+    CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "normalize_channel_at_a_time", [&] {
+      CPU_CAPABILITY::normalize_channel_at_a_time(
+          input.const_data_ptr<scalar_t>(), plan, stat_ptr<scalar_t>(weight),
+          stat_ptr<scalar_t>(bias), eps, with_relu, mutable_stat_ptr<scalar_t>(mean),
+          mutable_stat_ptr<scalar_t>(m2), mutable_stat_ptr<scalar_t>(invstd),
+          output.mutable_data_ptr<scalar_t>());
+    });
+    return;
+  }
+  collect_stats(input, plan, mean, m2);
+  fill_invstd_from_m2(m2, values_in_channel(plan), eps, invstd);
+  const auto [alpha, shift] = affine_coefficients(invstd, weight, bias);
+  if (with_relu) {
+    apply_affine_relu(input, residual, plan, mean, alpha, shift, output);
+  } else {
+    apply_affine(input, plan, mean, alpha, shift, output);
+  }
+}
+
+// Training's sums and input gradient a channel at a time.
+void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& relu_output,
                                   const at::Tensor& input, const CpuPlan& plan,
                                   const at::Tensor& mean, const at::Tensor& invstd,
                                   const at::Tensor& weight, at::Tensor& sum_dy,
@@ -159,27 +176,51 @@ void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tenso
           mutable_stat_ptr<scalar_t>(sum_dy_xmu), reduce_terms, grad_input_of,
           grad_input.mutable_data_ptr<scalar_t>());
     };
-    if (output.defined()) {
-      run(std::array{dy, output.const_data_ptr<scalar_t>(), x}, kReluGradSums, kReluGradInput);
+    if (relu_output.defined()) {
+      run(std::array{dy, relu_output.const_data_ptr<scalar_t>(), x}, kReluGradSums, kReluGradInput);
     } else {
       run(std::array{dy, x}, kGradSums, kGradInput);
     }
   });
 }
 
+void backward(const at::Tensor& grad_output, const at::Tensor& relu_output, const at::Tensor& input,
+              const CpuPlan& plan, bool training, const at::Tensor& mean, const at::Tensor& invstd,
+              const at::Tensor& weight, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+              at::Tensor& grad_masked, at::Tensor& grad_input) {
+  // The plan goes a channel at a time only in training with no residual (work_of).
+  if (plan.channel_at_a_time && grad_input.defined()) {
+    grad_input_channel_at_a_time(grad_output, relu_output, input, plan, mean, invstd, weight,
+                                 sum_dy, sum_dy_xmu, grad_input);
+    return;
+  }
+  if (sum_dy.defined()) {
+    if (relu_output.defined()) {
+      reduce_grad_relu(grad_output, relu_output, input, plan, mean, sum_dy, sum_dy_xmu,
+                       grad_masked);
+    } else {
+      reduce_grad(grad_output, input, plan, mean, sum_dy, sum_dy_xmu);
+    }
+  }
+  if (!grad_input.defined()) return;
+  const GradInputCoefficientTensors k = grad_input_coefficients(
+      training, invstd, weight, sum_dy, sum_dy_xmu, values_in_channel(plan));
+  if (relu_output.defined() && !grad_masked.defined()) {
+    apply_grad_input_relu(grad_output, relu_output, input, plan, mean, k.dy_mean, k.a, k.b,
+                          grad_input);
+  } else {
+    // With dz at hand (the residual's gradient), the pass reads (dz, x).
+    apply_grad_input(grad_masked.defined() ? grad_masked : grad_output, input, plan, mean,
+                     k.dy_mean, k.a, k.b, grad_input);
+  }
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{kVectorBytes,
-                                 collect_stats,
-                                 apply_affine,
-                                 apply_affine_relu,
-                                 reduce_grad,
-                                 reduce_grad_relu,
-                                 apply_grad_input,
-                                 apply_grad_input_relu,
-                                 normalize_channel_at_a_time,
-                                 grad_input_channel_at_a_time};
+  static const KernelTable table{
+      kVectorBytes,     collect_stats,    apply_affine,          apply_affine_relu,  reduce_grad,
+      reduce_grad_relu, apply_grad_input, apply_grad_input_relu, normalize_training, backward};
   return table;
 }
 

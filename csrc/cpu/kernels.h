@@ -47,21 +47,26 @@ struct KernelTable {
                                 const at::Tensor& mean, const at::Tensor& dy_mean,
                                 const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
 
-  // Training a channel at a time (plan.channel_at_a_time; csrc/cpu/channel_at_a_time.h): the
-  // work of collect_stats, then invstd = 1 / sqrt(m2 / n + eps) and alpha = invstd * weight,
-  // then apply_affine (with_relu: apply_affine_relu, no residual) into output. weight and
-  // bias are given.
-  void (*normalize_channel_at_a_time)(const at::Tensor& input, const CpuPlan& plan,
-                                      const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                      bool with_relu, at::Tensor& mean, at::Tensor& m2,
-                                      at::Tensor& invstd, at::Tensor& output);
-  // The same for the backward: reduce_grad (with output defined: reduce_grad_relu, writing
-  // no masked gradient), the training coefficients, then apply_grad_input(_relu).
-  void (*grad_input_channel_at_a_time)(const at::Tensor& grad_output, const at::Tensor& output,
-                                       const at::Tensor& input, const CpuPlan& plan,
-                                       const at::Tensor& mean, const at::Tensor& invstd,
-                                       const at::Tensor& weight, at::Tensor& sum_dy,
-                                       at::Tensor& sum_dy_xmu, at::Tensor& grad_input);
+  // The passes of an op, scheduled as the plan says: with plan.channel_at_a_time, a channel
+  // at a time (csrc/cpu/channel_at_a_time.h), else each pass over the whole tensor, through
+  // the entries above. Same results either way, bitwise. For a non-empty input; weight and
+  // bias are given; mean, m2, invstd and the sums are (C,) tensors they fill.
+  //
+  // Training's forward: mean and m2, then invstd = 1 / sqrt(m2 / n + eps) and
+  // alpha = invstd * weight, then apply_affine (with_relu: apply_affine_relu) into output.
+  void (*normalize_training)(const at::Tensor& input, const at::Tensor& residual,
+                             const CpuPlan& plan, const at::Tensor& weight, const at::Tensor& bias,
+                             double eps, bool with_relu, at::Tensor& mean, at::Tensor& m2,
+                             at::Tensor& invstd, at::Tensor& output);
+  // A backward, of dz = grad_output or, with relu_output defined, relu_grad(grad_output,
+  // relu_output): the sums of dz (when sum_dy is defined; then dz also into grad_masked, when
+  // defined), then the input gradient (when grad_input is defined): training's from the sums
+  // (or from grad_masked when defined), eval's from invstd alone.
+  void (*backward)(const at::Tensor& grad_output, const at::Tensor& relu_output,
+                   const at::Tensor& input, const CpuPlan& plan, bool training,
+                   const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
+                   at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked,
+                   at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

@@ -100,23 +100,17 @@ std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const
   return {sum_dy, sum_dy_xmu};
 }
 
-// The elementwise input gradient from the sums (training) or from invstd alone (eval);
-// grad_output is dz itself, or with relu_output given, ReLU's gradient is applied first.
+// The elementwise input gradient from the sums (training) or from invstd alone (eval).
 at::Tensor grad_input_from_sums(bool training, const at::Tensor& grad_output,
                                 const at::Tensor& input, const PlannedInput& in,
                                 const ChannelStats& stats, const std::optional<at::Tensor>& weight,
                                 const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
-                                double count, const at::Tensor& relu_output = at::Tensor()) {
+                                double count) {
   const GradInputCoefficientTensors k =
       grad_input_coefficients(training, stats.invstd, weight, sum_dy, sum_dy_xmu, count);
   return planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& out) {
-    if (relu_output.defined()) {
-      kernels().apply_grad_input_relu(grad_output, relu_output, in.dense.tensor, in.plan,
-                                      stats.mean, k.dy_mean, k.a, k.b, out);
-    } else {
-      kernels().apply_grad_input(align_to(grad_output, in.dense), in.dense.tensor, in.plan,
-                                 stats.mean, k.dy_mean, k.a, k.b, out);
-    }
+    kernels().apply_grad_input(align_to(grad_output, in.dense), in.dense.tensor, in.plan,
+                               stats.mean, k.dy_mean, k.a, k.b, out);
   });
 }
 
@@ -149,25 +143,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   }
   const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
                                      training, has(residual));
-  const double count = static_cast<double>(values_per_channel(input));
   const int64_t channels = in.plan.view.channels;
-  at::Tensor output, mean, m2, invstd;
-  if (in.plan.channel_at_a_time) {
-    mean = at::empty({channels}, options);
-    m2 = at::empty({channels}, options);
-    invstd = at::empty({channels}, options);
-    output = planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
-      kernels().normalize_channel_at_a_time(
-          in.dense.tensor, in.plan, channel_param(weight, channels, options, 1.0),
-          channel_param(bias, channels, options, 0.0), eps, relu, mean, m2, invstd, out);
-    });
-  } else {
-    std::tie(mean, m2) = channel_stats(in);
-    invstd = invstd_from_m2(m2, count, eps);
-    output = normalize(input, in, {mean, invstd}, weight, bias, relu, residual);
-  }
+  at::Tensor mean = per_channel_result(in, options);
+  at::Tensor m2 = per_channel_result(in, options);
+  at::Tensor invstd = per_channel_result(in, options);
+  const at::Tensor output = planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
+    kernels().normalize_training(
+        in.dense.tensor, has(residual) ? align_to(*residual, in.dense) : at::Tensor(), in.plan,
+        channel_param(weight, channels, options, 1.0), channel_param(bias, channels, options, 0.0),
+        eps, relu, mean, m2, invstd, out);
+  });
+  const double count = static_cast<double>(values_per_channel(input));
   update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
   return {output, mean, invstd};
+}
+
+// The backward of batch_norm_forward (relu_output undefined) and batch_norm_relu_forward,
+// after the caller's checks: what output_mask asks for (grad_input, grad_weight, grad_bias,
+// grad_residual) from one kernel call (KernelTable::backward). ReLU's backward is fused into
+// both passes: the reduction sums dz = relu_grad(dy, output) and, when the residual's gradient
+// (dz itself) is wanted, writes dz, which the elementwise pass then reads instead of
+// (dy, output): one tensor less to read, and dz is a result anyway.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& relu_output,
+    const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask) {
+  const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
+                                            save_invstd, training, eps, eval_invstd);
+  const bool wants_grad_residual = output_mask[3];
+  const PlannedInput in = plan_input(input, op, training, wants_grad_residual);
+  const bool wants_sums =
+      output_mask[1] || output_mask[2] || (training && output_mask[0]) || wants_grad_residual;
+  const at::TensorOptions options = stats.mean.options();
+  at::Tensor sum_dy = wants_sums ? per_channel_result(in, options) : at::Tensor();
+  at::Tensor sum_dy_xmu = wants_sums ? per_channel_result(in, options) : at::Tensor();
+  std::optional<ResultBuffer> grad_input, grad_residual;
+  if (output_mask[0])
+    grad_input.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
+  if (wants_grad_residual)
+    grad_residual.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
+  if (input.numel() > 0) {
+    at::Tensor no_tensor;
+    kernels().backward(align_to(grad_output, in.dense),
+                       relu_output.defined() ? align_to(relu_output, in.dense) : at::Tensor(),
+                       in.dense.tensor, in.plan, training, stats.mean, stats.invstd,
+                       channel_param(weight, in.plan.view.channels, options, 1.0), sum_dy,
+                       sum_dy_xmu, grad_residual ? grad_residual->buffer : no_tensor,
+                       grad_input ? grad_input->buffer : no_tensor);
+  }
+  const auto [grad_weight, grad_bias] =
+      param_grads(sum_dy, sum_dy_xmu, stats.invstd, input, weight, output_mask[1], output_mask[2]);
+  return {grad_input ? grad_input->finish() : at::Tensor(), grad_weight, grad_bias,
+          grad_residual ? grad_residual->finish() : at::Tensor()};
 }
 
 }  // namespace
@@ -195,80 +221,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
-  const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
-                                            save_invstd, training, eps, eval_invstd);
-  const PlannedInput in = plan_input(input, "batch_norm_backward", training);
-  at::Tensor sum_dy, sum_dy_xmu, grad_input;
-  if (output_mask[0] && in.plan.channel_at_a_time) {
-    sum_dy = at::empty_like(stats.mean);
-    sum_dy_xmu = at::empty_like(stats.mean);
-    grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& out) {
-      kernels().grad_input_channel_at_a_time(
-          align_to(grad_output, in.dense), at::Tensor(), in.dense.tensor, in.plan, stats.mean,
-          stats.invstd, channel_param(weight, in.plan.view.channels, stats.mean.options(), 1.0),
-          sum_dy, sum_dy_xmu, out);
-    });
-  } else {
-    if (output_mask[1] || output_mask[2] || (training && output_mask[0])) {
-      std::tie(sum_dy, sum_dy_xmu) = grad_sums(grad_output, in, stats.mean);
-    }
-    if (output_mask[0]) {
-      grad_input = grad_input_from_sums(training, grad_output, input, in, stats, weight, sum_dy,
-                                        sum_dy_xmu, static_cast<double>(values_per_channel(input)));
-    }
-  }
-  const auto [grad_weight, grad_bias] =
-      param_grads(sum_dy, sum_dy_xmu, stats.invstd, input, weight, output_mask[1], output_mask[2]);
+  const auto [grad_input, grad_weight, grad_bias, no_grad_residual] =
+      backward("batch_norm_backward", grad_output, at::Tensor(), input, weight, running_mean,
+               running_var, save_mean, save_invstd, training, eps,
+               {output_mask[0], output_mask[1], output_mask[2], false});
   return {grad_input, grad_weight, grad_bias};
 }
 
-// ReLU's backward fused into both passes of batch_norm's backward: the reduction reads
-// (dy, output, x) and sums dz = relu_grad(dy, output); the elementwise pass computes dx from
-// (dy, output, x). With a residual, whose gradient is dz itself, the reduction writes dz and
-// the elementwise pass reads it instead of (dy, output): one tensor less to read, and dz is
-// an output anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, "custom_bn::batch_norm_relu_backward", output);
-  const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
-                                            save_invstd, training, eps, eval_invstd);
-  const bool wants_grad_residual = output_mask[3];
-  const PlannedInput in =
-      plan_input(input, "batch_norm_relu_backward", training, wants_grad_residual);
-  const int64_t channels = in.plan.view.channels;
-  const at::Tensor dy = align_to(grad_output, in.dense);
-  const at::Tensor out = align_to(output, in.dense);
-  at::Tensor sum_dy = per_channel_result(in, stats.mean.options());
-  at::Tensor sum_dy_xmu = per_channel_result(in, stats.mean.options());
-  std::optional<ResultBuffer> grad_residual;
-  if (wants_grad_residual)
-    grad_residual.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
-  at::Tensor grad_input;
-  if (output_mask[0] && in.plan.channel_at_a_time) {
-    grad_input = planned_result(input, in, ResultKind::kGradient, [&](at::Tensor& result) {
-      kernels().grad_input_channel_at_a_time(
-          dy, out, in.dense.tensor, in.plan, stats.mean, stats.invstd,
-          channel_param(weight, channels, stats.mean.options(), 1.0), sum_dy, sum_dy_xmu, result);
-    });
-  } else {
-    if (input.numel() > 0) {
-      at::Tensor no_masked_output;
-      kernels().reduce_grad_relu(dy, out, in.dense.tensor, in.plan, stats.mean, sum_dy, sum_dy_xmu,
-                                 grad_residual ? grad_residual->buffer : no_masked_output);
-    }
-    if (output_mask[0]) {
-      // With the residual's gradient, dz is at hand: the pass reads (dz, x).
-      grad_input = grad_input_from_sums(training, grad_residual ? grad_residual->buffer : dy, input,
-                                        in, stats, weight, sum_dy, sum_dy_xmu,
-                                        static_cast<double>(values_per_channel(input)),
-                                        grad_residual ? at::Tensor() : out);
-    }
-  }
-  const auto [grad_weight, grad_bias] =
-      param_grads(sum_dy, sum_dy_xmu, stats.invstd, input, weight, output_mask[1], output_mask[2]);
-  return {grad_input, grad_weight, grad_bias,
-          grad_residual ? grad_residual->finish() : at::Tensor()};
+  return backward("batch_norm_relu_backward", grad_output, output, input, weight, running_mean,
+                  running_var, save_mean, save_invstd, training, eps, output_mask);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {

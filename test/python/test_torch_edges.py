@@ -116,7 +116,9 @@ def test_output_and_gradient_strides_are_torchs(name, x, training):
     torch.testing.assert_close(ours, theirs)
     if their_grad is not None and x.numel() > 0:
         assert our_grad.stride() == their_grad.stride()
-        torch.testing.assert_close(our_grad, their_grad)
+        # With two values per channel (the 1x1 input) training's input gradient is zero but for
+        # rounding: both sides are float32 rounding of terms of size 1 (seen: 2e-5 apart).
+        torch.testing.assert_close(our_grad, their_grad, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, x", LAYOUT_INPUTS, ids=[n for n, _ in LAYOUT_INPUTS])
