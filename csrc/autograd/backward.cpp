@@ -4,6 +4,7 @@
 // its arguments require grad, a node records the formula of its own backward (formulas.h:
 // double_backward); forward-mode tangents come from the differentiable formula.
 #include "autograd/formulas.h"
+#include "autograd/saved_normalization.h"
 #include "checks.h"
 #include "op_params.h"
 
@@ -30,21 +31,19 @@ at::Tensor relu_grad(const at::Tensor& grad, const at::Tensor& relu_output) {
 // The backward of one call of a backward op. Gradients in argument order: grad_output, input,
 // weight (ReLU's output and the statistics get none).
 struct BatchNormDoubleBackward final : torch::autograd::TraceableFunction {
-  SavedVariable grad_output, input, weight, running_mean, running_var;
+  SavedNormalization normalization;
+  SavedVariable grad_output;
   SavedVariable relu_output;  // batch_norm_relu_backward's output argument
   bool relu = false;
-  bool training = false;
-  double eps = 0;
 
   std::string name() const override {
     return relu ? "BatchNormReluBackwardBackward" : "BatchNormBackwardBackward";
   }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved :
-         {&grad_output, &input, &weight, &running_mean, &running_var, &relu_output}) {
-      saved->reset_data();
-    }
+    normalization.reset_data();
+    grad_output.reset_data();
+    relu_output.reset_data();
   }
   variable_list apply(variable_list&& grads) override;
 };
@@ -57,9 +56,10 @@ variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
   const at::Tensor dz = relu_grad(grad_output.unpack(), out);
   const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                  task_should_compute_output(2)};
-  std::array<at::Tensor, 3> result =
-      double_backward(dz, input.unpack(), weight.unpack(), running_mean.unpack(),
-                      running_var.unpack(), training, eps, grads[0], grads[1], grads[2], mask);
+  const SavedNormalization& n = normalization;
+  std::array<at::Tensor, 3> result = double_backward(
+      dz, n.input.unpack(), n.weight.unpack(), n.running_mean.unpack(), n.running_var.unpack(),
+      n.training, n.eps, grads[0], grads[1], grads[2], mask);
   if (relu && mask[0]) {
     const at::Tensor& gg_residual = grads[3];
     at::Tensor grad_dz = result[0];
@@ -95,34 +95,27 @@ BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_out
     at::AutoDispatchBelowAutograd below_autograd;
     result = below();
   }
-  const at::Tensor w = weight.value_or(at::Tensor());
-  const at::Tensor mean = training ? at::Tensor() : running_mean.value_or(at::Tensor());
-  const at::Tensor var = training ? at::Tensor() : running_var.value_or(at::Tensor());
+  const NormalizationTensors t(weight, running_mean, running_var, training);
   if (node) {
     // Every result in its place, undefined ones too, so that the node's inputs keep their order.
     const size_t results = relu_output.defined() ? 4 : 3;
     torch::autograd::set_history(std::vector<at::Tensor>(result.begin(), result.begin() + results),
                                  node);
+    node->normalization.save(input, t, training, eps);
     node->relu = relu_output.defined();
-    node->training = training;
-    node->eps = eps;
     node->grad_output = SavedVariable(grad_output, false);
-    node->input = SavedVariable(input, false);
-    node->weight = SavedVariable(w, false);
-    node->running_mean = SavedVariable(mean, false);
-    node->running_var = SavedVariable(var, false);
     node->relu_output = SavedVariable(relu_output, false);
   }
   const auto has_tangent = [](const at::Tensor& t) {
     return t.defined() && t._fw_grad(/*level=*/0).defined();
   };
-  if (has_tangent(grad_output) || has_tangent(input) || has_tangent(w) || has_tangent(mean) ||
-      has_tangent(var)) {
+  if (has_tangent(grad_output) || has_tangent(input) || has_tangent(t.weight) ||
+      has_tangent(t.running_mean) || has_tangent(t.running_var)) {
     // The formula run on the dual tensors carries their tangents; its values are discarded.
     at::NoGradGuard tangents_only;
     const at::Tensor dz = relu_grad(grad_output, relu_output);
-    const std::array<at::Tensor, 3> dual =
-        differentiable_backward(dz, input, w, mean, var, training, eps, batch_norm_mask);
+    const std::array<at::Tensor, 3> dual = differentiable_backward(
+        dz, input, t.weight, t.running_mean, t.running_var, training, eps, batch_norm_mask);
     for (size_t i = 0; i < dual.size(); ++i) {
       if (result[i].defined() && dual[i].defined()) {
         result[i]._set_fw_grad(dual[i]._fw_grad(/*level=*/0), /*level=*/0,

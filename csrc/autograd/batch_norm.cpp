@@ -8,6 +8,7 @@
 // The backward runs the batch_norm(_relu)_backward op, whose own Autograd kernel
 // (backward.cpp) makes it differentiable where it must be (create_graph, torch.func).
 #include "autograd/formulas.h"
+#include "autograd/saved_normalization.h"
 #include "channel_stats.h"
 #include "checks.h"
 #include "op_params.h"
@@ -31,19 +32,16 @@ using torch::autograd::variable_list;
 // The backward of one call. Gradients in argument order: input, weight, bias and, for
 // batch_norm_relu, residual.
 struct BatchNormBackward final : torch::autograd::TraceableFunction {
-  SavedVariable input, weight, running_mean, running_var, save_mean, save_invstd;
+  SavedNormalization normalization;
+  SavedVariable save_mean, save_invstd;
   SavedVariable output;  // batch_norm_relu's output: its sign is ReLU's mask
   bool relu = false;
-  bool training = false;
-  double eps = 0;
 
   std::string name() const override { return relu ? "BatchNormReluBackward" : "BatchNormBackward"; }
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable* saved :
-         {&input, &weight, &running_mean, &running_var, &save_mean, &save_invstd, &output}) {
-      saved->reset_data();
-    }
+    normalization.reset_data();
+    for (SavedVariable* saved : {&save_mean, &save_invstd, &output}) saved->reset_data();
   }
   variable_list apply(variable_list&& grads) override;
 };
@@ -53,20 +51,21 @@ variable_list BatchNormBackward::apply(variable_list&& grads) {
   const at::Tensor& grad_output = grads[0];
   variable_list result(relu ? 4 : 3);
   if (!grad_output.defined()) return result;
-  const at::Tensor x = input.unpack(), w = weight.unpack();
-  const at::Tensor mean = running_mean.unpack(), var = running_var.unpack();
+  const SavedNormalization& n = normalization;
+  const at::Tensor x = n.input.unpack(), w = n.weight.unpack();
+  const at::Tensor mean = n.running_mean.unpack(), var = n.running_var.unpack();
   const at::Tensor out = relu ? output.unpack(shared_from_this()) : at::Tensor();
   const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                  task_should_compute_output(2)};
   const bool residual_grad = relu && task_should_compute_output(3);
   if (relu) {
     std::tie(result[0], result[1], result[2], result[3]) = batch_norm_relu_backward(
-        grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), training, eps,
-        {mask[0], mask[1], mask[2], residual_grad});
+        grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), n.training,
+        n.eps, {mask[0], mask[1], mask[2], residual_grad});
   } else {
     std::tie(result[0], result[1], result[2]) =
         batch_norm_backward(grad_output, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(),
-                            training, eps, mask);
+                            n.training, n.eps, mask);
   }
   return result;
 }
@@ -130,19 +129,12 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
                                     training, momentum, eps);
     }
   }
-  const at::Tensor w = weight.value_or(at::Tensor());
   // Eval normalizes with the running stats; training needs only save_* (and mutates them).
-  const at::Tensor mean = training ? at::Tensor() : running_mean.value_or(at::Tensor());
-  const at::Tensor var = training ? at::Tensor() : running_var.value_or(at::Tensor());
+  const NormalizationTensors t(weight, running_mean, running_var, training);
   if (node) {
     torch::autograd::set_history(output, node);
+    node->normalization.save(input, t, training, eps);
     node->relu = relu;
-    node->training = training;
-    node->eps = eps;
-    node->input = SavedVariable(input, false);
-    node->weight = SavedVariable(w, false);
-    node->running_mean = SavedVariable(mean, false);
-    node->running_var = SavedVariable(var, false);
     node->save_mean = SavedVariable(save_mean, false);
     node->save_invstd = SavedVariable(save_invstd, false);
     if (relu) node->output = SavedVariable(output, true);
@@ -155,9 +147,9 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     const auto primal = [](const at::Tensor& t) {
       return t.defined() ? t._fw_primal(/*level=*/0) : t;
     };
-    at::Tensor tangent =
-        forward_tangent(primal(input), primal(w), primal(mean), primal(var), training, eps,
-                        input_tangent, tangent_of(weight), tangent_of(bias));
+    at::Tensor tangent = forward_tangent(primal(input), primal(t.weight), primal(t.running_mean),
+                                         primal(t.running_var), training, eps, input_tangent,
+                                         tangent_of(weight), tangent_of(bias));
     if (relu) {
       if (residual_tangent.defined()) tangent = tangent + residual_tangent;
       tangent = tangent * (primal(output) > 0).to(tangent.scalar_type());
