@@ -1,0 +1,77 @@
+"""scripts/bench --memory (benchmarks/memory.py) measures what it says: the bytes autograd saves,
+counted by hand on a small model; a step's peak; the bisection of the largest batch; and a probe
+under its address-space budget. Sizes are asserted, timings are not."""
+
+import os
+import subprocess
+import sys
+
+import custom_bn
+import pytest
+import torch
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import memory  # noqa: E402
+
+
+def conv_bn_relu_conv():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(8),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 4, 3, padding=1),
+    )
+
+
+@pytest.mark.parametrize("variant", ["torch", "convert", "fused"])
+def test_saved_bytes_are_the_activations_kept(variant):
+    """Each variant keeps the first convolution's input, the batch norm's input and the ReLU's
+    output (the second convolution's input: one storage), plus per-channel tensors."""
+    model = conv_bn_relu_conv()
+    if variant != "torch":
+        model = custom_bn.convert_batchnorm(model)
+    if variant == "fused":
+        model = custom_bn.fuse_batchnorm_relu(model)
+    x = torch.randn(4, 3, 16, 16)
+    saved = memory.saved_bytes(lambda: model(x), model.parameters())
+    activation_bytes = x.numel() * 4 + 2 * (4 * 8 * 16 * 16) * 4
+    per_channel_bytes = 8 * 4
+    assert activation_bytes <= saved <= activation_bytes + 6 * per_channel_bytes
+
+
+def test_step_peak_sees_what_a_step_touches():
+    def step():
+        block = torch.ones(64 * 2**20, dtype=torch.uint8)  # touched: resident
+        del block
+
+    peak = memory.step_peak_bytes(step)
+    # Within a few pages: the process's other pages may leave or join meanwhile.
+    assert 62 * 2**20 <= peak < 96 * 2**20
+
+
+@pytest.mark.parametrize("largest", [0, 1, 2, 3, 37, 64, 1000, 1024])
+def test_largest_batch_bisection(largest):
+    probes = []
+
+    def fits(batch):
+        probes.append(batch)
+        return batch <= largest
+
+    assert memory.largest_batch(fits, start=4, cap=1024) == largest
+    assert len(probes) <= 2 * 11
+
+
+def test_probe_runs_within_its_budget():
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'python'}:{ROOT / 'benchmarks'}")
+    config = '["resnet18", 1, 32, "NCHW", "float32"]'
+
+    def probe(batch):
+        command = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--probe", config,
+                   "fused", str(batch), "256"]  # fmt: skip
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+    small, large = probe(2), probe(4096)
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert large.returncode == memory.OUT_OF_MEMORY, large.stderr[-2000:]
