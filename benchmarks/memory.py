@@ -146,10 +146,10 @@ def probe_fits(config, variant: str, batch: int, budget_mb: int) -> bool:
     try:
         train(x, target)
         train(x, target)
-    except (MemoryError, RuntimeError) as error:
-        if isinstance(error, RuntimeError) and not any(
-            e in str(error) for e in OUT_OF_MEMORY_ERRORS
-        ):
+    except (MemoryError, torch.OutOfMemoryError):  # ours raises the latter, as torch's CUDA
+        return False
+    except RuntimeError as error:
+        if not any(e in str(error) for e in OUT_OF_MEMORY_ERRORS):
             raise
         return False
     return True
