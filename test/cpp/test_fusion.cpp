@@ -43,13 +43,18 @@ TEST_F(Fusion, FusesBatchNormThenReluAndKeepsState) {
     const torch::Tensor expected = reference->forward(x);
     const torch::Tensor got = fused->forward(x);
     expect_close(got, expected, tolerance(torch::kFloat), "output");
-    got.sum().backward();
-    expected.sum().backward();
+    // Not the plain sum: through the last batch norm (training) its gradient is zero, and the
+    // parameters upstream would compare rounding noise.
+    const torch::Tensor upstream = torch::randn_like(expected);
+    (got * upstream).sum().backward();
+    (expected * upstream).sum().backward();
   }
+  // The convolutions' biases feed batch norms in training, which take out any shift: their
+  // gradient is zero, in rounding noise around it (up to 3.4e-5 in 300 runs), hence the atol.
   const auto reference_parameters = reference->named_parameters();
   for (const auto& item : parameters) {
-    expect_close(item.value().grad(), reference_parameters[item.key()].grad(),
-                 tolerance(torch::kFloat), item.key());
+    expect_close(item.value().grad(), reference_parameters[item.key()].grad(), {1e-5, 2e-4},
+                 item.key());
   }
   const auto reference_buffers = reference->named_buffers();
   for (const auto& item : fused->named_buffers()) {
