@@ -6,7 +6,8 @@
 // alpha) cancel catastrophically when |mean| * invstd is large (a near-constant channel).
 //   running:   running = (1 - m) * running + m * batch   (running_var takes the unbiased variance)
 //   merge:     parallel Welford (Chan et al.) of (count, mean, M2) triples
-//   fused:     z = relu(y + residual); its gradient dz = dy where z > 0, else 0, then as above
+//   fused:     z = act(y + residual), act piecewise linear; its gradient dz = act'(z) * dy,
+//              read from the output z (act is monotone), then as above
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -70,16 +71,41 @@ C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, T dy_mean, T a, T b) {
   return a * (dy - dy_mean) + b * (x - mean);
 }
 
-// The fused epilogue's activation. NaN passes through, as in torch.relu.
+// The fused epilogue's activation, piecewise linear and monotone: ReLU, ReLU6 and hardtanh,
+// LeakyReLU, identity. Inside (lower, upper) it is the identity; at or below lower it is
+// lower + slope * (v - lower) (lower itself when slope is 0, even for v = -inf); at or above
+// upper, upper. Without an upper bound, upper is NaN, which every comparison fails.
+//   relu: (0, none, 0)  hardtanh(a, b): (a, b, 0)  leaky_relu(s): (0, none, s)  identity: (0, none,
+//   1)
 template <typename T>
-C10_HOST_DEVICE inline T relu(T v) {
-  return v < T(0) ? T(0) : v;
+struct PiecewiseLinear {
+  T lower;
+  T upper;
+  T slope;
+
+  template <typename U>
+  C10_HOST_DEVICE PiecewiseLinear<U> to() const {
+    return {static_cast<U>(lower), static_cast<U>(upper), static_cast<U>(slope)};
+  }
+};
+
+// NaN passes through, as in torch.relu, hardtanh and leaky_relu.
+template <typename T>
+C10_HOST_DEVICE inline T activate(T v, const PiecewiseLinear<T>& f) {
+  const T below = f.slope == T(0) ? f.lower : f.lower + f.slope * (v - f.lower);
+  const T inside = v <= f.lower ? below : v;
+  return v >= f.upper ? f.upper : inside;
 }
 
-// ReLU's gradient from its output (as torch's threshold_backward): dy where output > 0.
+// The activation's gradient read from its output, as torch's threshold_backward,
+// leaky_relu_backward and hardtanh_backward read it from their input: dy inside (lower, upper),
+// slope * dy at or below lower (0 when slope is 0, even for an infinite dy), 0 at or above upper.
+// A NaN output counts as below.
 template <typename T>
-C10_HOST_DEVICE inline T relu_grad(T dy, T output) {
-  return output > T(0) ? dy : T(0);
+C10_HOST_DEVICE inline T activation_grad(T dy, T output, const PiecewiseLinear<T>& f) {
+  const T below = f.slope == T(0) ? T(0) : f.slope * dy;
+  const T inside = output > f.lower ? dy : below;
+  return output >= f.upper ? T(0) : inside;
 }
 
 // Per-channel coefficients of the input gradient: grad_x = a * (dy - dy_mean) + b * (x - mean).

@@ -4,6 +4,9 @@
 #include <c10/core/SymBool.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <limits>
+
 namespace custom_bn {
 namespace {
 
@@ -164,6 +167,21 @@ void check_batch_norm_forward(const char* op, const at::Tensor& input,
   }
   check_running_update(op, input, num_batches_tracked, momentum, training && has(running_mean));
   if (has(residual)) check_like_input(op, "residual", *residual, input);
+}
+
+Activation checked_activation(const char* op, double min_val, std::optional<double> max_val,
+                              double negative_slope) {
+  TORCH_CHECK_VALUE(std::isfinite(min_val), op, ": min_val must be finite, but got ", min_val);
+  TORCH_CHECK_VALUE(!max_val || std::isfinite(*max_val), op,
+                    ": max_val must be finite or None, but got ", *max_val);
+  TORCH_CHECK_VALUE(!max_val || min_val <= *max_val, op,
+                    ": min_val cannot be greater than max_val, but got min_val=", min_val,
+                    " and max_val=", *max_val);
+  TORCH_CHECK_VALUE(std::isfinite(negative_slope) && negative_slope >= 0.0, op,
+                    ": negative_slope must be finite and >= 0 (the backward reads the "
+                    "activation's gradient from the output), but got ",
+                    negative_slope);
+  return {min_val, max_val ? *max_val : std::numeric_limits<double>::quiet_NaN(), negative_slope};
 }
 
 void check_batch_norm_eval(const char* op, const at::Tensor& input,

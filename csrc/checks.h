@@ -2,6 +2,7 @@
 // run them too under dynamic shapes. Every check runs before anything is written.
 #pragma once
 
+#include "activation.h"
 #include "channel_stats.h"
 #include "optional_tensor.h"
 

@@ -31,7 +31,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_eval);
-  return handle.call(input, weight, bias, running_mean, running_var, eps, relu, residual);
+  return handle.call(input, weight, bias, running_mean, running_var, eps, relu, residual,
+                     CUSTOM_BN_ACTIVATION_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -44,21 +45,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 at::Tensor batch_norm_relu(CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_relu);
   return handle.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                     num_batches_tracked, residual);
+                     num_batches_tracked, residual, CUSTOM_BN_ACTIVATION_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_relu_forward);
   return handle.call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
-                     training, momentum, eps);
+                     training, momentum, eps, CUSTOM_BN_ACTIVATION_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_relu_backward);
   return handle.call(grad_output, output, input, weight, running_mean, running_var, save_mean,
-                     save_invstd, training, eps, output_mask);
+                     save_invstd, training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {

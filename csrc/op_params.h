@@ -27,12 +27,19 @@
   bool training, \
   double eps
 
+// The fused ops' activation: ATen's hardtanh (min_val, max_val) and leaky_relu (negative_slope)
+// parameters in one piecewise-linear function (csrc/activation.h).
+#define CUSTOM_BN_ACTIVATION_PARAMS \
+  double min_val, std::optional<double> max_val, double negative_slope
+#define CUSTOM_BN_ACTIVATION_ARGS min_val, max_val, negative_slope
+
 #define CUSTOM_BN_BATCH_NORM_PARAMS \
   CUSTOM_BN_INPUT_AND_CHANNEL_PARAMS, bool training, std::optional<double> momentum, double eps, \
   const std::optional<at::Tensor>& num_batches_tracked
 
 #define CUSTOM_BN_BATCH_NORM_RELU_PARAMS \
-  CUSTOM_BN_BATCH_NORM_PARAMS, const std::optional<at::Tensor>& residual
+  CUSTOM_BN_BATCH_NORM_PARAMS, const std::optional<at::Tensor>& residual, \
+  CUSTOM_BN_ACTIVATION_PARAMS
 
 #define CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS \
   CUSTOM_BN_INPUT_AND_CHANNEL_PARAMS, const std::optional<at::Tensor>& num_batches_tracked, \
@@ -41,19 +48,20 @@
 #define CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS \
   CUSTOM_BN_INPUT_AND_CHANNEL_PARAMS, const std::optional<at::Tensor>& num_batches_tracked, \
   const std::optional<at::Tensor>& residual, bool training, std::optional<double> momentum, \
-  double eps
+  double eps, CUSTOM_BN_ACTIVATION_PARAMS
 
 #define CUSTOM_BN_BATCH_NORM_EVAL_PARAMS \
   const at::Tensor& input, const std::optional<at::Tensor>& weight, \
   const std::optional<at::Tensor>& bias, const at::Tensor& running_mean, \
-  const at::Tensor& running_var, double eps, bool relu, const std::optional<at::Tensor>& residual
+  const at::Tensor& running_var, double eps, bool relu, const std::optional<at::Tensor>& residual, \
+  CUSTOM_BN_ACTIVATION_PARAMS
 #define CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS \
   const at::Tensor& grad_output, const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS, \
   std::array<bool, 3> output_mask
 
 #define CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS \
   const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, \
-  CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask
+  CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask, CUSTOM_BN_ACTIVATION_PARAMS
 
 #define CUSTOM_BN_BATCH_NORM_STATS_PARAMS const at::Tensor& input
 

@@ -13,30 +13,37 @@ TORCH_LIBRARY(custom_bn, m) {
       "float eps) -> (Tensor output, Tensor save_mean, Tensor save_invstd)");
   // Evaluation mode without mutation: normalizes with the running statistics, which it only
   // reads (batch_norm with training=False calls it, so that an exported eval graph writes no
-  // state); with relu, relu(batch_norm(input) + residual).
+  // state); with relu, batch_norm_relu's activation of (batch_norm(input) + residual).
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
-      "Tensor running_var, float eps, bool relu=False, Tensor? residual=None) -> Tensor");
+      "Tensor running_var, float eps, bool relu=False, Tensor? residual=None, "
+      "float min_val=0., float? max_val=None, float negative_slope=0.) -> Tensor");
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
       "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // Fused: relu(batch_norm(input) + residual). The backward takes the forward's output,
-  // whose sign is the ReLU mask, so nothing beyond batch_norm's saved tensors is kept.
+  // Fused: act(batch_norm(input) + residual), act piecewise linear: identity inside
+  // (min_val, max_val), negative_slope * v at or below min_val (min_val itself with slope 0),
+  // max_val at or above it. The defaults are ReLU; ReLU6 is (0, 6, 0), hardtanh (a, b, 0),
+  // LeakyReLU(s) (0, None, s), identity (0, None, 1). The backward reads the activation's
+  // gradient from the forward's output, so nothing beyond batch_norm's saved tensors is kept.
   m.def(
       "batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
-      "Tensor(c!)? num_batches_tracked=None, Tensor? residual=None) -> Tensor");
+      "Tensor(c!)? num_batches_tracked=None, Tensor? residual=None, float min_val=0., "
+      "float? max_val=None, float negative_slope=0.) -> Tensor");
   m.def(
       "batch_norm_relu_forward(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
-      "Tensor? residual, bool training, float? momentum, float eps) "
+      "Tensor? residual, bool training, float? momentum, float eps, float min_val=0., "
+      "float? max_val=None, float negative_slope=0.) "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
   m.def(
       "batch_norm_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_invstd, "
-      "bool training, float eps, bool[4] output_mask) "
-      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
+      "bool training, float eps, bool[4] output_mask, float min_val=0., float? max_val=None, "
+      "float negative_slope=0.) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "Tensor grad_residual)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def(
       "batch_norm_gather_stats_with_counts(Tensor mean, Tensor m2, Tensor counts, "

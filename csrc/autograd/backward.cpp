@@ -22,18 +22,13 @@ namespace {
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// ReLU's derivative at the fused op's output, a constant of the graph (its own derivative is
-// zero almost everywhere); undefined output: no ReLU.
-at::Tensor relu_grad(const at::Tensor& grad, const at::Tensor& relu_output) {
-  return relu_output.defined() ? grad * (relu_output > 0).to(grad.scalar_type()) : grad;
-}
-
 // The backward of one call of a backward op. Gradients in argument order: grad_output, input,
-// weight (ReLU's output and the statistics get none).
+// weight (the fused op's output and the statistics get none).
 struct BatchNormDoubleBackward final : torch::autograd::TraceableFunction {
   SavedNormalization normalization;
   SavedVariable grad_output;
-  SavedVariable relu_output;  // batch_norm_relu_backward's output argument
+  SavedVariable act_output;  // batch_norm_relu_backward's output argument
+  Activation act{};
   bool relu = false;
 
   std::string name() const override {
@@ -43,17 +38,17 @@ struct BatchNormDoubleBackward final : torch::autograd::TraceableFunction {
     std::lock_guard<std::mutex> lock(mutex_);
     normalization.reset_data();
     grad_output.reset_data();
-    relu_output.reset_data();
+    act_output.reset_data();
   }
   variable_list apply(variable_list&& grads) override;
 };
 
 variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
   std::lock_guard<std::mutex> lock(mutex_);
-  const at::Tensor out = relu_output.unpack();
+  const at::Tensor out = act_output.unpack();
   // The fused op's grad_input, grad_weight and grad_bias are batch_norm's of dz, and its
   // grad_residual is dz itself.
-  const at::Tensor dz = relu_grad(grad_output.unpack(), out);
+  const at::Tensor dz = activation_grad(grad_output.unpack(), out, act);
   const std::array<bool, 3> mask{task_should_compute_output(0), task_should_compute_output(1),
                                  task_should_compute_output(2)};
   const SavedNormalization& n = normalization;
@@ -64,7 +59,7 @@ variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
     const at::Tensor& gg_residual = grads[3];
     at::Tensor grad_dz = result[0];
     if (gg_residual.defined()) grad_dz = grad_dz.defined() ? grad_dz + gg_residual : gg_residual;
-    result[0] = grad_dz.defined() ? relu_grad(grad_dz, out) : grad_dz;
+    result[0] = grad_dz.defined() ? activation_grad(grad_dz, out, act) : grad_dz;
   }
   return {result.begin(), result.end()};
 }
@@ -72,15 +67,16 @@ variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
 // The results of a backward op; batch_norm_backward's leave the fourth undefined.
 using BackwardResult = std::array<at::Tensor, 4>;
 
-// Runs `below` (the backward op below autograd) with autograd around it. relu_output is
+// Runs `below` (the backward op below autograd) with autograd around it. act_output is
 // undefined for batch_norm_backward.
 template <typename Below>
 BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_output,
-                                      const at::Tensor& relu_output, const at::Tensor& input,
-                                      CUSTOM_BN_BACKWARD_STATS_PARAMS,
+                                      const at::Tensor& act_output, const Activation& act,
+                                      const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS,
                                       std::array<bool, 3> batch_norm_mask, const Below& below) {
   // What the formula takes as constants must not ask for gradients: torch's error, never a
-  // silent zero (the statistics are recomputed from input; ReLU's mask has none).
+  // silent zero (the statistics are recomputed from input; the activation's derivative has
+  // none).
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
   torch::autograd::check_no_requires_grad(running_var, "running_var", op);
   torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
@@ -98,13 +94,14 @@ BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_out
   const NormalizationTensors t(weight, running_mean, running_var, training);
   if (node) {
     // Every result in its place, undefined ones too, so that the node's inputs keep their order.
-    const size_t results = relu_output.defined() ? 4 : 3;
+    const size_t results = act_output.defined() ? 4 : 3;
     torch::autograd::set_history(std::vector<at::Tensor>(result.begin(), result.begin() + results),
                                  node);
     node->normalization.save(input, t, training, eps);
-    node->relu = relu_output.defined();
+    node->relu = act_output.defined();
+    node->act = act;
     node->grad_output = SavedVariable(grad_output, false);
-    node->relu_output = SavedVariable(relu_output, false);
+    node->act_output = SavedVariable(act_output, false);
   }
   const auto has_tangent = [](const at::Tensor& t) {
     return t.defined() && t._fw_grad(/*level=*/0).defined();
@@ -113,7 +110,7 @@ BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_out
       has_tangent(t.running_mean) || has_tangent(t.running_var)) {
     // The formula run on the dual tensors carries their tangents; its values are discarded.
     at::NoGradGuard tangents_only;
-    const at::Tensor dz = relu_grad(grad_output, relu_output);
+    const at::Tensor dz = activation_grad(grad_output, act_output, act);
     const std::array<at::Tensor, 3> dual = differentiable_backward(
         dz, input, t.weight, t.running_mean, t.running_var, training, eps, batch_norm_mask);
     for (size_t i = 0; i < dual.size(); ++i) {
@@ -132,8 +129,9 @@ BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_out
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
     CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS) {
   const BackwardResult r = backward_with_autograd(
-      "custom_bn::batch_norm_backward", grad_output, at::Tensor(), input, weight, running_mean,
-      running_var, save_mean, save_invstd, training, eps, output_mask, [&]() -> BackwardResult {
+      "custom_bn::batch_norm_backward", grad_output, at::Tensor(), Activation{}, input, weight,
+      running_mean, running_var, save_mean, save_invstd, training, eps, output_mask,
+      [&]() -> BackwardResult {
         const auto [grad_input, grad_weight, grad_bias] =
             batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                                 save_invstd, training, eps, output_mask);
@@ -144,13 +142,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_autograd(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_backward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   const BackwardResult r = backward_with_autograd(
-      "custom_bn::batch_norm_relu_backward", grad_output, output, input, weight, running_mean,
-      running_var, save_mean, save_invstd, training, eps,
-      {output_mask[0], output_mask[1], output_mask[2]}, [&]() -> BackwardResult {
-        const auto [grad_input, grad_weight, grad_bias, grad_residual] =
-            batch_norm_relu_backward(grad_output, output, input, weight, running_mean, running_var,
-                                     save_mean, save_invstd, training, eps, output_mask);
+      op, grad_output, output, act, input, weight, running_mean, running_var, save_mean,
+      save_invstd, training, eps, {output_mask[0], output_mask[1], output_mask[2]},
+      [&]() -> BackwardResult {
+        const auto [grad_input, grad_weight, grad_bias, grad_residual] = batch_norm_relu_backward(
+            grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
+            training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS);
         return {grad_input, grad_weight, grad_bias, grad_residual};
       });
   return {r[0], r[1], r[2], r[3]};

@@ -22,6 +22,7 @@
 #include <torch/library.h>
 
 #include <mutex>
+#include <optional>
 
 namespace custom_bn::autograd {
 namespace {
@@ -34,7 +35,8 @@ using torch::autograd::variable_list;
 struct BatchNormBackward final : torch::autograd::TraceableFunction {
   SavedNormalization normalization;
   SavedVariable save_mean, save_invstd;
-  SavedVariable output;  // batch_norm_relu's output: its sign is ReLU's mask
+  SavedVariable output;  // batch_norm_relu's output: it tells the activation's gradient
+  Activation act{};
   bool relu = false;
 
   std::string name() const override { return relu ? "BatchNormReluBackward" : "BatchNormBackward"; }
@@ -61,7 +63,7 @@ variable_list BatchNormBackward::apply(variable_list&& grads) {
   if (relu) {
     std::tie(result[0], result[1], result[2], result[3]) = batch_norm_relu_backward(
         grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), n.training,
-        n.eps, {mask[0], mask[1], mask[2], residual_grad});
+        n.eps, {mask[0], mask[1], mask[2], residual_grad}, act.lower, upper_bound(act), act.slope);
   } else {
     std::tie(result[0], result[1], result[2]) =
         batch_norm_backward(grad_output, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(),
@@ -92,6 +94,7 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
   const char* op = forward_op == ForwardOp::kEval ? "custom_bn::batch_norm_eval"
                    : relu                         ? "custom_bn::batch_norm_relu_forward"
                                                   : "custom_bn::batch_norm_forward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
   torch::autograd::check_no_requires_grad(running_var, "running_var", op);
   TORCH_CHECK(
@@ -117,14 +120,15 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     // Below Autograd but above ADInplaceOrView, which bumps the running stats' versions.
     at::AutoDispatchBelowAutograd below_autograd;
     if (forward_op == ForwardOp::kEval) {
-      output =
-          batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, relu, residual);
+      output = batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, relu,
+                               residual, CUSTOM_BN_ACTIVATION_ARGS);
       // Eval's backward reads the running stats; the node only wants defined save_*.
       if (node) save_mean = save_invstd = at::empty({0}, stat_options(input));
     } else {
       std::tie(output, save_mean, save_invstd) =
           relu ? batch_norm_relu_forward(input, weight, bias, updated_mean, updated_var, counter,
-                                         residual, training, momentum, eps)
+                                         residual, training, momentum, eps,
+                                         CUSTOM_BN_ACTIVATION_ARGS)
                : batch_norm_forward(input, weight, bias, updated_mean, updated_var, counter,
                                     training, momentum, eps);
     }
@@ -135,6 +139,7 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     torch::autograd::set_history(output, node);
     node->normalization.save(input, t, training, eps);
     node->relu = relu;
+    node->act = act;
     node->save_mean = SavedVariable(save_mean, false);
     node->save_invstd = SavedVariable(save_invstd, false);
     if (relu) node->output = SavedVariable(output, true);
@@ -152,7 +157,7 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
                                          tangent_of(weight), tangent_of(bias));
     if (relu) {
       if (residual_tangent.defined()) tangent = tangent + residual_tangent;
-      tangent = tangent * (primal(output) > 0).to(tangent.scalar_type());
+      tangent = activation_grad(tangent, primal(output), act);
     }
     output._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
   }
@@ -162,19 +167,20 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
 ForwardResult batch_norm_forward_autograd(CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   return forward_with_autograd(ForwardOp::kForward, /*relu=*/false, input, weight, bias,
                                running_mean, running_var, num_batches_tracked, std::nullopt,
-                               training, momentum, eps);
+                               training, momentum, eps, 0.0, std::nullopt, 0.0);
 }
 
 ForwardResult batch_norm_relu_forward_autograd(CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   return forward_with_autograd(ForwardOp::kForward, /*relu=*/true, input, weight, bias,
                                running_mean, running_var, num_batches_tracked, residual, training,
-                               momentum, eps);
+                               momentum, eps, CUSTOM_BN_ACTIVATION_ARGS);
 }
 
 at::Tensor batch_norm_eval_autograd(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   return std::get<0>(forward_with_autograd(ForwardOp::kEval, relu, input, weight, bias,
                                            running_mean, running_var, std::nullopt, residual,
-                                           /*training=*/false, std::nullopt, eps));
+                                           /*training=*/false, std::nullopt, eps,
+                                           CUSTOM_BN_ACTIVATION_ARGS));
 }
 
 }  // namespace

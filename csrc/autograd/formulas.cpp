@@ -5,6 +5,7 @@
 
 #include <ATen/TensorOperators.h>
 
+#include <cmath>
 #include <vector>
 
 namespace custom_bn::autograd {
@@ -133,6 +134,18 @@ at::Tensor forward_tangent(const at::Tensor& input, const at::Tensor& weight,
   if (weight_tangent.defined()) tangent = tangent + n.x_hat * n.per_channel(weight_tangent);
   if (bias_tangent.defined()) tangent = tangent + n.per_channel(bias_tangent);
   return tangent.to(input.scalar_type());
+}
+
+at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& output,
+                           const Activation& act) {
+  if (!output.defined()) return grad;
+  const at::ScalarType dtype = grad.scalar_type();
+  // 1 above lower, else slope (exactly: m + (1 - m) * slope for m in {0, 1}); then 0 at or
+  // above upper. A NaN output counts as below, as in the kernels.
+  const at::Tensor above_lower = (output > act.lower).to(dtype);
+  at::Tensor derivative = above_lower + (1.0 - above_lower) * act.slope;
+  if (!std::isnan(act.upper)) derivative = derivative * (1.0 - (output >= act.upper).to(dtype));
+  return grad * derivative;
 }
 
 }  // namespace custom_bn::autograd

@@ -6,6 +6,8 @@
 // constants).
 #pragma once
 
+#include "activation.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <array>
@@ -39,5 +41,10 @@ at::Tensor forward_tangent(const at::Tensor& input, const at::Tensor& weight,
                            const at::Tensor& running_mean, const at::Tensor& running_var,
                            bool training, double eps, const at::Tensor& input_tangent,
                            const at::Tensor& weight_tangent, const at::Tensor& bias_tangent);
+
+// grad times the fused op's activation derivative read from its output (1 inside (lower,
+// upper), slope at or below lower, 0 at or above upper), a constant of the graph: its own
+// derivative is zero almost everywhere. Undefined output: no activation, grad itself.
+at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& output, const Activation& act);
 
 }  // namespace custom_bn::autograd

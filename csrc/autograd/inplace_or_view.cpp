@@ -34,7 +34,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_inplace_o
   auto result = [&] {
     at::AutoDispatchBelowADInplaceOrView below;
     return batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
-                                   num_batches_tracked, residual, training, momentum, eps);
+                                   num_batches_tracked, residual, training, momentum, eps,
+                                   CUSTOM_BN_ACTIVATION_ARGS);
   }();
   if (training && has(running_mean)) {
     bump_versions({&running_mean, &running_var, &num_batches_tracked});

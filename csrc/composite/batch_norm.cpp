@@ -7,7 +7,11 @@
 #include "op_params.h"
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/clamp.h>
+#include <ATen/ops/where.h>
 #include <torch/library.h>
+
+#include <cmath>
 
 namespace custom_bn {
 namespace {
@@ -37,13 +41,20 @@ bool is_empty_batch_of_another_dtype(const at::Tensor& input,
          !params_fit_input_dtype(input, weight, bias, running_mean, running_var);
 }
 
+// The activation in differentiable ATen ops, for the (empty) output of an empty batch.
+at::Tensor activated(const at::Tensor& v, const Activation& f) {
+  at::Tensor out = f.slope == 0.0 ? at::clamp(v, f.lower)
+                                  : at::where(v <= f.lower, (v - f.lower) * f.slope + f.lower, v);
+  return std::isnan(f.upper) ? out : at::clamp(out, std::nullopt, f.upper);
+}
+
 at::Tensor empty_batch_output(const char* op, const at::Tensor& input,
                               const std::optional<at::Tensor>& weight,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& running_mean,
                               const std::optional<at::Tensor>& running_var,
                               const std::optional<at::Tensor>& num_batches_tracked, bool training,
-                              std::optional<double> momentum, bool relu,
+                              std::optional<double> momentum, const std::optional<Activation>& act,
                               const std::optional<at::Tensor>& residual) {
   check_input(op, input);
   check_running_update(op, input, num_batches_tracked, momentum,
@@ -57,19 +68,19 @@ at::Tensor empty_batch_output(const char* op, const at::Tensor& input,
     if (has(bias)) output = output + bias->select(0, 0);
   }
   if (has(residual)) output = output + *residual;
-  return relu ? output.relu() : output;
+  return act ? activated(output, *act) : output;
 }
 
 at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
   if (is_empty_batch_of_another_dtype(input, weight, bias, running_mean, running_var)) {
     return empty_batch_output("custom_bn::batch_norm", input, weight, bias, running_mean,
-                              running_var, num_batches_tracked, training, momentum,
-                              /*relu=*/false, std::nullopt);
+                              running_var, num_batches_tracked, training, momentum, std::nullopt,
+                              std::nullopt);
   }
   if (reads_running_stats_only("custom_bn::batch_norm", input, training, running_mean, running_var,
                                num_batches_tracked, momentum)) {
     return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/false,
-                           std::nullopt);
+                           std::nullopt, 0.0, std::nullopt, 0.0);
   }
   return std::get<0>(batch_norm_forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, training, momentum, eps));
@@ -77,18 +88,19 @@ at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
 
 at::Tensor batch_norm_relu_composite(CUSTOM_BN_BATCH_NORM_RELU_PARAMS) {
   if (is_empty_batch_of_another_dtype(input, weight, bias, running_mean, running_var)) {
-    return empty_batch_output("custom_bn::batch_norm_relu", input, weight, bias, running_mean,
-                              running_var, num_batches_tracked, training, momentum,
-                              /*relu=*/true, residual);
+    const char* op = "custom_bn::batch_norm_relu";
+    return empty_batch_output(op, input, weight, bias, running_mean, running_var,
+                              num_batches_tracked, training, momentum,
+                              checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS), residual);
   }
   if (reads_running_stats_only("custom_bn::batch_norm_relu", input, training, running_mean,
                                running_var, num_batches_tracked, momentum)) {
     return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/true,
-                           residual);
+                           residual, CUSTOM_BN_ACTIVATION_ARGS);
   }
   return std::get<0>(batch_norm_relu_forward(input, weight, bias, running_mean, running_var,
-                                             num_batches_tracked, residual, training, momentum,
-                                             eps));
+                                             num_batches_tracked, residual, training, momentum, eps,
+                                             CUSTOM_BN_ACTIVATION_ARGS));
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <array>
+#include <optional>
 #include <vector>
 
 namespace custom_bn::cpu::CPU_CAPABILITY {
@@ -46,13 +47,14 @@ void map_channel(const std::array<const scalar_t*, kInputs>& in,
 }
 
 // The statistics of each channel, then invstd = 1 / sqrt(m2 / n + eps) and
-// alpha = invstd * weight, then the normalized channel (with_relu: relu of it) into out.
+// alpha = invstd * weight, then the normalized channel (with an activation: act of it) into out.
 template <typename scalar_t>
 void normalize_channel_at_a_time(const scalar_t* x, const CpuPlan& plan,
                                  const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b,
-                                 double eps, bool with_relu, opmath_t<scalar_t>* mean_out,
-                                 opmath_t<scalar_t>* m2_out, opmath_t<scalar_t>* invstd_out,
-                                 scalar_t* out) {
+                                 double eps,
+                                 const std::optional<PiecewiseLinear<opmath_t<scalar_t>>>& act,
+                                 opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out,
+                                 opmath_t<scalar_t>* invstd_out, scalar_t* out) {
   using opmath = opmath_t<scalar_t>;
   const ChannelView& view = plan.view;
   const ChannelsFirstItems items(view);
@@ -70,8 +72,8 @@ void normalize_channel_at_a_time(const scalar_t* x, const CpuPlan& plan,
         invstd_out[c] = custom_bn::invstd_from_var(m2_out[c] / count, eps);
         const std::array<opmath, 3> p{mean_out[c], invstd_out[c] * w[c], b[c]};
         const std::array<const scalar_t*, 1> in{x};
-        if (with_relu) {
-          map_channel<1, 3>(in, p, plan, c, kNormalizeRelu, out);
+        if (act) {
+          map_channel<1, 3>(in, p, plan, c, normalize_activate(*act), out);
         } else {
           map_channel<1, 3>(in, p, plan, c, kNormalize, out);
         }

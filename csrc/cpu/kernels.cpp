@@ -58,19 +58,27 @@ void apply_affine(const at::Tensor& input, const CpuPlan& plan, const at::Tensor
   });
 }
 
-void apply_affine_relu(const at::Tensor& input, const at::Tensor& residual, const CpuPlan& plan,
-                       const at::Tensor& mean, const at::Tensor& alpha, const at::Tensor& bias,
-                       at::Tensor& output) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "apply_affine_relu", [&] {
+// The activation in the compute type of scalar_t.
+template <typename scalar_t>
+PiecewiseLinear<opmath_t<scalar_t>> in_opmath(const Activation& act) {
+  return act.to<opmath_t<scalar_t>>();
+}
+
+void apply_affine_activation(const at::Tensor& input, const at::Tensor& residual,
+                             const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& alpha,
+                             const at::Tensor& bias, const Activation& act, at::Tensor& output) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "apply_affine_activation", [&] {
     const std::array<const opmath_t<scalar_t>*, 3> params{
         stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    const auto f = in_opmath<scalar_t>(act);
     if (residual.defined()) {
       map_channels<2, 3>(std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()},
-                         params, plan, kNormalizeAddRelu, out);
+                         params, plan, normalize_add_activate(f), out);
     } else {
-      map_channels<1, 3>(std::array<const scalar_t*, 1>{x}, params, plan, kNormalizeRelu, out);
+      map_channels<1, 3>(std::array<const scalar_t*, 1>{x}, params, plan, normalize_activate(f),
+                         out);
     }
   });
 }
@@ -86,21 +94,25 @@ void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const C
   });
 }
 
-void reduce_grad_relu(const at::Tensor& grad_output, const at::Tensor& output,
-                      const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
-                      at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "reduce_grad_relu", [&] {
+void reduce_grad_activation(const at::Tensor& grad_output, const at::Tensor& output,
+                            const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
+                            const Activation& act, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                            at::Tensor& grad_masked) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "reduce_grad_activation", [&] {
     const std::array<const scalar_t*, 3> in{grad_output.const_data_ptr<scalar_t>(),
                                             output.const_data_ptr<scalar_t>(),
                                             input.const_data_ptr<scalar_t>()};
     const std::array sums{mutable_stat_ptr<scalar_t>(sum_dy),
                           mutable_stat_ptr<scalar_t>(sum_dy_xmu)};
+    const auto f = in_opmath<scalar_t>(act);
     if (grad_masked.defined()) {
-      // dz is dy or 0: written back to scalar_t exactly.
-      reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, plan, kReluGradSumsAndMasked,
-                                  sums, grad_masked.mutable_data_ptr<scalar_t>());
+      // dz is rounded to scalar_t as torch's activation backward rounds its result.
+      reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, plan,
+                                  activation_grad_sums_and_dz(f), sums,
+                                  grad_masked.mutable_data_ptr<scalar_t>());
     } else {
-      reduce_channels<3, 2, 1, 0>(in, {stat_ptr<scalar_t>(mean)}, plan, kReluGradSums, sums);
+      reduce_channels<3, 2, 1, 0>(in, {stat_ptr<scalar_t>(mean)}, plan, activation_grad_sums(f),
+                                  sums);
     }
   });
 }
@@ -117,17 +129,19 @@ void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input, co
   });
 }
 
-void apply_grad_input_relu(const at::Tensor& grad_output, const at::Tensor& output,
-                           const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
-                           const at::Tensor& dy_mean, const at::Tensor& a, const at::Tensor& b,
-                           at::Tensor& grad_input) {
-  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "apply_grad_input_relu", [&] {
+void apply_grad_input_activation(const at::Tensor& grad_output, const at::Tensor& output,
+                                 const at::Tensor& input, const CpuPlan& plan,
+                                 const at::Tensor& mean, const at::Tensor& dy_mean,
+                                 const at::Tensor& a, const at::Tensor& b, const Activation& act,
+                                 at::Tensor& grad_input) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "apply_grad_input_activation", [&] {
     map_channels<3, 4>(std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
                                                       output.const_data_ptr<scalar_t>(),
                                                       input.const_data_ptr<scalar_t>()},
                        {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean),
                         stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)},
-                       plan, kReluGradInput, grad_input.mutable_data_ptr<scalar_t>());
+                       plan, activation_grad_input(in_opmath<scalar_t>(act)),
+                       grad_input.mutable_data_ptr<scalar_t>());
   });
 }
 
@@ -137,34 +151,36 @@ double values_in_channel(const CpuPlan& plan) {
 
 void normalize_training(const at::Tensor& input, const at::Tensor& residual, const CpuPlan& plan,
                         const at::Tensor& weight, const at::Tensor& bias, double eps,
-                        bool with_relu, at::Tensor& mean, at::Tensor& m2, at::Tensor& invstd,
-                        at::Tensor& output) {
+                        const std::optional<Activation>& act, at::Tensor& mean, at::Tensor& m2,
+                        at::Tensor& invstd, at::Tensor& output) {
   if (plan.channel_at_a_time) {  // never with a residual (work_of)
     CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "normalize_channel_at_a_time", [&] {
       CPU_CAPABILITY::normalize_channel_at_a_time(
           input.const_data_ptr<scalar_t>(), plan, stat_ptr<scalar_t>(weight),
-          stat_ptr<scalar_t>(bias), eps, with_relu, mutable_stat_ptr<scalar_t>(mean),
-          mutable_stat_ptr<scalar_t>(m2), mutable_stat_ptr<scalar_t>(invstd),
-          output.mutable_data_ptr<scalar_t>());
+          stat_ptr<scalar_t>(bias), eps,
+          act ? std::optional(in_opmath<scalar_t>(*act)) : std::nullopt,
+          mutable_stat_ptr<scalar_t>(mean), mutable_stat_ptr<scalar_t>(m2),
+          mutable_stat_ptr<scalar_t>(invstd), output.mutable_data_ptr<scalar_t>());
     });
     return;
   }
   collect_stats(input, plan, mean, m2);
   fill_invstd_from_m2(m2, values_in_channel(plan), eps, invstd);
   const auto [alpha, shift] = affine_coefficients(invstd, weight, bias);
-  if (with_relu) {
-    apply_affine_relu(input, residual, plan, mean, alpha, shift, output);
+  if (act) {
+    apply_affine_activation(input, residual, plan, mean, alpha, shift, *act, output);
   } else {
     apply_affine(input, plan, mean, alpha, shift, output);
   }
 }
 
 // Training's sums and input gradient a channel at a time.
-void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& relu_output,
-                                  const at::Tensor& input, const CpuPlan& plan,
-                                  const at::Tensor& mean, const at::Tensor& invstd,
-                                  const at::Tensor& weight, at::Tensor& sum_dy,
-                                  at::Tensor& sum_dy_xmu, at::Tensor& grad_input) {
+void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& act_output,
+                                  const Activation& act, const at::Tensor& input,
+                                  const CpuPlan& plan, const at::Tensor& mean,
+                                  const at::Tensor& invstd, const at::Tensor& weight,
+                                  at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                                  at::Tensor& grad_input) {
   CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "grad_input_channel_at_a_time", [&] {
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
@@ -176,28 +192,30 @@ void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tenso
           mutable_stat_ptr<scalar_t>(sum_dy_xmu), reduce_terms, grad_input_of,
           grad_input.mutable_data_ptr<scalar_t>());
     };
-    if (relu_output.defined()) {
-      run(std::array{dy, relu_output.const_data_ptr<scalar_t>(), x}, kReluGradSums, kReluGradInput);
+    if (act_output.defined()) {
+      const auto f = in_opmath<scalar_t>(act);
+      run(std::array{dy, act_output.const_data_ptr<scalar_t>(), x}, activation_grad_sums(f),
+          activation_grad_input(f));
     } else {
       run(std::array{dy, x}, kGradSums, kGradInput);
     }
   });
 }
 
-void backward(const at::Tensor& grad_output, const at::Tensor& relu_output, const at::Tensor& input,
-              const CpuPlan& plan, bool training, const at::Tensor& mean, const at::Tensor& invstd,
-              const at::Tensor& weight, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-              at::Tensor& grad_masked, at::Tensor& grad_input) {
+void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const Activation& act,
+              const at::Tensor& input, const CpuPlan& plan, bool training, const at::Tensor& mean,
+              const at::Tensor& invstd, const at::Tensor& weight, at::Tensor& sum_dy,
+              at::Tensor& sum_dy_xmu, at::Tensor& grad_masked, at::Tensor& grad_input) {
   // The plan goes a channel at a time only in training with no residual (work_of).
   if (plan.channel_at_a_time && grad_input.defined()) {
-    grad_input_channel_at_a_time(grad_output, relu_output, input, plan, mean, invstd, weight,
+    grad_input_channel_at_a_time(grad_output, act_output, act, input, plan, mean, invstd, weight,
                                  sum_dy, sum_dy_xmu, grad_input);
     return;
   }
   if (sum_dy.defined()) {
-    if (relu_output.defined()) {
-      reduce_grad_relu(grad_output, relu_output, input, plan, mean, sum_dy, sum_dy_xmu,
-                       grad_masked);
+    if (act_output.defined()) {
+      reduce_grad_activation(grad_output, act_output, input, plan, mean, act, sum_dy, sum_dy_xmu,
+                             grad_masked);
     } else {
       reduce_grad(grad_output, input, plan, mean, sum_dy, sum_dy_xmu);
     }
@@ -205,9 +223,9 @@ void backward(const at::Tensor& grad_output, const at::Tensor& relu_output, cons
   if (!grad_input.defined()) return;
   const GradInputCoefficientTensors k = grad_input_coefficients(
       training, invstd, weight, sum_dy, sum_dy_xmu, values_in_channel(plan));
-  if (relu_output.defined() && !grad_masked.defined()) {
-    apply_grad_input_relu(grad_output, relu_output, input, plan, mean, k.dy_mean, k.a, k.b,
-                          grad_input);
+  if (act_output.defined() && !grad_masked.defined()) {
+    apply_grad_input_activation(grad_output, act_output, input, plan, mean, k.dy_mean, k.a, k.b,
+                                act, grad_input);
   } else {
     // With dz at hand (the residual's gradient), the pass reads (dz, x).
     apply_grad_input(grad_masked.defined() ? grad_masked : grad_output, input, plan, mean,
@@ -218,9 +236,11 @@ void backward(const at::Tensor& grad_output, const at::Tensor& relu_output, cons
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{
-      kVectorBytes,     collect_stats,    apply_affine,          apply_affine_relu,  reduce_grad,
-      reduce_grad_relu, apply_grad_input, apply_grad_input_relu, normalize_training, backward};
+  static const KernelTable table{kVectorBytes,       collect_stats,
+                                 apply_affine,       apply_affine_activation,
+                                 reduce_grad,        reduce_grad_activation,
+                                 apply_grad_input,   apply_grad_input_activation,
+                                 normalize_training, backward};
   return table;
 }
 

@@ -7,11 +7,13 @@
 // kernel follows the plan (csrc/cpu/plan.h) and decides nothing itself.
 #pragma once
 
+#include "activation.h"
 #include "cpu/plan.h"
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 
 namespace custom_bn::cpu {
 
@@ -25,27 +27,30 @@ struct KernelTable {
   // output = (input - mean) * alpha + bias.
   void (*apply_affine)(const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
                        const at::Tensor& alpha, const at::Tensor& bias, at::Tensor& output);
-  // output = relu((input - mean) * alpha + bias + residual); residual may be undefined.
-  void (*apply_affine_relu)(const at::Tensor& input, const at::Tensor& residual,
-                            const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& alpha,
-                            const at::Tensor& bias, at::Tensor& output);
+  // output = act((input - mean) * alpha + bias + residual); residual may be undefined.
+  void (*apply_affine_activation)(const at::Tensor& input, const at::Tensor& residual,
+                                  const CpuPlan& plan, const at::Tensor& mean,
+                                  const at::Tensor& alpha, const at::Tensor& bias,
+                                  const Activation& act, at::Tensor& output);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
                       const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
-  // The same sums of dz = relu_grad(dy, output) (ReLU's backward fused into the reduction
-  // pass); dz is also written to grad_masked unless it is undefined.
-  void (*reduce_grad_relu)(const at::Tensor& grad_output, const at::Tensor& output,
-                           const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
-                           at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
+  // The same sums of dz = activation_grad(dy, output) (the activation's backward fused into
+  // the reduction pass); dz is also written to grad_masked unless it is undefined.
+  void (*reduce_grad_activation)(const at::Tensor& grad_output, const at::Tensor& output,
+                                 const at::Tensor& input, const CpuPlan& plan,
+                                 const at::Tensor& mean, const Activation& act, at::Tensor& sum_dy,
+                                 at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
   // grad_input = a * (dy - dy_mean) + b * (x - mean).
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
                            const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& dy_mean,
                            const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
-  // The same with dy = relu_grad(grad_output, output).
-  void (*apply_grad_input_relu)(const at::Tensor& grad_output, const at::Tensor& output,
-                                const at::Tensor& input, const CpuPlan& plan,
-                                const at::Tensor& mean, const at::Tensor& dy_mean,
-                                const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
+  // The same with dy = activation_grad(grad_output, output).
+  void (*apply_grad_input_activation)(const at::Tensor& grad_output, const at::Tensor& output,
+                                      const at::Tensor& input, const CpuPlan& plan,
+                                      const at::Tensor& mean, const at::Tensor& dy_mean,
+                                      const at::Tensor& a, const at::Tensor& b,
+                                      const Activation& act, at::Tensor& grad_input);
 
   // The passes of an op, scheduled as the plan says: with plan.channel_at_a_time, a channel
   // at a time (csrc/cpu/channel_at_a_time.h), else each pass over the whole tensor, through
@@ -53,20 +58,21 @@ struct KernelTable {
   // bias are given; mean, m2, invstd and the sums are (C,) tensors they fill.
   //
   // Training's forward: mean and m2, then invstd = 1 / sqrt(m2 / n + eps) and
-  // alpha = invstd * weight, then apply_affine (with_relu: apply_affine_relu) into output.
+  // alpha = invstd * weight, then apply_affine (with an activation: apply_affine_activation)
+  // into output.
   void (*normalize_training)(const at::Tensor& input, const at::Tensor& residual,
                              const CpuPlan& plan, const at::Tensor& weight, const at::Tensor& bias,
-                             double eps, bool with_relu, at::Tensor& mean, at::Tensor& m2,
-                             at::Tensor& invstd, at::Tensor& output);
-  // A backward, of dz = grad_output or, with relu_output defined, relu_grad(grad_output,
-  // relu_output): the sums of dz (when sum_dy is defined; then dz also into grad_masked, when
+                             double eps, const std::optional<Activation>& act, at::Tensor& mean,
+                             at::Tensor& m2, at::Tensor& invstd, at::Tensor& output);
+  // A backward, of dz = grad_output or, with act_output defined, activation_grad(grad_output,
+  // act_output): the sums of dz (when sum_dy is defined; then dz also into grad_masked, when
   // defined), then the input gradient (when grad_input is defined): training's from the sums
   // (or from grad_masked when defined), eval's from invstd alone.
-  void (*backward)(const at::Tensor& grad_output, const at::Tensor& relu_output,
-                   const at::Tensor& input, const CpuPlan& plan, bool training,
-                   const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight,
-                   at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked,
-                   at::Tensor& grad_input);
+  void (*backward)(const at::Tensor& grad_output, const at::Tensor& act_output,
+                   const Activation& act, const at::Tensor& input, const CpuPlan& plan,
+                   bool training, const at::Tensor& mean, const at::Tensor& invstd,
+                   const at::Tensor& weight, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
+                   at::Tensor& grad_masked, at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

@@ -71,17 +71,18 @@ std::pair<at::Tensor, at::Tensor> channel_stats(const PlannedInput& in) {
   return {mean, m2};
 }
 
-// The output pass: (input - mean) * invstd * weight + bias, or with `relu`,
-// relu(that + residual) (residual may be undefined).
+// The output pass: (input - mean) * invstd * weight + bias, or with an activation,
+// act(that + residual) (residual may be undefined).
 at::Tensor normalize(const at::Tensor& input, const PlannedInput& in, const ChannelStats& stats,
                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                     bool relu = false, const std::optional<at::Tensor>& residual = std::nullopt) {
+                     const std::optional<Activation>& act = std::nullopt,
+                     const std::optional<at::Tensor>& residual = std::nullopt) {
   const auto [alpha, shift] = affine_coefficients(stats.invstd, weight, bias);
   return planned_result(input, in, ResultKind::kOutput, [&](at::Tensor& out) {
-    if (relu) {
-      kernels().apply_affine_relu(in.dense.tensor,
-                                  has(residual) ? align_to(*residual, in.dense) : at::Tensor(),
-                                  in.plan, stats.mean, alpha, shift, out);
+    if (act) {
+      kernels().apply_affine_activation(
+          in.dense.tensor, has(residual) ? align_to(*residual, in.dense) : at::Tensor(), in.plan,
+          stats.mean, alpha, shift, *act, out);
     } else {
       kernels().apply_affine(in.dense.tensor, in.plan, stats.mean, alpha, shift, out);
     }
@@ -118,30 +119,31 @@ at::Tensor grad_input_from_sums(bool training, const at::Tensor& grad_output,
 at::Tensor eval_output(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                        const std::optional<at::Tensor>& bias,
                        const std::optional<at::Tensor>& running_mean,
-                       const std::optional<at::Tensor>& running_var, double eps, bool relu,
+                       const std::optional<at::Tensor>& running_var, double eps,
+                       const std::optional<Activation>& act,
                        const std::optional<at::Tensor>& residual) {
-  const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
+  const PlannedInput in = plan_input(input, act ? "batch_norm_relu_forward" : "batch_norm_forward",
                                      /*training=*/false, has(residual));
   const ChannelStats stats = eval_stats(input, running_mean, running_var, eps, eval_invstd);
-  return normalize(input, in, stats, weight, bias, relu, residual);
+  return normalize(input, in, stats, weight, bias, act, residual);
 }
 
-// The forward of batch_norm_forward and (relu = true) batch_norm_relu_forward.
+// The forward of batch_norm_forward and (with an activation) batch_norm_relu_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training,
-    std::optional<double> momentum, double eps, bool relu,
+    std::optional<double> momentum, double eps, const std::optional<Activation>& act,
     const std::optional<at::Tensor>& residual) {
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
   const at::TensorOptions options = stat_options(input);
   if (!training) {
-    return {eval_output(input, weight, bias, running_mean, running_var, eps, relu, residual),
+    return {eval_output(input, weight, bias, running_mean, running_var, eps, act, residual),
             at::empty({0}, options), at::empty({0}, options)};
   }
-  const PlannedInput in = plan_input(input, relu ? "batch_norm_relu_forward" : "batch_norm_forward",
+  const PlannedInput in = plan_input(input, act ? "batch_norm_relu_forward" : "batch_norm_forward",
                                      training, has(residual));
   const int64_t channels = in.plan.view.channels;
   at::Tensor mean = per_channel_result(in, options);
@@ -151,22 +153,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     kernels().normalize_training(
         in.dense.tensor, has(residual) ? align_to(*residual, in.dense) : at::Tensor(), in.plan,
         channel_param(weight, channels, options, 1.0), channel_param(bias, channels, options, 0.0),
-        eps, relu, mean, m2, invstd, out);
+        eps, act, mean, m2, invstd, out);
   });
   const double count = static_cast<double>(values_per_channel(input));
   update_running_stats(mean, m2, count, running_mean, running_var, num_batches_tracked, momentum);
   return {output, mean, invstd};
 }
 
-// The backward of batch_norm_forward (relu_output undefined) and batch_norm_relu_forward,
+// The backward of batch_norm_forward (act_output undefined) and batch_norm_relu_forward,
 // after the caller's checks: what output_mask asks for (grad_input, grad_weight, grad_bias,
-// grad_residual) from one kernel call (KernelTable::backward). ReLU's backward is fused into
-// both passes: the reduction sums dz = relu_grad(dy, output) and, when the residual's gradient
+// grad_residual) from one kernel call (KernelTable::backward). The activation's backward is
+// fused into both passes: the reduction sums dz = activation_grad(dy, output) and, when the
+// residual's gradient
 // (dz itself) is wanted, writes dz, which the elementwise pass then reads instead of
 // (dy, output): one tensor less to read, and dz is a result anyway.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-    const char* op, const at::Tensor& grad_output, const at::Tensor& relu_output,
-    const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask) {
+    const char* op, const at::Tensor& grad_output, const at::Tensor& act_output,
+    const Activation& act, const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS,
+    std::array<bool, 4> output_mask) {
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
                                             save_invstd, training, eps, eval_invstd);
   const bool wants_grad_residual = output_mask[3];
@@ -184,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   if (input.numel() > 0) {
     at::Tensor no_tensor;
     kernels().backward(align_to(grad_output, in.dense),
-                       relu_output.defined() ? align_to(relu_output, in.dense) : at::Tensor(),
+                       act_output.defined() ? align_to(act_output, in.dense) : at::Tensor(), act,
                        in.dense.tensor, in.plan, training, stats.mean, stats.invstd,
                        channel_param(weight, in.plan.view.channels, options, 1.0), sum_dy,
                        sum_dy_xmu, grad_residual ? grad_residual->buffer : no_tensor,
@@ -201,20 +205,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   return forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean, running_var,
-                 num_batches_tracked, training, momentum, eps, /*relu=*/false, std::nullopt);
+                 num_batches_tracked, training, momentum, eps, std::nullopt, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
-  return forward("custom_bn::batch_norm_relu_forward", input, weight, bias, running_mean,
-                 running_var, num_batches_tracked, training, momentum, eps, /*relu=*/true,
-                 residual);
+  const char* op = "custom_bn::batch_norm_relu_forward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  return forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                 momentum, eps, act, residual);
 }
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
-  return eval_output(input, weight, bias, running_mean, running_var, eps, relu, residual);
+  return eval_output(input, weight, bias, running_mean, running_var, eps,
+                     relu ? std::optional(act) : std::nullopt, residual);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -222,17 +229,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training);
   const auto [grad_input, grad_weight, grad_bias, no_grad_residual] =
-      backward("batch_norm_backward", grad_output, at::Tensor(), input, weight, running_mean,
-               running_var, save_mean, save_invstd, training, eps,
+      backward("batch_norm_backward", grad_output, at::Tensor(), Activation{}, input, weight,
+               running_mean, running_var, save_mean, save_invstd, training, eps,
                {output_mask[0], output_mask[1], output_mask[2], false});
   return {grad_input, grad_weight, grad_bias};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_backward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, "custom_bn::batch_norm_relu_backward", output);
-  return backward("batch_norm_relu_backward", grad_output, output, input, weight, running_mean,
+                            save_invstd, training, op, output);
+  return backward("batch_norm_relu_backward", grad_output, output, act, input, weight, running_mean,
                   running_var, save_mean, save_invstd, training, eps, output_mask);
 }
 

@@ -33,9 +33,10 @@ __global__ void reduce_channels_kernel(Acc acc, ChannelView view, acc_t* partial
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* x, scalar_t* y, ChannelView view,
                                  const acc_t* mean, const acc_t* invstd, const param_t* weight,
-                                 const param_t* bias, bool apply_relu, const scalar_t* residual) {
-  kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(x, y, view, mean, invstd, weight,
-                                                                 bias, apply_relu, residual);
+                                 const param_t* bias, bool apply_activation,
+                                 PiecewiseLinear<acc_t> act, const scalar_t* residual) {
+  kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
+      x, y, view, mean, invstd, weight, bias, apply_activation, act, residual);
 }
 
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
@@ -122,11 +123,12 @@ void collect_stats(const DenseTensor& dense, at::Tensor& mean, at::Tensor& m2, a
   }
 }
 
-// The output pass; with apply_relu, relu(normalized + residual) (residual optional).
+// The output pass; with an activation, act(normalized + residual) (residual optional).
 template <typename scalar_t, typename param_t>
 at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at::Tensor& mean,
                      const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
-                     const std::optional<at::Tensor>& bias, bool apply_relu = false,
+                     const std::optional<at::Tensor>& bias,
+                     const std::optional<Activation>& act = std::nullopt,
                      const std::optional<at::Tensor>& residual = std::nullopt) {
   using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor aligned_residual = has(residual) ? align_to(*residual, dense) : at::Tensor();
@@ -139,7 +141,8 @@ at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at
               elementwise_blocks(input.numel()), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               dense.tensor.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), view,
               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
-              data_or_null<param_t>(weight), data_or_null<param_t>(bias), apply_relu,
+              data_or_null<param_t>(weight), data_or_null<param_t>(bias), act.has_value(),
+              act ? act->to<acc_t>() : PiecewiseLinear<acc_t>{},
               aligned_residual.defined() ? aligned_residual.const_data_ptr<scalar_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
@@ -148,11 +151,12 @@ at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at
 }
 
 // (sum_dy, sum_dy_xmu). Given the output of batch_norm_relu (aligned to dense), dy is
-// masked by ReLU's gradient first, and the masked dy written to grad_masked.
+// multiplied by the activation's gradient first, and that dz written to grad_masked.
 template <typename scalar_t>
 std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const DenseTensor& dense,
                                             const at::Tensor& mean,
-                                            const at::Tensor& relu_output = {},
+                                            const at::Tensor& act_output = {},
+                                            const Activation& act = {},
                                             at::Tensor* grad_masked = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = dense.tensor.size(1);
@@ -166,8 +170,9 @@ std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const
       mean.const_data_ptr<acc_t>(),
       sum_dy.mutable_data_ptr<acc_t>(),
       sum_dy_xmu.mutable_data_ptr<acc_t>(),
-      relu_output.defined() ? relu_output.const_data_ptr<scalar_t>() : nullptr,
-      grad_masked != nullptr ? grad_masked->mutable_data_ptr<scalar_t>() : nullptr};
+      act_output.defined() ? act_output.const_data_ptr<scalar_t>() : nullptr,
+      grad_masked != nullptr ? grad_masked->mutable_data_ptr<scalar_t>() : nullptr,
+      act.to<acc_t>()};
   if (needs_64bit_index(dense.tensor)) {
     launch_reduction<decltype(acc), acc_t, int64_t>(acc, dense);
   } else {

@@ -18,13 +18,13 @@
 namespace custom_bn::cuda {
 namespace {
 
-// The forward of batch_norm_forward and (apply_relu) batch_norm_relu_forward.
+// The forward of batch_norm_forward and (with an activation) batch_norm_relu_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const char* op, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, bool training,
-    std::optional<double> momentum, double eps, bool apply_relu,
+    std::optional<double> momentum, double eps, const std::optional<Activation>& act,
     const std::optional<at::Tensor>& residual) {
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
@@ -38,7 +38,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
       if (!training) {
         const ChannelStats stats = eval_stats(input, running_mean, running_var, eps, eval_invstd);
         result = {normalize<scalar_t, param_t>(input, dense, stats.mean, stats.invstd, weight, bias,
-                                               apply_relu, residual),
+                                               act, residual),
                   at::empty({0}, stat_options(input)), at::empty({0}, stat_options(input))};
         return;
       }
@@ -54,9 +54,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
                                          running.update<param_t>(num_batches_tracked, momentum));
       }
       running.finish();
-      result = {normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias, apply_relu,
-                                             residual),
-                mean, invstd};
+      result = {
+          normalize<scalar_t, param_t>(input, dense, mean, invstd, weight, bias, act, residual),
+          mean, invstd};
     });
   });
   return result;
@@ -67,21 +67,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   return forward("custom_bn::batch_norm_forward", input, weight, bias, running_mean, running_var,
-                 num_batches_tracked, training, momentum, eps, /*apply_relu=*/false, std::nullopt);
+                 num_batches_tracked, training, momentum, eps, std::nullopt, std::nullopt);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
-  return forward("custom_bn::batch_norm_relu_forward", input, weight, bias, running_mean,
-                 running_var, num_batches_tracked, training, momentum, eps, /*apply_relu=*/true,
-                 residual);
+  const char* op = "custom_bn::batch_norm_relu_forward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  return forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked, training,
+                 momentum, eps, act, residual);
 }
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
   return std::get<0>(forward(op, input, weight, bias, running_mean, running_var, std::nullopt,
-                             /*training=*/false, std::nullopt, eps, relu, residual));
+                             /*training=*/false, std::nullopt, eps,
+                             relu ? std::optional(act) : std::nullopt, residual));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -115,11 +118,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
   return {grad_in, grad_weight, grad_bias};
 }
 
-// ReLU's backward fused into the reduction pass (it writes the masked dy), then batch_norm's
-// input gradient of the masked dy.
+// The activation's backward fused into the reduction pass (it writes dz), then batch_norm's
+// input gradient of dz.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_backward";
+  const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, op, output);
   const c10::cuda::CUDAGuard guard(input.device());
@@ -134,8 +138,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
       at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_relu_backward", [&] {
         with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
           using param_t = decltype(param);
-          const auto [sum_dy, sum_dy_xmu] =
-              grad_sums<scalar_t>(grad_output, dense, mean, align_to(output, dense), &grad_masked);
+          const auto [sum_dy, sum_dy_xmu] = grad_sums<scalar_t>(
+              grad_output, dense, mean, align_to(output, dense), act, &grad_masked);
           if (output_mask[0]) {
             grad_in = grad_input<scalar_t, param_t>(training, grad_masked, input, dense, mean,
                                                     invstd, weight, sum_dy, sum_dy_xmu,

@@ -46,8 +46,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 }
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
-  check_batch_norm_eval("custom_bn::batch_norm_eval", input, weight, bias, running_mean,
-                        running_var, relu, residual);
+  const char* op = "custom_bn::batch_norm_eval";
+  checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
   return empty_output(input);
 }
 
@@ -63,6 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward";
+  checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
   const at::ScalarType dtype = stat_dtype(input.scalar_type());
@@ -74,6 +76,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_backward";
+  checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                             save_invstd, training, op, output);
   return {output_mask[0] ? empty_gradient(input) : at::Tensor(),

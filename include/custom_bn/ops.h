@@ -30,13 +30,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
     std::optional<double> momentum, double eps);
 
 // Evaluation mode as a pure function: normalizes with running_mean and running_var, which it
-// only reads; with relu, relu(batch_norm(input) + residual) (residual only with relu).
+// only reads; with relu, batch_norm_relu's activation of (batch_norm(input) + residual)
+// (residual and the activation's parameters only with relu).
 // batch_norm and batch_norm_relu with training=False call it. (No default arguments: the
 // backends declare their kernels through this declaration's type, which nvcc refuses with them.)
 at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                            const at::Tensor& running_var, double eps, bool relu,
-                           const std::optional<at::Tensor>& residual);
+                           const std::optional<at::Tensor>& residual, double min_val,
+                           std::optional<double> max_val, double negative_slope);
 
 // Returns (grad_input, grad_weight, grad_bias); a gradient masked out is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -45,15 +47,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
     std::array<bool, 3> output_mask);
 
-// relu(batch_norm(input) + residual) in one pass forward and one backward; residual (the
-// input's shape and dtype) is optional. Arguments otherwise as batch_norm.
+// act(batch_norm(input) + residual) in one pass forward and one backward; residual (the
+// input's shape and dtype) is optional. act is piecewise linear: the identity inside
+// (min_val, max_val), negative_slope * v at or below min_val (min_val itself with slope 0),
+// max_val at or above it (no max_val: no upper bound). The defaults are ReLU; ReLU6 is
+// (0, 6, 0), hardtanh(a, b) (a, b, 0), LeakyReLU(s) (0, nullopt, s), identity (0, nullopt, 1).
+// negative_slope must be >= 0: the backward reads the gradient from the output. Arguments
+// otherwise as batch_norm.
 at::Tensor batch_norm_relu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& running_mean,
                            const std::optional<at::Tensor>& running_var, bool training,
                            std::optional<double> momentum, double eps,
                            const std::optional<at::Tensor>& num_batches_tracked = std::nullopt,
-                           const std::optional<at::Tensor>& residual = std::nullopt);
+                           const std::optional<at::Tensor>& residual = std::nullopt,
+                           double min_val = 0.0, std::optional<double> max_val = std::nullopt,
+                           double negative_slope = 0.0);
 
 // Returns (output, save_mean, save_invstd), as batch_norm_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
@@ -61,15 +70,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps);
+    bool training, std::optional<double> momentum, double eps, double min_val,
+    std::optional<double> max_val, double negative_slope);
 
 // Returns (grad_input, grad_weight, grad_bias, grad_residual) from grad_output and the
-// forward's output (its sign is the ReLU mask); a gradient masked out is undefined.
+// forward's output (which tells the activation's gradient), with the forward's activation
+// parameters; a gradient masked out is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
-    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask);
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask,
+    double min_val, std::optional<double> max_val, double negative_slope);
 
 // Stage ops, for statistics that span processes (SyncBatchNorm). Statistics are float32
 // (float64 for float64 input).

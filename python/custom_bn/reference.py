@@ -34,6 +34,28 @@ def _values_per_channel(input: Tensor) -> int:
     return input.numel() // input.shape[1]
 
 
+def _activate(v: Tensor, min_val: float, max_val: float | None, negative_slope: float) -> Tensor:
+    """The fused ops' piecewise-linear activation (csrc/batch_norm_math.h: activate): v inside
+    (min_val, max_val), min_val + negative_slope * (v - min_val) at or below min_val (min_val
+    itself with slope 0), max_val at or above max_val. NaN passes through."""
+    if negative_slope == 0:
+        below = torch.full_like(v, min_val)
+    else:
+        below = min_val + negative_slope * (v - min_val)
+    out = torch.where(v <= min_val, below, v)
+    return out if max_val is None else torch.where(v >= max_val, torch.full_like(v, max_val), out)
+
+
+def _activation_grad(
+    grad: Tensor, output: Tensor, min_val: float, max_val: float | None, negative_slope: float
+) -> Tensor:
+    """grad times the activation's derivative read from its output (csrc/batch_norm_math.h:
+    activation_grad): 1 above min_val, negative_slope at or below it, 0 at or above max_val."""
+    below = torch.zeros_like(grad) if negative_slope == 0 else grad * negative_slope
+    dz = torch.where(output > min_val, grad, below)
+    return dz if max_val is None else torch.where(output >= max_val, torch.zeros_like(grad), dz)
+
+
 def _normalize(
     input: Tensor,
     mean: Tensor,
@@ -42,8 +64,11 @@ def _normalize(
     bias: Tensor | None,
     relu: bool,
     residual: Tensor | None,
+    min_val: float = 0.0,
+    max_val: float | None = None,
+    negative_slope: float = 0.0,
 ) -> Tensor:
-    """relu?((input - mean) * invstd * weight + bias + residual), as the kernels' normalize pass."""
+    """act?((input - mean) * invstd * weight + bias + residual), as the kernels' normalize pass."""
     compute = mean.dtype
     scale = invstd if weight is None else invstd * weight.to(compute)
     out = (input.to(compute) - _per_channel(mean, input)) * _per_channel(scale, input)
@@ -52,7 +77,7 @@ def _normalize(
     if residual is not None:
         out = out + residual.to(compute)
     if relu:
-        out = torch.relu(out)
+        out = _activate(out, min_val, max_val, negative_slope)
     return out.to(input.dtype)
 
 
@@ -65,10 +90,16 @@ def batch_norm_eval(
     eps: float,
     relu: bool = False,
     residual: Tensor | None = None,
+    min_val: float = 0.0,
+    max_val: float | None = None,
+    negative_slope: float = 0.0,
 ) -> Tensor:
     compute = _compute_dtype(input)
     invstd = torch.rsqrt(running_var.to(compute) + eps)
-    return _normalize(input, running_mean.to(compute), invstd, weight, bias, relu, residual)
+    activation = (min_val, max_val, negative_slope)
+    return _normalize(
+        input, running_mean.to(compute), invstd, weight, bias, relu, residual, *activation
+    )
 
 
 def _update_running_stats(
@@ -105,11 +136,17 @@ def _forward(
     eps: float,
     relu: bool,
     residual: Tensor | None = None,
+    min_val: float = 0.0,
+    max_val: float | None = None,
+    negative_slope: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     compute = _compute_dtype(input)
+    activation = (min_val, max_val, negative_slope)
     if not training:
         empty = input.new_empty((0,), dtype=compute)
-        out = batch_norm_eval(input, weight, bias, running_mean, running_var, eps, relu, residual)
+        out = batch_norm_eval(
+            input, weight, bias, running_mean, running_var, eps, relu, residual, *activation
+        )
         return out, empty, empty
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)  # also for an empty batch, as torch's module counts it
@@ -123,7 +160,8 @@ def _forward(
         _update_running_stats(
             mean, biased_var, count, running_mean, running_var, num_batches_tracked, momentum
         )
-    return _normalize(input, mean, invstd, weight, bias, relu, residual), mean, invstd
+    out = _normalize(input, mean, invstd, weight, bias, relu, residual, *activation)
+    return out, mean, invstd
 
 
 def batch_norm_forward(**arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,11 +224,17 @@ def batch_norm_backward(
 
 
 def batch_norm_relu_backward(
-    output: Tensor, grad_output: Tensor, output_mask: list[bool], **arguments: Any
+    output: Tensor,
+    grad_output: Tensor,
+    output_mask: list[bool],
+    min_val: float = 0.0,
+    max_val: float | None = None,
+    negative_slope: float = 0.0,
+    **arguments: Any,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The ReLU's gradient from the output (dy where output > 0), which is also the residual's,
-    then batch norm's backward of it."""
-    masked = torch.where(output > 0, grad_output, torch.zeros_like(grad_output))
+    """The activation's gradient from the output, which is also the residual's, then batch
+    norm's backward of it."""
+    masked = _activation_grad(grad_output, output, min_val, max_val, negative_slope)
     *batch_norm_mask, need_residual = output_mask
     grads = batch_norm_backward(grad_output=masked, output_mask=batch_norm_mask, **arguments)
     return (*grads, masked if need_residual else None)

@@ -95,7 +95,12 @@ def test_batch_norm_matches_torch_and_the_two_kernel_path(batch, shape, dtype, l
     sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(
         grad, x, mean, invstd, w, True, True, True
     )
-    assert torch.equal(gw, dw) and torch.equal(gb, db)
+    # Equal up to where the compiler contracts the multiply into the sum's add (an FMA): the
+    # fused pass computes dz * (x - mean) inline, the stage op from dz read back
+    # (docs/reliability.md, Determinism). Each is as far from float64 as the other (up to
+    # 3.5e-5 on sums of 12544 terms that cancel).
+    torch.testing.assert_close(gw, dw, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gb, db)
     assert torch.equal(
         ops.batch_norm_backward_elemt(grad, x, mean, invstd, w, sum_dy, sum_dy_xmu, count_of(x)), dx
     )
@@ -164,7 +169,12 @@ def test_batch_norm_relu_matches_torch_and_the_two_kernel_path(
     sum_dy, sum_dy_xmu, gw, gb = ops.batch_norm_backward_reduce(
         masked, x, mean, invstd, w, True, True, True
     )
-    assert torch.equal(gw, dw) and torch.equal(gb, db)
+    # Equal up to where the compiler contracts the multiply into the sum's add (an FMA): the
+    # fused pass computes dz * (x - mean) inline, the stage op from dz read back
+    # (docs/reliability.md, Determinism). Each is as far from float64 as the other (up to
+    # 3.5e-5 on sums of 12544 terms that cancel).
+    torch.testing.assert_close(gw, dw, rtol=1e-5, atol=1e-4)
+    assert torch.equal(gb, db)
     # The input gradient through a different expression (the mask inside it, where the
     # compiler may fuse multiply-adds differently): equal up to float rounding.
     torch.testing.assert_close(

@@ -1,11 +1,15 @@
 // The CUDA kernels of csrc/cuda/kernels/, executed on the CPU by the SIMT emulator (under
 // AddressSanitizer and UBSan) and compared with torch::batch_norm and its autograd.
+#include "activation.h"
 #include "cuda/kernels/batch_norm.cuh"
 
 #include <ATen/OpMathType.h>
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
+#include <optional>
 #include <random>
 
 namespace custom_bn::testing {
@@ -111,12 +115,13 @@ void dispatch(const Config& cfg, const Run& run) {
 
 // The launches of the CUDA launcher, each on its own grid and schedule seed.
 
-// The normalize pass on 3 blocks; with apply_relu, relu(normalized + residual).
+// The normalize pass on 3 blocks; with an activation, act(normalized + residual).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 torch::Tensor normalize(const Config& cfg, const torch::Tensor& x, const ChannelView& view,
                         const torch::Tensor& mean, const torch::Tensor& invstd,
                         const torch::Tensor& weight, const torch::Tensor& bias, uint64_t seed,
-                        bool apply_relu = false, const torch::Tensor& residual = {}) {
+                        const std::optional<Activation>& act = std::nullopt,
+                        const torch::Tensor& residual = {}) {
   torch::Tensor y = torch::empty_like(x);
   simt::launch(
       {3, 1}, cfg.threads, 0,
@@ -124,7 +129,8 @@ torch::Tensor normalize(const Config& cfg, const torch::Tensor& x, const Channel
         kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
             x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), view, mean.data_ptr<acc_t>(),
             invstd.data_ptr<acc_t>(), weight.data_ptr<param_t>(), bias.data_ptr<param_t>(),
-            apply_relu, residual.defined() ? residual.data_ptr<scalar_t>() : nullptr);
+            act.has_value(), act ? act->to<acc_t>() : PiecewiseLinear<acc_t>{},
+            residual.defined() ? residual.data_ptr<scalar_t>() : nullptr);
       },
       seed);
   return y;
@@ -284,11 +290,32 @@ std::vector<Config> configs() {
   return out;
 }
 
-// The fused batch_norm_relu path: the normalize pass with residual and ReLU, the backward
-// reduction that masks grad_output by the output's sign (and writes the masked gradient),
-// then the input gradient of the masked gradient; against torch's batch norm, add and ReLU.
+// The fused activations, with torch's own function of each.
+struct FusedActivation {
+  const char* name;
+  Activation act;
+  torch::Tensor (*reference)(const torch::Tensor&);
+};
+const double kNoUpper = std::numeric_limits<double>::quiet_NaN();
+const FusedActivation kActivations[] = {
+    {"relu", {0.0, kNoUpper, 0.0}, [](const torch::Tensor& v) { return torch::relu(v); }},
+    {"hardtanh(-0.5, 1)",
+     {-0.5, 1.0, 0.0},
+     [](const torch::Tensor& v) { return torch::hardtanh(v, -0.5, 1.0); }},
+    {"leaky_relu(0.2)",
+     {0.0, kNoUpper, 0.2},
+     [](const torch::Tensor& v) { return torch::leaky_relu(v, 0.2); }},
+    {"identity", {0.0, kNoUpper, 1.0}, [](const torch::Tensor& v) { return v; }},
+};
+
+// The fused batch_norm_relu path: the normalize pass with residual and an activation, the
+// backward reduction that multiplies grad_output by the activation's gradient read from the
+// output (and writes that dz), then the input gradient of dz; against torch's batch norm, add
+// and the activation.
 template <typename scalar_t, typename param_t, typename index_t>
-void run_fused_and_compare(const Config& cfg) {
+void run_fused_and_compare(const Config& cfg, const FusedActivation& fused) {
+  SCOPED_TRACE(fused.name);
+  const Activation& act = fused.act;
   using acc_t = at::opmath_type<scalar_t>;
   const torch::Dtype acc_dtype = std::is_same_v<acc_t, double> ? torch::kDouble : torch::kFloat;
   const uint64_t seed = seed_torch();
@@ -306,48 +333,61 @@ void run_fused_and_compare(const Config& cfg) {
   torch::Tensor invstd = (x_acc.var(reduce_dims, /*unbiased=*/false) + 1e-5).rsqrt().contiguous();
 
   const torch::Tensor y = normalize<scalar_t, acc_t, param_t, index_t>(
-      cfg, x, view, mean, invstd, weight, bias, seed, /*apply_relu=*/true, residual);
+      cfg, x, view, mean, invstd, weight, bias, seed, act, residual);
 
   const double tol = tolerance(cfg.input_dtype);
   auto close = [&](const torch::Tensor& a, const torch::Tensor& b, const char* what) {
     expect_close(a, b, tol, what);
   };
-  // float64 reference from the same values: relu(batch_norm(x) + residual).
+  // float64 reference from the same values: act(batch_norm(x) + residual).
   const torch::Tensor x_ref = x.to(torch::kDouble).requires_grad_();
   const torch::Tensor w_ref = weight.to(torch::kDouble).requires_grad_();
   const torch::Tensor r_ref = residual.to(torch::kDouble).requires_grad_();
   const torch::Tensor pre_activation =
       torch::batch_norm(x_ref, w_ref, bias.to(torch::kDouble), {}, {}, true, 0.1, 1e-5, false) +
       r_ref;
-  close(y, torch::relu(pre_activation), "output");
+  close(y, fused.reference(pre_activation), "output");
 
   const torch::Tensor grad = torch::randn_like(y);
-  const torch::Tensor masked_expected = grad * (y > 0).to(grad.scalar_type());
+  // torch's activation backward, from our output (rounded as torch rounds grad * slope).
+  torch::Tensor masked_expected = torch::where(y > act.lower, grad, grad * act.slope);
+  if (!std::isnan(act.upper)) {
+    masked_expected = torch::where(y >= act.upper, torch::zeros_like(grad), masked_expected);
+  }
   auto opts = torch::TensorOptions().dtype(acc_dtype);
   torch::Tensor partials = torch::empty({C * cfg.slices * 2}, opts);
   torch::Tensor arrivals = torch::zeros({channel_groups(cfg)}, torch::kInt);
   torch::Tensor sum_dy = torch::empty({C}, opts), sum_dy_xmu = torch::empty({C}, opts);
   torch::Tensor grad_masked = torch::full_like(x, 7.0);  // every element must be written
   kernels::GradAccumulator<scalar_t, acc_t> sums{
-      grad.data_ptr<scalar_t>(),       x.data_ptr<scalar_t>(),       mean.data_ptr<acc_t>(),
-      sum_dy.data_ptr<acc_t>(),        sum_dy_xmu.data_ptr<acc_t>(), y.data_ptr<scalar_t>(),
-      grad_masked.data_ptr<scalar_t>()};
+      grad.data_ptr<scalar_t>(),        x.data_ptr<scalar_t>(),
+      mean.data_ptr<acc_t>(),           sum_dy.data_ptr<acc_t>(),
+      sum_dy_xmu.data_ptr<acc_t>(),     y.data_ptr<scalar_t>(),
+      grad_masked.data_ptr<scalar_t>(), act.to<acc_t>()};
   reduce<decltype(sums), acc_t, index_t>(cfg, sums, view, partials, arrivals, seed + 1);
-  EXPECT_TRUE(torch::equal(grad_masked, masked_expected)) << "grad residual: the masked grad";
+  EXPECT_TRUE(torch::equal(grad_masked, masked_expected)) << "grad residual: dz";
 
   const torch::Tensor input_gradient = grad_input<scalar_t, acc_t, param_t, index_t>(
       cfg, grad_masked, x, view, mean, invstd, weight, sum_dy, sum_dy_xmu, true, seed + 2);
-  // The reference's backward of the same mask (ours): elements within rounding of 0 may
-  // fall on either side of the ReLU, and that choice is checked above, not here.
+  // The reference's backward of the same dz (ours): elements within rounding of a kink may
+  // fall on either side of it, and that choice is checked above, not here.
   pre_activation.backward(masked_expected.to(torch::kDouble));
   close(input_gradient, x_ref.grad(), "grad input");
-  close(sum_dy, r_ref.grad().sum(reduce_dims), "sum of the masked grad");
+  close(sum_dy, r_ref.grad().sum(reduce_dims), "sum of dz");
 }
 
-TEST_P(SimtKernels, FusedReluMatchesTorch) {
-  dispatch(GetParam(), [](auto scalar, auto param, auto index) {
-    run_fused_and_compare<decltype(scalar), decltype(param), decltype(index)>(GetParam());
-  });
+// ReLU on every configuration, and one other activation each, in turn by the shape and the
+// dtype (all four on every configuration would add a third to the suite's time).
+TEST_P(SimtKernels, FusedActivationsMatchTorch) {
+  const Config& cfg = GetParam();
+  int64_t turn = static_cast<int64_t>(cfg.input_dtype);
+  for (int64_t d : cfg.shape) turn += d;
+  const size_t other = 1 + static_cast<size_t>(turn) % (std::size(kActivations) - 1);
+  for (const FusedActivation* fused : {&kActivations[0], &kActivations[other]}) {
+    dispatch(cfg, [&](auto scalar, auto param, auto index) {
+      run_fused_and_compare<decltype(scalar), decltype(param), decltype(index)>(cfg, *fused);
+    });
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, SimtKernels, ::testing::ValuesIn(configs()), name);

@@ -116,8 +116,8 @@ struct GradSums {
 };
 
 // The backward sums: sum(dy) and sum(dy * (x - mean)). Given the output of a fused
-// batch_norm_relu, dy is first masked by ReLU's gradient, and the masked dy is written to
-// grad_masked (when not null): the ReLU backward fused into the reduction.
+// batch_norm_relu, dy is first multiplied by the activation's gradient (act), and that dz is
+// written to grad_masked (when not null): the activation's backward fused into the reduction.
 template <typename scalar_t, typename acc_t>
 struct GradAccumulator {
   using value_t = GradSums<acc_t>;
@@ -129,15 +129,17 @@ struct GradAccumulator {
   acc_t* sum_dy_xmu;
   const scalar_t* output = nullptr;
   scalar_t* grad_masked = nullptr;
+  PiecewiseLinear<acc_t> act{};
 
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0)}; }
   template <typename index_t>
   CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t c) const {
     acc_t dy = static_cast<acc_t>(simt::load(grad_output + offset));
-    if (output != nullptr) dy = relu_grad(dy, static_cast<acc_t>(simt::load(output + offset)));
-    if (grad_masked != nullptr) {
-      simt::store(grad_masked + offset, static_cast<scalar_t>(dy));  // dy or 0: exact
+    if (output != nullptr) {
+      dy = activation_grad(dy, static_cast<acc_t>(simt::load(output + offset)), act);
     }
+    // Rounded to scalar_t as torch's activation backward rounds its result.
+    if (grad_masked != nullptr) simt::store(grad_masked + offset, static_cast<scalar_t>(dy));
     s.sum_dy += dy;
     s.sum_dy_xmu += dy * (static_cast<acc_t>(simt::load(x + offset)) - simt::load(mean + c));
   }
@@ -271,12 +273,13 @@ CUSTOM_BN_DEVICE index_t element_count(const ChannelView& v) {
 }
 
 // y = (x - mean) * invstd * weight + bias over every element (grid-stride loop); with
-// apply_relu, y = relu(that + residual), residual optional (null).
+// apply_activation, y = act(that + residual), residual optional (null).
 template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const ChannelView& v,
                                          const acc_t* mean, const acc_t* invstd,
                                          const param_t* weight, const param_t* bias,
-                                         bool apply_relu = false,
+                                         bool apply_activation = false,
+                                         PiecewiseLinear<acc_t> act = {},
                                          const scalar_t* residual = nullptr) {
   for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
@@ -285,7 +288,7 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const C
     acc_t value = normalize(static_cast<acc_t>(simt::load(x + i)), simt::load(mean + c),
                             simt::load(invstd + c) * w, b);
     if (residual != nullptr) value += static_cast<acc_t>(simt::load(residual + i));
-    simt::store(y + i, static_cast<scalar_t>(apply_relu ? relu(value) : value));
+    simt::store(y + i, static_cast<scalar_t>(apply_activation ? activate(value, act) : value));
   });
 }
 
