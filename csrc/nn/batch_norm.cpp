@@ -1,6 +1,9 @@
 // The LibTorch batch-norm modules of include/custom_bn/nn.h: input checks, the fused and the
 // frozen variants, and the explicit instantiations of the shared base.
+#include "activation.h"
 #include "nn/batch_norm_impl.h"
+
+#include <string>
 
 namespace custom_bn {
 
@@ -17,13 +20,22 @@ void BatchNorm3dImpl::check_input_dim(const torch::Tensor& input) const {
   TORCH_CHECK(input.dim() == 5, "expected 5D input (got ", input.dim(), "D input)");
 }
 
+BatchNormReLU2dImpl::BatchNormReLU2dImpl(const BatchNormOptions& options,
+                                         const FusedActivationOptions& activation)
+    : BatchNormImplBase(options), activation(activation) {
+  checked_activation("custom_bn::BatchNormReLU2d", activation.min_val(), activation.max_val(),
+                     activation.negative_slope());
+}
+
 torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
                                            const torch::Tensor& residual) {
   check_input_dim(input);
   const StateArguments state = state_arguments();
   return custom_bn::batch_norm_relu(input, if_defined(weight), if_defined(bias), state.running_mean,
                                     state.running_var, state.use_batch_stats, options.momentum(),
-                                    options.eps(), state.num_batches_tracked, if_defined(residual));
+                                    options.eps(), state.num_batches_tracked, if_defined(residual),
+                                    activation.min_val(), activation.max_val(),
+                                    activation.negative_slope());
 }
 
 void BatchNormReLU2dImpl::check_input_dim(const torch::Tensor& input) const {
@@ -33,6 +45,13 @@ void BatchNormReLU2dImpl::check_input_dim(const torch::Tensor& input) const {
 void BatchNormReLU2dImpl::pretty_print(std::ostream& stream) const {
   stream << "custom_bn::BatchNormReLU2d(";
   print_options(stream, options);
+  const FusedActivationOptions relu;
+  if (activation.min_val() != relu.min_val() || activation.max_val() != relu.max_val() ||
+      activation.negative_slope() != relu.negative_slope()) {
+    stream << ", min_val=" << activation.min_val() << ", max_val="
+           << (activation.max_val() ? std::to_string(*activation.max_val()) : "None")
+           << ", negative_slope=" << activation.negative_slope();
+  }
   stream << ')';
 }
 

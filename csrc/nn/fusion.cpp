@@ -13,21 +13,41 @@ namespace {
 
 // A BatchNormReLU2d holding the state of `bn` (torch::nn::BatchNorm2dImpl or ours).
 template <typename BatchNorm>
-BatchNormReLU2d fused_from(const BatchNorm& bn) {
+BatchNormReLU2d fused_from(const BatchNorm& bn, const FusedActivationOptions& activation) {
   const auto& o = bn.options;
   BatchNormReLU2d fused(BatchNormOptions(o.num_features())
                             .eps(o.eps())
                             .momentum(o.momentum())
                             .affine(o.affine())
-                            .track_running_stats(o.track_running_stats()));
+                            .track_running_stats(o.track_running_stats()),
+                        activation);
   fused->share_state(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked);
   fused->train(bn.is_training());
   return fused;
 }
 
-std::optional<BatchNormReLU2d> fuse_if_batchnorm(const std::shared_ptr<torch::nn::Module>& m) {
-  if (const auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) return fused_from(*bn);
-  if (const auto* bn = m->as<BatchNorm2dImpl>()) return fused_from(*bn);
+std::optional<BatchNormReLU2d> fuse_if_batchnorm(const std::shared_ptr<torch::nn::Module>& m,
+                                                 const FusedActivationOptions& activation) {
+  if (const auto* bn = m->as<torch::nn::BatchNorm2dImpl>()) return fused_from(*bn, activation);
+  if (const auto* bn = m->as<BatchNorm2dImpl>()) return fused_from(*bn, activation);
+  return std::nullopt;
+}
+
+// The fused op's arguments for an activation it applies (ReLU, ReLU6, Hardtanh, LeakyReLU
+// with a slope >= 0); none for any other module.
+std::optional<FusedActivationOptions> fused_activation(const torch::nn::Module& m) {
+  if (m.as<torch::nn::ReLUImpl>()) return FusedActivationOptions();
+  if (m.as<torch::nn::ReLU6Impl>()) return FusedActivationOptions().max_val(6.0);
+  if (const auto* hardtanh = m.as<torch::nn::HardtanhImpl>()) {
+    return FusedActivationOptions()
+        .min_val(hardtanh->options.min_val())
+        .max_val(hardtanh->options.max_val());
+  }
+  if (const auto* leaky = m.as<torch::nn::LeakyReLUImpl>()) {
+    if (leaky->options.negative_slope() >= 0.0) {
+      return FusedActivationOptions().negative_slope(leaky->options.negative_slope());
+    }
+  }
   return std::nullopt;
 }
 
@@ -41,10 +61,10 @@ torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequentia
   for (size_t i = 0; i < modules.size(); ++i) {
     const std::string& name = children[i].key();
     const std::shared_ptr<torch::nn::Module> child = modules[i].ptr();
-    const bool relu_next =
-        i + 1 < modules.size() && modules[i + 1].ptr()->as<torch::nn::ReLUImpl>();
+    const std::optional<FusedActivationOptions> activation =
+        i + 1 < modules.size() ? fused_activation(*modules[i + 1].ptr()) : std::nullopt;
     if (std::optional<BatchNormReLU2d> bn_relu =
-            relu_next ? fuse_if_batchnorm(child) : std::nullopt) {
+            activation ? fuse_if_batchnorm(child, *activation) : std::nullopt) {
       fused->push_back(std::string(name), *bn_relu);
       fused->push_back(std::string(children[i + 1].key()), torch::nn::Identity());
       changed = true;

@@ -102,15 +102,29 @@ class BatchNorm3dImpl : public BatchNormImplBase<3, BatchNorm3dImpl> {
 };
 TORCH_MODULE(BatchNorm3d);
 
-/// relu(BatchNorm2d(input) + residual) as one fused op, custom_bn::batch_norm_relu: one pass
-/// forward, one backward, no activation saved beyond the output. Options, parameters and
-/// buffers are BatchNorm2d's (a torch::save of either loads into the other).
+/// The activation of BatchNormReLU2d, as custom_bn::batch_norm_relu takes it: the identity
+/// inside (min_val, max_val), negative_slope * v at or below min_val (min_val itself with slope
+/// 0), max_val at or above it. The defaults are ReLU; ReLU6 is max_val(6), hardtanh(a, b)
+/// min_val(a).max_val(b), LeakyReLU(s) negative_slope(s) (s >= 0), identity negative_slope(1).
+struct FusedActivationOptions {
+  TORCH_ARG(double, min_val) = 0.0;
+  TORCH_ARG(std::optional<double>, max_val) = std::nullopt;
+  TORCH_ARG(double, negative_slope) = 0.0;
+};
+
+/// act(BatchNorm2d(input) + residual) as one fused op, custom_bn::batch_norm_relu: one pass
+/// forward, one backward, no activation saved beyond the output. act is a ReLU unless
+/// `activation` says otherwise. Options, parameters and buffers are BatchNorm2d's (a
+/// torch::save of either loads into the other).
 class BatchNormReLU2dImpl : public BatchNormImplBase<2, BatchNormReLU2dImpl> {
  public:
-  using BatchNormImplBase::BatchNormImplBase;
+  explicit BatchNormReLU2dImpl(const BatchNormOptions& options,
+                               const FusedActivationOptions& activation = {});
 
-  /// residual (optional, the input's shape and dtype) is added before the ReLU.
+  /// residual (optional, the input's shape and dtype) is added before the activation.
   torch::Tensor forward(const torch::Tensor& input, const torch::Tensor& residual = {});
+
+  FusedActivationOptions activation;
 
   void pretty_print(std::ostream& stream) const override;
 

@@ -1,5 +1,6 @@
-"""fuse_batchnorm_relu: relu(bn(x)) and relu(bn(x) + identity) in an existing model become one
-batch_norm_relu call each, found with torch.fx, without changing what the model computes.
+"""fuse_batchnorm_relu: act(bn(x)) and act(bn(x) + identity) in an existing model become one
+batch_norm_relu call each, found with torch.fx, without changing what the model computes. act
+is a ReLU, ReLU6, Hardtanh or LeakyReLU (slope >= 0): the activations the fused op applies.
 
 torchvision's BasicBlock and Bottleneck end in `out = self.bn(...); out += identity;
 out = self.relu(out)`: three passes over the activation forward and three backward, where the
@@ -16,11 +17,11 @@ How it stays exact, in both modes, on models from any library:
   and buffers), and the copy of each such module has the rewritten trace as its `forward`.
   The input model is not modified.
 - The batch norm modules stay what they were. The rewritten forward calls
-  `batch_norm_relu(bn, x, residual)`, which runs the fused op on the module's state when
-  `bn` is a plain BatchNorm2d (torch's or ours) without hooks, and otherwise `bn` followed by
-  the add and the ReLU. So methods that bypass `forward` (timm's `forward_features`), a later
-  swap of the module (freezing, SyncBatchNorm conversion) and unpickling (which restores the
-  class's own forward) all still compute the original model.
+  `batch_norm_relu(bn, x, residual, activation)`, which runs the fused op on the module's
+  state when `bn` is a plain BatchNorm2d (torch's or ours) without hooks, and otherwise `bn`
+  followed by the add and the activation. So methods that bypass `forward` (timm's
+  `forward_features`), a later swap of the module (freezing, SyncBatchNorm conversion) and
+  unpickling (which restores the class's own forward) all still compute the original model.
 """
 
 import copy
@@ -33,11 +34,13 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import modules
+from ._activation import RELU, Activation, apply_activation, fused_activation
 from ._state import batch_norm_arguments
 from .integrations.torch_nn import NormBase
 
 _BATCHNORM_2D = (nn.BatchNorm2d, modules.BatchNorm2d)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
+_RELU6_FUNCTIONS = (torch.nn.functional.relu6,)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
@@ -45,14 +48,17 @@ def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks)
 
 
-def batch_norm_relu(bn: nn.Module, input: Tensor, residual: Tensor | None = None) -> Tensor:
-    """relu(bn(input) + residual): the fused op on `bn`'s state when `bn` is a plain
+def batch_norm_relu(
+    bn: nn.Module, input: Tensor, residual: Tensor | None = None, activation: Activation = RELU
+) -> Tensor:
+    """act(bn(input) + residual): the fused op on `bn`'s state when `bn` is a plain
     BatchNorm2d without hooks, else the three steps (the add only with a residual)."""
     if type(bn) in _BATCHNORM_2D and not _has_hooks(bn):
         bn._check_input_dim(input)
-        return torch.ops.custom_bn.batch_norm_relu(input, *batch_norm_arguments(bn), residual)
+        arguments = batch_norm_arguments(bn)
+        return torch.ops.custom_bn.batch_norm_relu(input, *arguments, residual, *activation)
     output = bn(input)
-    return torch.relu(output if residual is None else output + residual)
+    return apply_activation(output if residual is None else output + residual, activation)
 
 
 class _ShallowTracer(fx.Tracer):
@@ -66,13 +72,23 @@ def _child(node: fx.Node, owner: nn.Module) -> nn.Module | None:
     return owner.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _is_relu(node: fx.Node, owner: nn.Module) -> bool:
+def _activation(node: fx.Node, owner: nn.Module) -> Activation | None:
+    """The fused op's activation for a call of one it applies on one tensor (`inplace` aside):
+    a ReLU, ReLU6, Hardtanh or LeakyReLU module, relu or relu6 as a function or a method."""
+    if len(node.args) != 1 or (node.kwargs and set(node.kwargs) != {"inplace"}):
+        return None
     if node.op == "call_module":
-        relu = _child(node, owner)
-        return type(relu) is nn.ReLU and not _has_hooks(relu)
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in ("relu", "relu_")
+        module = _child(node, owner)
+        activation = fused_activation(module)
+        # An Identity is not an activation here: it is skipped within chains.
+        return None if type(module) is nn.Identity or _has_hooks(module) else activation
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        return RELU
+    if node.op == "call_function" and node.target in _RELU6_FUNCTIONS:
+        return (0.0, 6.0, 0.0)
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return RELU
+    return None
 
 
 def _is_identity(node: object, owner: nn.Module) -> bool:
@@ -119,24 +135,24 @@ def _fusible_batchnorm(node: object, owner: nn.Module) -> bool:
 
 
 def _match(relu: fx.Node, owner: nn.Module):
-    """(batch norm node, nodes to remove, residual or None) when relu ends a fusible chain."""
-    if not _is_relu(relu, owner) or len(relu.args) != 1:
-        return None
-    if relu.kwargs and relu.kwargs != {"inplace": relu.kwargs.get("inplace")}:
+    """(batch norm node, nodes to remove, residual or None, activation) when relu (a call of an
+    activation) ends a fusible chain."""
+    activation = _activation(relu, owner)
+    if activation is None:
         return None
     source, chain = _skip_identities(relu.args[0], owner)
     if _fusible_batchnorm(source, owner):
-        return source, [relu, *chain], None
+        return source, [relu, *chain], None, activation
     if not isinstance(source, fx.Node) or not _is_add(source) or len(source.users) != 1:
         return None
     first, second = source.args
     bn, before = _skip_identities(first, owner)
     if _fusible_batchnorm(bn, owner):
-        return bn, [relu, *chain, source, *before], second
+        return bn, [relu, *chain, source, *before], second, activation
     # An in-place add writes its first operand, which the fused call would no longer do.
     bn, before = _skip_identities(second, owner)
     if _fusible_batchnorm(bn, owner) and not _adds_in_place(source):
-        return bn, [relu, *chain, source, *before], first
+        return bn, [relu, *chain, source, *before], first, activation
     return None
 
 
@@ -144,16 +160,16 @@ def _fuse_graph(graph: fx.Graph, owner: nn.Module) -> tuple[str, ...]:
     """Rewrites the fusible chains of `graph` (a trace of `owner`); returns the batch norm
     targets it fused, once per call."""
     matches = [m for m in (_match(node, owner) for node in graph.nodes) if m]
-    for bn, removed, residual in matches:
+    for bn, removed, residual, activation in matches:
         relu = removed[0]
         with graph.inserting_before(relu):
             module = graph.get_attr(bn.target)
-            args = (module, bn.args[0]) if residual is None else (module, bn.args[0], residual)
+            args = (module, bn.args[0], residual, activation)
             fused = graph.call_function(batch_norm_relu, args)
         relu.replace_all_uses_with(fused)
         for node in (*removed, bn):
             graph.erase_node(node)
-    return tuple(bn.target for bn, _, _ in matches)
+    return tuple(bn.target for bn, *_ in matches)
 
 
 def _trace(module: nn.Module, training: bool) -> fx.Graph:
@@ -266,10 +282,12 @@ def fused_batch_norms(model: nn.Module) -> list[str]:
 
 def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
     """A model that computes what `model` computes, in training and in eval, in which every
-    BatchNorm2d (torch's or ours) followed by a ReLU, with or without a residual added in
+    BatchNorm2d (torch's or ours) followed by an activation the fused op applies (ReLU,
+    ReLU6, Hardtanh, LeakyReLU with a slope >= 0), with or without a residual added in
     between and with nn.Identity calls anywhere in the chain, is one batch_norm_relu call:
-    `relu(bn(x))` and `relu(bn(x) + identity)`, ReLU as a module, a function or a method, in
-    place or not, the add as `+`, `+=`, `torch.add` or `Tensor.add(_)`. The residual must have
+    `act(bn(x))` and `act(bn(x) + identity)`, the activation as a module, or ReLU and ReLU6
+    as a function or a method, in place or not, the add as `+`, `+=`, `torch.add` or
+    `Tensor.add(_)`. The residual must have
     the batch norm output's shape (torchvision's blocks do; the op checks it).
 
     The result has the class and methods of `model` and shares its parameters and buffers

@@ -4,6 +4,7 @@ forward is one call of torch.ops.custom_bn.batch_norm."""
 import torch
 from torch import Tensor
 
+from ._activation import activation_repr, set_activation
 from ._state import BatchNormState
 from .integrations.torch_nn import BatchNormBase, NormBase
 
@@ -50,13 +51,42 @@ class BatchNorm3d(_CustomBatchNorm, torch.nn.BatchNorm3d):
 
 
 class BatchNormReLU2d(BatchNormState, NormBase):
-    """relu(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
+    """act(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
     one pass forward, one backward, and no activation saved beyond the output. The state and
-    constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d).
+    constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d); act is a ReLU
+    unless the keywords say otherwise, as the op takes them: ReLU6 is `max_val=6`, Hardtanh(a,
+    b) `min_val=a, max_val=b`, LeakyReLU(s) `negative_slope=s` (s >= 0).
 
     It is deliberately not a torch `_BatchNorm`: SyncBatchNorm converters (torch's, timm's,
-    Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the ReLU.
+    Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the activation.
     custom_bn.SyncBatchNorm.convert_sync_batchnorm turns it into SyncBatchNormReLU2d."""
+
+    # Class defaults too: a module pickled before the activation existed is a ReLU.
+    min_val: float = 0.0
+    max_val: float | None = None
+    negative_slope: float = 0.0
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        min_val: float = 0.0,
+        max_val: float | None = None,
+        negative_slope: float = 0.0,
+    ):
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+        )
+        set_activation(self, (min_val, max_val, negative_slope))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + activation_repr(self)
 
     def _check_input_dim(self, input):
         if input.dim() != 4:
@@ -68,7 +98,14 @@ class BatchNormReLU2d(BatchNormState, NormBase):
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
-        return torch.ops.custom_bn.batch_norm_relu(input, *self._op_arguments(), residual)
+        return torch.ops.custom_bn.batch_norm_relu(
+            input,
+            *self._op_arguments(),
+            residual,
+            self.min_val,
+            self.max_val,
+            self.negative_slope,
+        )
 
 
 class LazyBatchNorm1d(_CustomBatchNorm, torch.nn.LazyBatchNorm1d):

@@ -3,7 +3,7 @@
 - `torch.onnx.export(model, args, dynamo=True, custom_translation_table=custom_translation_table)`:
   the exported program's eval batch norm is the non-mutating `custom_bn::batch_norm_eval`,
   which the table maps (written in onnxscript) to BatchNormalization, then Add (residual) and
-  Relu for batch_norm_relu.
+  the activation for batch_norm_relu (Relu, Clip, LeakyRelu).
 - `torch.onnx.export(model, args, dynamo=False)` (the TorchScript-based exporter): `import
   custom_bn` registers symbolics for `custom_bn::batch_norm`, `batch_norm_relu` and
   `batch_norm_eval` (custom_bn.integrations.onnx_torchscript).
@@ -24,10 +24,42 @@ from .integrations.onnx_torchscript import _TRAINING_ERROR, SYMBOLIC_OPSET
 from .integrations.torch_nn import BatchNormBase
 
 
+def _activation(output, min_val: float, max_val: float | None, negative_slope: float):
+    """The fused op's piecewise-linear activation in ONNX: Relu, Clip (ReLU6, hardtanh),
+    LeakyRelu, nothing (identity), or in general Where and Min."""
+    if negative_slope == 0:
+        if min_val == 0 and max_val is None:
+            return op.Relu(output)
+        low = op.CastLike(op.Constant(value_float=min_val), output)
+        high = None if max_val is None else op.CastLike(op.Constant(value_float=max_val), output)
+        return op.Clip(output, low, high)
+    if min_val == 0:
+        if negative_slope != 1:
+            output = op.LeakyRelu(output, alpha=negative_slope)
+    else:
+        low = op.CastLike(op.Constant(value_float=min_val), output)
+        slope = op.CastLike(op.Constant(value_float=negative_slope), output)
+        below = op.Add(low, op.Mul(slope, op.Sub(output, low)))
+        output = op.Where(op.LessOrEqual(output, low), below, output)
+    if max_val is not None:
+        output = op.Min(output, op.CastLike(op.Constant(value_float=max_val), output))
+    return output
+
+
 def _batch_norm_eval(
-    input, weight, bias, running_mean, running_var, eps: float, relu: bool = False, residual=None
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    eps: float,
+    relu: bool = False,
+    residual=None,
+    min_val: float = 0.0,
+    max_val: float | None = None,
+    negative_slope: float = 0.0,
 ):
-    """custom_bn::batch_norm_eval as BatchNormalization (then Add and Relu)."""
+    """custom_bn::batch_norm_eval as BatchNormalization (then Add and the activation)."""
     channels = op.Shape(running_mean)
     if weight is None:
         weight = op.CastLike(op.Expand(op.Constant(value_float=1.0), channels), running_mean)
@@ -36,7 +68,7 @@ def _batch_norm_eval(
     output = op.BatchNormalization(input, weight, bias, running_mean, running_var, epsilon=eps)
     if residual is not None:
         output = op.Add(output, residual)
-    return op.Relu(output) if relu else output
+    return _activation(output, min_val, max_val, negative_slope) if relu else output
 
 
 # torch.onnx.export(..., dynamo=True): the eval op. A training-mode program holds the

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._activation import activation_of, activation_repr, apply_activation, set_activation
 from ._state import BatchNormState
 from .convert import _timm
 from .integrations.torch_nn import BatchNormBase, NormBase
@@ -157,6 +158,7 @@ class SyncBatchNorm(_Synchronized, BatchNormState, BatchNormBase):
         timm = _timm()
         if type(module) is BatchNormReLU2d:
             converted = _sync_options(SyncBatchNormReLU2d, module, process_group)
+            set_activation(converted, activation_of(module))
         elif timm is not None and isinstance(module, timm.BATCH_NORM_ACT):
             if not isinstance(module, timm.SyncBatchNormAct):
                 converted = _sync_options(timm.SyncBatchNormAct, module, process_group)
@@ -170,8 +172,16 @@ class SyncBatchNorm(_Synchronized, BatchNormState, BatchNormBase):
 
 
 class SyncBatchNormReLU2d(_Synchronized, BatchNormState, NormBase):
-    """BatchNormReLU2d synchronized as SyncBatchNorm: relu(sync_batch_norm(input) + residual).
-    Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
+    """BatchNormReLU2d synchronized as SyncBatchNorm: act(sync_batch_norm(input) + residual),
+    with the activation of the BatchNormReLU2d it was converted from (a ReLU when made
+    directly). Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
+
+    min_val: float = 0.0
+    max_val: float | None = None
+    negative_slope: float = 0.0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + activation_repr(self)
 
     def _check_input_dim(self, input):
         if input.dim() != 4:
@@ -182,4 +192,5 @@ class SyncBatchNormReLU2d(_Synchronized, BatchNormState, NormBase):
         if leaf is not None:
             return leaf
         output = _sync_batch_norm(self, input)
-        return torch.relu(output if residual is None else output + residual)
+        output = output if residual is None else output + residual
+        return apply_activation(output, activation_of(self))

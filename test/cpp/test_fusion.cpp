@@ -79,6 +79,51 @@ TEST_F(Fusion, NothingToFuseReturnsTheSameSequential) {
   torch::nn::Sequential model(torch::nn::Conv2d(3, 4, 1), BatchNorm2d(4), torch::nn::Sigmoid(),
                               torch::nn::ReLU());
   EXPECT_EQ(fuse_batchnorm_relu(model).ptr(), model.ptr());
+  torch::nn::Sequential negative_slope(
+      torch::nn::BatchNorm2d(4),
+      torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(-0.1)));
+  EXPECT_EQ(fuse_batchnorm_relu(negative_slope).ptr(), negative_slope.ptr());
+}
+
+TEST_F(Fusion, FusesEachActivationTheOpApplies) {
+  const std::vector<torch::nn::AnyModule> activations{
+      torch::nn::AnyModule(torch::nn::ReLU6()),
+      torch::nn::AnyModule(
+          torch::nn::Hardtanh(torch::nn::HardtanhOptions().min_val(-0.5).max_val(0.5))),
+      torch::nn::AnyModule(
+          torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.2)))};
+  for (const torch::nn::AnyModule& activation : activations) {
+    torch::nn::Sequential model;
+    model->push_back("conv", torch::nn::Conv2d(3, 4, 3));
+    model->push_back("bn", torch::nn::BatchNorm2d(4));
+    model->push_back("act", activation);
+    torch::nn::Sequential fused = fuse_batchnorm_relu(model);
+    ASSERT_TRUE(fused[1]->as<BatchNormReLU2dImpl>() != nullptr) << activation.ptr()->name();
+    const torch::Tensor x = torch::randn({4, 3, 6, 6}, torch::requires_grad());
+    const torch::Tensor expected = model->forward(x);  // updates the shared running stats once
+    const torch::Tensor got = fused->forward(x);       // and again: compare in eval below
+    expect_close(got, expected, tolerance(torch::kFloat), "training output");
+    const torch::Tensor upstream = torch::randn_like(got);
+    const auto [grad_fused] = std::make_tuple(torch::autograd::grad({got}, {x}, {upstream})[0]);
+    const torch::Tensor grad_model = torch::autograd::grad({expected}, {x}, {upstream})[0];
+    expect_close(grad_fused, grad_model, {1e-5, 1e-4}, "input gradient");
+    model->eval();
+    fused->eval();
+    expect_close(fused->forward(x), model->forward(x), tolerance(torch::kFloat), "eval output");
+  }
+}
+
+TEST_F(Fusion, ModuleAppliesItsActivationAndRefusesANegativeSlope) {
+  BatchNormReLU2d relu6(BatchNormOptions(3), FusedActivationOptions().max_val(6.0));
+  const torch::Tensor x = torch::randn({4, 3, 5, 5}) * 10;
+  torch::nn::BatchNorm2d reference(3);
+  expect_close(relu6->forward(x), torch::relu6(reference->forward(x)), tolerance(torch::kFloat),
+               "relu6");
+  std::ostringstream printed;
+  relu6->pretty_print(printed);
+  EXPECT_NE(printed.str().find("max_val=6"), std::string::npos) << printed.str();
+  EXPECT_THROW(BatchNormReLU2d(BatchNormOptions(3), FusedActivationOptions().negative_slope(-1.0)),
+               c10::ValueError);
 }
 
 }  // namespace

@@ -262,9 +262,16 @@ TEST(Readme, CppSnippetRuns) {
   torch::Tensor y = custom_bn::batch_norm(x, weight, bias, running_mean, running_var,
                                           /*training=*/true, /*momentum=*/0.1, /*eps=*/1e-5);
 
-  // Fused relu(batch_norm(x) + residual), with BatchNorm2d's options and state.
+  // Fused relu(batch_norm(x) + residual), with BatchNorm2d's options and state; another
+  // activation the op applies through FusedActivationOptions (here ReLU6).
   custom_bn::BatchNormReLU2d bn_relu(16);
   torch::Tensor z = bn_relu(net->forward(x), /*residual=*/torch::randn({4, 16, 8, 8}));
+  custom_bn::BatchNormReLU2d bn_relu6(16, custom_bn::FusedActivationOptions().max_val(6.0));
+
+  // BatchNorm2d (torch::nn's or ours) then ReLU (or ReLU6, Hardtanh, LeakyReLU) in a Sequential
+  // becomes one BatchNormReLU2d over the same parameters; the activation's slot holds an
+  // Identity, so the state_dict keys stay.
+  torch::nn::Sequential fused = custom_bn::fuse_batchnorm_relu(net);
 
   // Frozen statistics and affine parameters, whatever the mode (torchvision's FrozenBatchNorm2d).
   custom_bn::FrozenBatchNorm2d frozen(16);
@@ -279,6 +286,8 @@ TEST(Readme, CppSnippetRuns) {
   expect_close(f, z / std::sqrt(1 + 1e-5), tolerance(torch::kFloat), "frozen");
   EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
   EXPECT_TRUE((z >= 0).all().item<bool>());
+  EXPECT_TRUE((bn_relu6(x.expand({4, 16, 8, 8}) * 100) <= 6).all().item<bool>());
+  EXPECT_TRUE(fused[1]->as<custom_bn::BatchNormReLU2dImpl>() != nullptr);
   expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
                tolerance(torch::kFloat), "output");
 }

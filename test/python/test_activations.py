@@ -1,7 +1,8 @@
 """The fused op's activations beyond ReLU (ReLU6, hardtanh, LeakyReLU, identity): each against
 torch's batch norm, add and that activation, forward and backward, in every mode and dtype;
-gradcheck (forward mode too), gradgradcheck, opcheck and errors."""
+gradcheck (forward mode too), gradgradcheck, opcheck, errors, and the module's keywords."""
 
+import copy
 import itertools
 
 import pytest
@@ -150,3 +151,24 @@ def test_bad_activation_raises_value_error_and_changes_nothing(activation, argum
     with pytest.raises(ValueError, match=argument):
         ops.batch_norm_eval(s.input, s.weight, s.bias, s.running_mean, s.running_var, 1e-5, True,
                             None, *activation)  # fmt: skip
+
+
+def test_module_takes_an_activation_and_sync_conversion_keeps_it():
+    import custom_bn
+
+    module = custom_bn.BatchNormReLU2d(4, max_val=6.0).double()
+    reference = torch.nn.BatchNorm2d(4).double()
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 8
+    residual = torch.randn_like(x)
+    torch.testing.assert_close(module(x, residual), F.relu6(reference(x) + residual))
+    torch.testing.assert_close(module.running_var, reference.running_var)
+    assert "max_val=6.0" in repr(module) and "max_val" not in repr(custom_bn.BatchNormReLU2d(4))
+    assert list(module.state_dict()) == list(reference.state_dict())
+    scripted = torch.jit.script(copy.deepcopy(module).eval())
+    torch.testing.assert_close(scripted(x, residual), module.eval()(x, residual))
+    # SyncBatchNorm conversion keeps it; without a process group it is the local op.
+    synced = custom_bn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(module))
+    assert type(synced) is custom_bn.SyncBatchNormReLU2d and synced.max_val == 6.0
+    torch.testing.assert_close(synced(x, residual), module(x, residual))
+    with pytest.raises(ValueError, match="negative_slope"):
+        custom_bn.BatchNormReLU2d(4, negative_slope=-0.1)

@@ -267,7 +267,8 @@ def test_module_state_dict_is_batchnorm2d_and_it_scripts():
 def test_compile_fullgraph_momentum_none_matches_eager(backend):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = ResidualBlock(custom_bn.BatchNormReLU2d(4, momentum=None))
+    # A LeakyReLU as the activation: the decomposition inductor compiles carries it too.
+    eager = ResidualBlock(custom_bn.BatchNormReLU2d(4, momentum=None, negative_slope=0.1))
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend=backend, fullgraph=True)
     for _ in range(3):
@@ -276,6 +277,10 @@ def test_compile_fullgraph_momentum_none_matches_eager(backend):
         torch.testing.assert_close(out_compiled, out_eager)
         out_eager.sum().backward()
         out_compiled.sum().backward()
-    torch.testing.assert_close(compiled_model.conv.weight.grad, eager.conv.weight.grad)
+    # Sums of 3 steps' products (up to ~160): inductor's float32 sums and our kernels' double
+    # ones are both within 3e-5 of float64.
+    torch.testing.assert_close(
+        compiled_model.conv.weight.grad, eager.conv.weight.grad, rtol=1e-5, atol=1e-4
+    )
     torch.testing.assert_close(compiled_model.bn_relu.running_var, eager.bn_relu.running_var)
     assert compiled_model.bn_relu.num_batches_tracked.item() == 3

@@ -119,10 +119,30 @@ class _ReLUBlock(nn.Module):
         return self.bn(self.conv(x), x), self.bn(x)
 
 
+class _Activations(nn.Module):
+    """bn(x) + x through each activation the fused op applies besides ReLU, one batch norm each
+    (fuse_batchnorm_relu makes each one fused call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
+        self.acts = nn.ModuleList([nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.2)])
+
+    def forward(self, x):
+        return (
+            self.acts[0](self.bns[0](x) + x),
+            self.acts[1](self.bns[1](x)),
+            self.acts[2](self.bns[2](x) + x),
+        )
+
+
 def _models():
     yield "resnet18", _resnet18(), (torch.randn(2, 3, 64, 64),)
     block = _with_stats(_ReLUBlock(), 4, 8, 6, 6)
     yield "batch_norm_relu", block, (torch.randn(4, 8, 6, 6),)
+    activations = custom_bn.fuse_batchnorm_relu(_with_stats(_Activations(), 4, 8, 6, 6))
+    assert len(custom_bn.fusion.fused_batch_norms(activations)) == 3
+    yield "activations", activations, (torch.randn(4, 8, 6, 6) * 3,)
     bn1d = nn.Sequential(nn.Linear(5, 6), custom_bn.BatchNorm1d(6, affine=False))
     yield "batchnorm1d", _with_stats(bn1d, 8, 5), (torch.randn(8, 5),)
     bn3d = nn.Sequential(nn.Conv3d(2, 3, 1), custom_bn.BatchNorm3d(3))

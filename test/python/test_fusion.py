@@ -180,9 +180,48 @@ def test_untraceable_parent_has_its_children_fused():
     torch.testing.assert_close(fused(expected_x), expected)
 
 
-def test_mobilenet_relu6_is_not_fused():
-    model = torchvision.models.mobilenet_v2(num_classes=10)
-    assert custom_bn.fuse_batchnorm_relu(model) is model
+def test_mobilenet_relu6_fuses_and_trains_in_lockstep_in_float64():
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35, dropout=0.0).double()
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    # Every Conv2dNormActivation's BN -> ReLU6; the projections' BN has no activation.
+    assert _fused_calls(fused) == 35
+    _train_in_lockstep(model, fused, steps=2, shape=(4, 3, 64, 64))
+    model.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "activation",
+    [nn.ReLU6(inplace=True), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.2), F.relu6],
+    ids=["relu6", "hardtanh", "leaky_relu", "functional_relu6"],
+)
+def test_each_activation_the_op_applies_fuses(activation):
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(4)
+            self.act = activation if isinstance(activation, nn.Module) else nn.Identity()
+
+        def forward(self, x, identity):
+            out = self.bn(x) + identity
+            return self.act(out) if isinstance(activation, nn.Module) else activation(out)
+
+    model = Block()
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
+    assert _fused_calls(fused) == 1
+    for training in (True, False):
+        model.train(training), fused.train(training)
+        x, identity = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+        torch.testing.assert_close(fused(x, identity.clone()), model(x, identity.clone()))
+    torch.testing.assert_close(fused.bn.running_var, model.bn.running_var)
+
+
+def test_activations_the_op_does_not_apply_are_not_fused():
+    for activation in (nn.LeakyReLU(-0.1), nn.SiLU(), nn.GELU()):
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), activation)
+        assert custom_bn.fuse_batchnorm_relu(model) is model
 
 
 SWEEP = ["densenet121", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5", "vgg11_bn"]

@@ -89,6 +89,43 @@ def test_timm_frozen_conversion_covers_batch_norm_act():
     torch.testing.assert_close(frozen(x), expected, rtol=1e-9, atol=1e-10)
 
 
+class _OpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
+    """The names of the ops called below autograd."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    "act_layer",
+    [nn.ReLU6, lambda inplace=False: nn.LeakyReLU(0.2, inplace), lambda inplace=False: nn.GELU()],
+    ids=["relu6", "leaky_relu", "gelu"],
+)
+def test_timm_batch_norm_act_runs_the_fused_op_where_it_applies_the_activation(act_layer):
+    torch.manual_seed(0)
+    layer = timm.layers.BatchNormAct2d(6, act_layer=act_layer)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), layer).double()
+    converted = custom_bn.convert_batchnorm(copy.deepcopy(model), strict=True)
+    fused = custom_bn._activation.fused_activation(layer.act) is not None
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    for training in (True, False):
+        with _OpsCalled() as called:
+            copy.deepcopy(converted).train(training)(x)
+        if training:
+            forward = "batch_norm_relu_forward" if fused else "batch_norm_forward"
+            assert f"custom_bn::{forward}" in called.names
+        else:
+            assert "custom_bn::batch_norm_eval" in called.names
+    _lockstep(model, converted, (4, 3, 8, 8), classify=False)
+    frozen = custom_bn.convert_batchnorm(copy.deepcopy(model), frozen=True, strict=True)
+    torch.testing.assert_close(frozen(x), model.eval()(x), rtol=1e-9, atol=1e-10)
+
+
 def test_timm_helpers_work_on_converted_models():
     from timm.layers import freeze_batch_norm_2d, unfreeze_batch_norm_2d
 

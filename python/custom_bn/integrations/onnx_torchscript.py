@@ -29,7 +29,40 @@ def _filled_like(g, value, fill: float, like):
     return g.op("CastLike", filled, like)
 
 
-def _symbolic_batch_norm(g, input, weight, bias, running_mean, running_var, eps, relu, residual):
+def _constant_like(g, value: float, like):
+    return g.op("CastLike", g.op("Constant", value_t=torch.tensor(value)), like)
+
+
+def _activation(g, output, min_val, max_val, negative_slope):
+    """The fused op's piecewise-linear activation (custom_bn.onnx._activation, for this
+    exporter): Relu, Clip, LeakyRelu, nothing (identity), or in general Where and Min."""
+    low = symbolic_helper._parse_arg(min_val, "f")
+    high = None if symbolic_helper._is_none(max_val) else symbolic_helper._parse_arg(max_val, "f")
+    slope = symbolic_helper._parse_arg(negative_slope, "f")
+    if slope == 0:
+        if low == 0 and high is None:
+            return g.op("Relu", output)
+        bounds = [_constant_like(g, low, output)]
+        if high is not None:
+            bounds.append(_constant_like(g, high, output))
+        return g.op("Clip", output, *bounds)
+    if low == 0:
+        if slope != 1:
+            output = g.op("LeakyRelu", output, alpha_f=slope)
+    else:
+        low_t = _constant_like(g, low, output)
+        below = g.op(
+            "Add", low_t, g.op("Mul", _constant_like(g, slope, output), g.op("Sub", output, low_t))
+        )
+        output = g.op("Where", g.op("LessOrEqual", output, low_t), below, output)
+    if high is not None:
+        output = g.op("Min", output, _constant_like(g, high, output))
+    return output
+
+
+def _symbolic_batch_norm(
+    g, input, weight, bias, running_mean, running_var, eps, relu, residual, activation
+):
     if symbolic_helper._is_none(running_mean) or symbolic_helper._is_none(running_var):
         raise RuntimeError(_TRAINING_ERROR)
     output = g.op(
@@ -43,7 +76,7 @@ def _symbolic_batch_norm(g, input, weight, bias, running_mean, running_var, eps,
     )
     if residual is not None and not symbolic_helper._is_none(residual):
         output = g.op("Add", output, residual)
-    return g.op("Relu", output) if relu else output
+    return _activation(g, output, *activation) if relu else output
 
 
 def _training(value) -> bool:
@@ -65,22 +98,38 @@ def _symbolic_training_op(relu: bool):
         eps,
         num_batches_tracked=None,
         residual=None,
+        min_val=0.0,
+        max_val=None,
+        negative_slope=0.0,
     ):
         if _training(training):
             raise RuntimeError(_TRAINING_ERROR)
+        activation = (min_val, max_val, negative_slope)
         return _symbolic_batch_norm(
-            g, input, weight, bias, running_mean, running_var, eps, relu, residual
+            g, input, weight, bias, running_mean, running_var, eps, relu, residual, activation
         )
 
     return symbolic
 
 
 def _symbolic_batch_norm_eval_op(
-    g, input, weight, bias, running_mean, running_var, eps, relu, residual=None
+    g,
+    input,
+    weight,
+    bias,
+    running_mean,
+    running_var,
+    eps,
+    relu,
+    residual=None,
+    min_val=0.0,
+    max_val=None,
+    negative_slope=0.0,
 ):
     relu = bool(symbolic_helper._parse_arg(relu, "b"))
+    activation = (min_val, max_val, negative_slope)
     return _symbolic_batch_norm(
-        g, input, weight, bias, running_mean, running_var, eps, relu, residual
+        g, input, weight, bias, running_mean, running_var, eps, relu, residual, activation
     )
 
 

@@ -4,8 +4,9 @@ timm builds EfficientNet, MobileNetV3, RegNet, GhostNet and most of its CNNs fro
 `BatchNormAct2d` (a subclass of nn.BatchNorm2d with `drop` and `act` children) and freezes them
 into `FrozenBatchNormAct2d`. The classes here subclass those, so timm's own helpers (freeze,
 unfreeze, SyncBatchNorm conversion, reparameterize) treat a converted layer as theirs; the
-forward runs the fused batch_norm_relu op when the activation is a ReLU and there is no drop,
-and otherwise custom_bn's batch norm followed by the layer's own drop and activation.
+forward runs the fused batch_norm_relu op when there is no drop and the activation is one it
+applies (ReLU, ReLU6, Hardtanh, LeakyReLU), and otherwise custom_bn's batch norm followed by the
+layer's own drop and activation.
 
 Imported by convert_batchnorm only when timm is already imported (a model holds its layers).
 """
@@ -14,6 +15,7 @@ import torch
 from timm.layers import norm_act
 from torch import Tensor, nn
 
+from .._activation import IDENTITY, Activation, fused_activation
 from .._state import BatchNormState, registered
 from ..modules import _fx_leaf
 from ..sync_batchnorm import SyncBatchNorm
@@ -21,9 +23,13 @@ from ..sync_batchnorm import SyncBatchNorm
 _FROZEN_TENSORS = ("weight", "bias", "running_mean", "running_var")
 
 
-def _fused_relu(module: nn.Module) -> bool:
-    """Whether drop then act is exactly a ReLU, which the fused op applies."""
-    return type(module.drop) is nn.Identity and type(module.act) is nn.ReLU
+def _fused(module: nn.Module) -> Activation | None:
+    """The fused op's activation when drop then act is exactly one it applies; None otherwise,
+    and for no activation at all (plain batch norm has the leaner backward)."""
+    if type(module.drop) is not nn.Identity:
+        return None
+    activation = fused_activation(module.act)
+    return None if activation == IDENTITY else activation
 
 
 def _drop_then_act(module: nn.Module, output: Tensor) -> Tensor:
@@ -38,13 +44,15 @@ class BatchNormAct2d(BatchNormState, norm_act.BatchNormAct2d):
         if leaf is not None:
             return leaf
         self._check_input_dim(x)
-        if _fused_relu(self):
-            return torch.ops.custom_bn.batch_norm_relu(x, *self._op_arguments())
+        activation = _fused(self)
+        if activation is not None:
+            return torch.ops.custom_bn.batch_norm_relu(x, *self._op_arguments(), None, *activation)
         return _drop_then_act(self, torch.ops.custom_bn.batch_norm(x, *self._op_arguments()))
 
 
 class FrozenBatchNormAct2d(norm_act.FrozenBatchNormAct2d):
-    """timm's FrozenBatchNormAct2d on custom_bn's eval op (fused with a ReLU)."""
+    """timm's FrozenBatchNormAct2d on custom_bn's eval op (fused with the activation when it
+    applies it)."""
 
     def forward(self, x: Tensor) -> Tensor:
         leaf = _fx_leaf(self, x)
@@ -53,9 +61,13 @@ class FrozenBatchNormAct2d(norm_act.FrozenBatchNormAct2d):
         if x.dim() != 4:
             raise ValueError(f"expected 4D input (got {x.dim()}D input)")
         weight, bias, mean, var = registered(self, _FROZEN_TENSORS)
-        relu = _fused_relu(self)
-        output = torch.ops.custom_bn.batch_norm_eval(x, weight, bias, mean, var, self.eps, relu)
-        return output if relu else _drop_then_act(self, output)
+        activation = _fused(self)
+        if activation is not None:
+            return torch.ops.custom_bn.batch_norm_eval(
+                x, weight, bias, mean, var, self.eps, True, None, *activation
+            )
+        output = torch.ops.custom_bn.batch_norm_eval(x, weight, bias, mean, var, self.eps)
+        return _drop_then_act(self, output)
 
 
 def frozen_from(source: nn.Module, state: dict[str, Tensor]) -> FrozenBatchNormAct2d:
