@@ -50,7 +50,24 @@ class BatchNorm3d(_CustomBatchNorm, torch.nn.BatchNorm3d):
     """As torch.nn.BatchNorm3d, on (N, C, D, H, W) input."""
 
 
-class BatchNormReLU2d(BatchNormState, NormBase):
+class _FusedActivation2d:
+    """What the fused modules (BatchNormReLU2d, SyncBatchNormReLU2d) share: their activation,
+    a ReLU by default (also for a module pickled before the activation existed), shown in the
+    repr when it is another; 4-D input."""
+
+    min_val: float = 0.0
+    max_val: float | None = None
+    negative_slope: float = 0.0
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + activation_repr(self)
+
+    def _check_input_dim(self, input):
+        if input.dim() != 4:
+            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
+
+
+class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
     """act(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
     one pass forward, one backward, and no activation saved beyond the output. The state and
     constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d); act is a ReLU
@@ -60,11 +77,6 @@ class BatchNormReLU2d(BatchNormState, NormBase):
     It is deliberately not a torch `_BatchNorm`: SyncBatchNorm converters (torch's, timm's,
     Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the activation.
     custom_bn.SyncBatchNorm.convert_sync_batchnorm turns it into SyncBatchNormReLU2d."""
-
-    # Class defaults too: a module pickled before the activation existed is a ReLU.
-    min_val: float = 0.0
-    max_val: float | None = None
-    negative_slope: float = 0.0
 
     def __init__(
         self,
@@ -84,13 +96,6 @@ class BatchNormReLU2d(BatchNormState, NormBase):
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         set_activation(self, (min_val, max_val, negative_slope))
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + activation_repr(self)
-
-    def _check_input_dim(self, input):
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not torch.jit.is_scripting():

@@ -11,11 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._activation import activation_of, activation_repr, apply_activation, set_activation
+from ._activation import activation_of, apply_activation, set_activation
 from ._state import BatchNormState
 from .convert import _timm
 from .integrations.torch_nn import BatchNormBase, NormBase
-from .modules import BatchNormReLU2d, _fx_leaf
+from .modules import BatchNormReLU2d, _FusedActivation2d, _fx_leaf
 
 ops = torch.ops.custom_bn
 
@@ -171,21 +171,10 @@ class SyncBatchNorm(_Synchronized, BatchNormState, BatchNormBase):
         return converted
 
 
-class SyncBatchNormReLU2d(_Synchronized, BatchNormState, NormBase):
+class SyncBatchNormReLU2d(_Synchronized, _FusedActivation2d, BatchNormState, NormBase):
     """BatchNormReLU2d synchronized as SyncBatchNorm: act(sync_batch_norm(input) + residual),
     with the activation of the BatchNormReLU2d it was converted from (a ReLU when made
     directly). Not a torch `_BatchNorm`, for the reason BatchNormReLU2d is not."""
-
-    min_val: float = 0.0
-    max_val: float | None = None
-    negative_slope: float = 0.0
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + activation_repr(self)
-
-    def _check_input_dim(self, input):
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         leaf = _fx_leaf(self, input) if residual is None else _fx_leaf(self, input, residual)
