@@ -192,6 +192,27 @@ def test_mobilenet_relu6_fuses_and_trains_in_lockstep_in_float64():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-7, atol=1e-9)
 
 
+def test_mobilenet_with_dropout_fuses_keeping_its_class_modes_and_input():
+    # Its classifier's Dropout reads self.training; the root's own forward does not.
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35, dropout=0.5).double()
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert type(fused) is type(model) and fused is not model and _fused_calls(fused) == 35
+    # Fusing wrote nothing of the input model and rewrote none of its forwards.
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert _fused_calls(model) == 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        model.train(training), fused.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize(
     "activation",
     [nn.ReLU6(inplace=True), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.2), F.relu6],
