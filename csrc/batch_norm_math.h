@@ -6,8 +6,9 @@
 // alpha) cancel catastrophically when |mean| * invstd is large (a near-constant channel).
 //   running:   running = (1 - m) * running + m * batch   (running_var takes the unbiased variance)
 //   merge:     parallel Welford (Chan et al.) of (count, mean, M2) triples
-//   fused:     z = act(y + residual), act piecewise linear; its gradient dz = act'(z) * dy,
-//              read from the output z (act is monotone), then as above
+//   fused:     z = act(y + residual); its gradient dz = act'(.) * dy, read from the output z
+//              when act is piecewise linear (monotone), else taken at y recomputed from x
+//              (smooth act, no residual); then as above
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -71,38 +72,81 @@ C10_HOST_DEVICE inline T grad_input(T dy, T x, T mean, T dy_mean, T a, T b) {
   return a * (dy - dy_mean) + b * (x - mean);
 }
 
-// The fused epilogue's activation, piecewise linear and monotone: ReLU, ReLU6 and hardtanh,
-// LeakyReLU, identity. Inside (lower, upper) it is the identity; at or below lower it is
+// The fused epilogue's activation. Piecewise linear and monotone (ReLU, ReLU6 and hardtanh,
+// LeakyReLU, identity): inside (lower, upper) the identity; at or below lower,
 // lower + slope * (v - lower) (lower itself when slope is 0, even for v = -inf); at or above
 // upper, upper. Without an upper bound, upper is NaN, which every comparison fails.
-//   relu: (0, none, 0)  hardtanh(a, b): (a, b, 0)  leaky_relu(s): (0, none, s)  identity: (0, none,
-//   1)
+//   relu: (0, none, 0)  hardtanh(a, b): (a, b, 0)  leaky_relu(s): (0, none, s)
+//   identity: (0, none, 1)
+// Or smooth (SiLU, Hardswish, GELU), which the parameters do not describe. Those are not
+// invertible from their output, so their gradient is taken at the pre-activation, which the
+// backward recomputes from the input (activation_grad_at).
+enum class ActivationKind : int { kPiecewiseLinear, kSilu, kHardswish, kGelu };
+
 template <typename T>
-struct PiecewiseLinear {
+struct ActivationFunction {
   T lower;
   T upper;
   T slope;
+  ActivationKind kind = ActivationKind::kPiecewiseLinear;
+
+  C10_HOST_DEVICE bool smooth() const { return kind != ActivationKind::kPiecewiseLinear; }
 
   template <typename U>
-  C10_HOST_DEVICE PiecewiseLinear<U> to() const {
-    return {static_cast<U>(lower), static_cast<U>(upper), static_cast<U>(slope)};
+  C10_HOST_DEVICE ActivationFunction<U> to() const {
+    return {static_cast<U>(lower), static_cast<U>(upper), static_cast<U>(slope), kind};
   }
 };
 
-// NaN passes through, as in torch.relu, hardtanh and leaky_relu.
+// The smooth activations and their derivatives, in the form of torch's own kernels:
+//   silu(v) = v / (1 + exp(-v)),  silu'(v) = s * (1 + v * (1 - s)) with s = sigmoid(v)
+//   hardswish(v) = v * min(max(v + 3, 0), 6) / 6,  hardswish'(v) = 0 below -3, 1 at or above 3,
+//   v / 3 + 1/2 between
+//   gelu(v) = v / 2 * (1 + erf(v / sqrt(2))),  gelu'(v) = cdf(v) + v * pdf(v)
 template <typename T>
-C10_HOST_DEVICE inline T activate(T v, const PiecewiseLinear<T>& f) {
+C10_HOST_DEVICE inline T activate_smooth(T v, ActivationKind kind) {
+  switch (kind) {
+    case ActivationKind::kSilu:
+      return v / (T(1) + ::exp(-v));
+    case ActivationKind::kHardswish:
+      return v * ::fmin(::fmax(v + T(3), T(0)), T(6)) / T(6);
+    default:
+      return v * T(0.5) * (T(1) + ::erf(v * T(M_SQRT1_2)));
+  }
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T activation_grad_at(T dy, T v, ActivationKind kind) {
+  switch (kind) {
+    case ActivationKind::kSilu: {
+      const T s = T(1) / (T(1) + ::exp(-v));
+      return dy * s * (T(1) + v * (T(1) - s));
+    }
+    case ActivationKind::kHardswish:
+      return v < T(-3) ? T(0) : (v >= T(3) ? dy : dy * (v / T(3) + T(0.5)));
+    default: {
+      const T cdf = T(0.5) * (T(1) + ::erf(v * T(M_SQRT1_2)));
+      const T pdf = T(M_2_SQRTPI * M_SQRT1_2 * 0.5) * ::exp(T(-0.5) * v * v);
+      return dy * (cdf + v * pdf);
+    }
+  }
+}
+
+// NaN passes through, as in torch.relu, hardtanh, leaky_relu and the smooth ones.
+template <typename T>
+C10_HOST_DEVICE inline T activate(T v, const ActivationFunction<T>& f) {
+  if (f.smooth()) return activate_smooth(v, f.kind);
   const T below = f.slope == T(0) ? f.lower : f.lower + f.slope * (v - f.lower);
   const T inside = v <= f.lower ? below : v;
   return v >= f.upper ? f.upper : inside;
 }
 
-// The activation's gradient read from its output, as torch's threshold_backward,
-// leaky_relu_backward and hardtanh_backward read it from their input: dy inside (lower, upper),
-// slope * dy at or below lower (0 when slope is 0, even for an infinite dy), 0 at or above upper.
-// A NaN output counts as below.
+// A piecewise-linear activation's gradient read from its output, as torch's
+// threshold_backward, leaky_relu_backward and hardtanh_backward read it from their input: dy
+// inside (lower, upper), slope * dy at or below lower (0 when slope is 0, even for an infinite
+// dy), 0 at or above upper. A NaN output counts as below.
 template <typename T>
-C10_HOST_DEVICE inline T activation_grad(T dy, T output, const PiecewiseLinear<T>& f) {
+C10_HOST_DEVICE inline T activation_grad(T dy, T output, const ActivationFunction<T>& f) {
   const T below = f.slope == T(0) ? T(0) : f.slope * dy;
   const T inside = output > f.lower ? dy : below;
   return output >= f.upper ? T(0) : inside;

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <limits>
+#include <string>
 
 namespace custom_bn {
 namespace {
@@ -169,21 +170,6 @@ void check_batch_norm_forward(const char* op, const at::Tensor& input,
   if (has(residual)) check_like_input(op, "residual", *residual, input);
 }
 
-Activation checked_activation(const char* op, double min_val, std::optional<double> max_val,
-                              double negative_slope) {
-  TORCH_CHECK_VALUE(std::isfinite(min_val), op, ": min_val must be finite, but got ", min_val);
-  TORCH_CHECK_VALUE(!max_val || std::isfinite(*max_val), op,
-                    ": max_val must be finite or None, but got ", *max_val);
-  TORCH_CHECK_VALUE(!max_val || min_val <= *max_val, op,
-                    ": min_val cannot be greater than max_val, but got min_val=", min_val,
-                    " and max_val=", *max_val);
-  TORCH_CHECK_VALUE(std::isfinite(negative_slope) && negative_slope >= 0.0, op,
-                    ": negative_slope must be finite and >= 0 (the backward reads the "
-                    "activation's gradient from the output), but got ",
-                    negative_slope);
-  return {min_val, max_val ? *max_val : std::numeric_limits<double>::quiet_NaN(), negative_slope};
-}
-
 void check_batch_norm_eval(const char* op, const at::Tensor& input,
                            const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
@@ -196,17 +182,15 @@ void check_batch_norm_eval(const char* op, const at::Tensor& input,
                            /*training=*/false, std::nullopt, residual);
 }
 
-void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& input,
-                               const std::optional<at::Tensor>& weight,
-                               const std::optional<at::Tensor>& running_mean,
-                               const std::optional<at::Tensor>& running_var,
-                               const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                               bool training, const char* op,
-                               const std::optional<at::Tensor>& relu_output) {
+void check_batch_norm_backward(
+    const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, const char* op,
+    const std::optional<at::Tensor>& relu_output, const std::optional<at::Tensor>& bias) {
   check_input(op, input);
   check_grad_output(op, grad_output, input);
   if (relu_output.has_value()) check_like_input(op, "output", *relu_output, input);
-  check_channel_params(op, input, weight, std::nullopt, running_mean, running_var);
+  check_channel_params(op, input, weight, bias, running_mean, running_var);
   if (training) {
     const at::ScalarType dtype = stat_dtype(input.scalar_type());
     check_stat(op, "save_mean", save_mean, input, input.sym_size(1), dtype);

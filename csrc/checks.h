@@ -74,7 +74,8 @@ void check_batch_norm_backward(const at::Tensor& grad_output, const at::Tensor& 
                                const std::optional<at::Tensor>& running_var,
                                const at::Tensor& save_mean, const at::Tensor& save_invstd,
                                bool training, const char* op = "custom_bn::batch_norm_backward",
-                               const std::optional<at::Tensor>& relu_output = std::nullopt);
+                               const std::optional<at::Tensor>& relu_output = std::nullopt,
+                               const std::optional<at::Tensor>& bias = std::nullopt);
 
 // batch_norm_elemt and the input side of the backward stage ops: mean and invstd are
 // per-channel statistics of the statistics dtype.

@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   CUSTOM_BN_OP_HANDLE(batch_norm_relu_backward);
   return handle.call(grad_output, output, input, weight, running_mean, running_var, save_mean,
-                     save_invstd, training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS);
+                     save_invstd, training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {

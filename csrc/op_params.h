@@ -28,10 +28,11 @@
   double eps
 
 // The fused ops' activation: ATen's hardtanh (min_val, max_val) and leaky_relu (negative_slope)
-// parameters in one piecewise-linear function (csrc/activation.h).
+// parameters in one piecewise-linear function, or a smooth one by name (csrc/activation.h).
 #define CUSTOM_BN_ACTIVATION_PARAMS \
-  double min_val, std::optional<double> max_val, double negative_slope
-#define CUSTOM_BN_ACTIVATION_ARGS min_val, max_val, negative_slope
+  double min_val, std::optional<double> max_val, double negative_slope, \
+  c10::string_view activation
+#define CUSTOM_BN_ACTIVATION_ARGS min_val, max_val, negative_slope, activation
 
 #define CUSTOM_BN_BATCH_NORM_PARAMS \
   CUSTOM_BN_INPUT_AND_CHANNEL_PARAMS, bool training, std::optional<double> momentum, double eps, \
@@ -61,7 +62,8 @@
 
 #define CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS \
   const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input, \
-  CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask, CUSTOM_BN_ACTIVATION_PARAMS
+  CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask, CUSTOM_BN_ACTIVATION_PARAMS, \
+  const std::optional<at::Tensor>& bias
 
 #define CUSTOM_BN_BATCH_NORM_STATS_PARAMS const at::Tensor& input
 

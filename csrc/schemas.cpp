@@ -17,7 +17,8 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_eval(Tensor input, Tensor? weight, Tensor? bias, Tensor running_mean, "
       "Tensor running_var, float eps, bool relu=False, Tensor? residual=None, "
-      "float min_val=0., float? max_val=None, float negative_slope=0.) -> Tensor");
+      "float min_val=0., float? max_val=None, float negative_slope=0., "
+      "str activation='piecewise_linear') -> Tensor");
   m.def(
       "batch_norm_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? running_mean, "
       "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
@@ -27,22 +28,26 @@ TORCH_LIBRARY(custom_bn, m) {
   // max_val at or above it. The defaults are ReLU; ReLU6 is (0, 6, 0), hardtanh (a, b, 0),
   // LeakyReLU(s) (0, None, s), identity (0, None, 1). The backward reads the activation's
   // gradient from the forward's output, so nothing beyond batch_norm's saved tensors is kept.
+  // Or act is smooth, activation='silu', 'hardswish' or 'gelu' (the three parameters at their
+  // defaults, no residual): its backward recomputes the pre-activation from input, weight and
+  // bias ('piecewise_linear' is the function the parameters describe).
   m.def(
       "batch_norm_relu(Tensor input, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, bool training, float? momentum, float eps, "
       "Tensor(c!)? num_batches_tracked=None, Tensor? residual=None, float min_val=0., "
-      "float? max_val=None, float negative_slope=0.) -> Tensor");
+      "float? max_val=None, float negative_slope=0., str activation='piecewise_linear') -> Tensor");
   m.def(
       "batch_norm_relu_forward(Tensor input, Tensor? weight, Tensor? bias, "
       "Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, "
       "Tensor? residual, bool training, float? momentum, float eps, float min_val=0., "
-      "float? max_val=None, float negative_slope=0.) "
+      "float? max_val=None, float negative_slope=0., str activation='piecewise_linear') "
       "-> (Tensor output, Tensor save_mean, Tensor save_invstd)");
   m.def(
       "batch_norm_relu_backward(Tensor grad_output, Tensor output, Tensor input, Tensor? weight, "
       "Tensor? running_mean, Tensor? running_var, Tensor save_mean, Tensor save_invstd, "
       "bool training, float eps, bool[4] output_mask, float min_val=0., float? max_val=None, "
-      "float negative_slope=0.) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
+      "float negative_slope=0., str activation='piecewise_linear', Tensor? bias=None) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_residual)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def(

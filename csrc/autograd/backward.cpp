@@ -140,17 +140,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_autograd(
   return {r[0], r[1], r[2]};
 }
 
+// A smooth activation's backward, differentiable: its definition in ATen ops (the
+// pre-activation recomputed from input, weight and bias, torch's backward of the activation,
+// batch_norm's backward), whose derivatives, reverse and forward, are ATen's. Used only when
+// something asks for them; the kernels give the same values to rounding.
+BackwardResult differentiable_smooth_backward(const Activation& act,
+                                              CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
+  const NormalizationTensors t(weight, running_mean, running_var, training);
+  const at::Tensor z = pre_activation(input, t.weight, bias.value_or(at::Tensor()), t.running_mean,
+                                      t.running_var, training, eps);
+  const at::Tensor dz = activation_grad_at(grad_output, z, act);
+  const std::array<at::Tensor, 3> grads =
+      differentiable_backward(dz, input, t.weight, t.running_mean, t.running_var, training, eps,
+                              {output_mask[0], output_mask[1], output_mask[2]});
+  return {grads[0], grads[1], grads[2], output_mask[3] ? dz : at::Tensor()};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward_autograd(
     CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_backward";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  if (act.smooth()) {
+    const auto has_tangent = [](const std::optional<at::Tensor>& t) {
+      return has(t) && t->_fw_grad(/*level=*/0).defined();
+    };
+    const bool differentiated =
+        torch::autograd::compute_requires_grad(grad_output, input, weight, bias) ||
+        has_tangent(grad_output) || has_tangent(input) || has_tangent(weight) ||
+        has_tangent(bias) || has_tangent(running_mean) || has_tangent(running_var);
+    if (differentiated) {
+      torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
+      torch::autograd::check_no_requires_grad(running_var, "running_var", op);
+      torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
+      torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", op);
+      // Checked as the kernels check, before the formula runs.
+      check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
+                                save_invstd, training, op, output, bias);
+      const BackwardResult r = differentiable_smooth_backward(
+          act, grad_output, output, input, weight, running_mean, running_var, save_mean,
+          save_invstd, training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS, bias);
+      return {r[0], r[1], r[2], r[3]};
+    }
+  }
   const BackwardResult r = backward_with_autograd(
       op, grad_output, output, act, input, weight, running_mean, running_var, save_mean,
       save_invstd, training, eps, {output_mask[0], output_mask[1], output_mask[2]},
       [&]() -> BackwardResult {
         const auto [grad_input, grad_weight, grad_bias, grad_residual] = batch_norm_relu_backward(
             grad_output, output, input, weight, running_mean, running_var, save_mean, save_invstd,
-            training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS);
+            training, eps, output_mask, CUSTOM_BN_ACTIVATION_ARGS, bias);
         return {grad_input, grad_weight, grad_bias, grad_residual};
       });
   return {r[0], r[1], r[2], r[3]};

@@ -36,6 +36,7 @@ struct BatchNormBackward final : torch::autograd::TraceableFunction {
   SavedNormalization normalization;
   SavedVariable save_mean, save_invstd;
   SavedVariable output;  // batch_norm_relu's output: it tells the activation's gradient
+  SavedVariable bias;    // with a smooth activation, for the pre-activation the backward recomputes
   Activation act{};
   bool relu = false;
 
@@ -43,7 +44,7 @@ struct BatchNormBackward final : torch::autograd::TraceableFunction {
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
     normalization.reset_data();
-    for (SavedVariable* saved : {&save_mean, &save_invstd, &output}) saved->reset_data();
+    for (SavedVariable* saved : {&save_mean, &save_invstd, &output, &bias}) saved->reset_data();
   }
   variable_list apply(variable_list&& grads) override;
 };
@@ -61,9 +62,11 @@ variable_list BatchNormBackward::apply(variable_list&& grads) {
                                  task_should_compute_output(2)};
   const bool residual_grad = relu && task_should_compute_output(3);
   if (relu) {
+    const at::Tensor b = bias.unpack();
     std::tie(result[0], result[1], result[2], result[3]) = batch_norm_relu_backward(
         grad_output, out, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(), n.training,
-        n.eps, {mask[0], mask[1], mask[2], residual_grad}, act.lower, upper_bound(act), act.slope);
+        n.eps, {mask[0], mask[1], mask[2], residual_grad}, act.lower, upper_bound(act), act.slope,
+        activation_name(act), b.defined() ? std::optional<at::Tensor>(b) : std::nullopt);
   } else {
     std::tie(result[0], result[1], result[2]) =
         batch_norm_backward(grad_output, x, w, mean, var, save_mean.unpack(), save_invstd.unpack(),
@@ -143,6 +146,7 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     node->save_mean = SavedVariable(save_mean, false);
     node->save_invstd = SavedVariable(save_invstd, false);
     if (relu) node->output = SavedVariable(output, true);
+    if (act.smooth() && has(bias)) node->bias = SavedVariable(*bias, false);
   }
   const at::Tensor input_tangent = input._fw_grad(/*level=*/0);
   const at::Tensor residual_tangent = tangent_of(residual);
@@ -155,7 +159,13 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
     at::Tensor tangent = forward_tangent(primal(input), primal(t.weight), primal(t.running_mean),
                                          primal(t.running_var), training, eps, input_tangent,
                                          tangent_of(weight), tangent_of(bias));
-    if (relu) {
+    if (relu && act.smooth()) {  // never with a residual
+      tangent = activation_grad_at(
+          tangent,
+          pre_activation(primal(input), primal(t.weight), primal(bias.value_or(at::Tensor())),
+                         primal(t.running_mean), primal(t.running_var), training, eps),
+          act);
+    } else if (relu) {
       if (residual_tangent.defined()) tangent = tangent + residual_tangent;
       tangent = activation_grad(tangent, primal(output), act);
     }
@@ -167,7 +177,7 @@ ForwardResult forward_with_autograd(ForwardOp forward_op, bool relu,
 ForwardResult batch_norm_forward_autograd(CUSTOM_BN_BATCH_NORM_FORWARD_PARAMS) {
   return forward_with_autograd(ForwardOp::kForward, /*relu=*/false, input, weight, bias,
                                running_mean, running_var, num_batches_tracked, std::nullopt,
-                               training, momentum, eps, 0.0, std::nullopt, 0.0);
+                               training, momentum, eps, 0.0, std::nullopt, 0.0, "piecewise_linear");
 }
 
 ForwardResult batch_norm_relu_forward_autograd(CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {

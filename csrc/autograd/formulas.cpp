@@ -4,6 +4,9 @@
 #include "channel_stats.h"
 
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/gelu_backward.h>
+#include <ATen/ops/hardswish_backward.h>
+#include <ATen/ops/sigmoid.h>
 
 #include <cmath>
 #include <vector>
@@ -146,6 +149,34 @@ at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& output,
   at::Tensor derivative = above_lower + (1.0 - above_lower) * act.slope;
   if (!std::isnan(act.upper)) derivative = derivative * (1.0 - (output >= act.upper).to(dtype));
   return grad * derivative;
+}
+
+at::Tensor pre_activation(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& running_mean, const at::Tensor& running_var,
+                          bool training, double eps) {
+  const Normalized n = normalize(input, running_mean, running_var, training, eps);
+  at::Tensor z = weight.defined() ? n.x_hat * n.per_channel(weight) : n.x_hat;
+  return bias.defined() ? z + n.per_channel(bias) : z;
+}
+
+at::Tensor activation_grad_at(const at::Tensor& grad, const at::Tensor& v, const Activation& act) {
+  const at::Tensor g = grad.to(v.scalar_type());
+  at::Tensor result;
+  switch (act.kind) {
+    case ActivationKind::kSilu: {
+      // silu_backward has no derivative of its own in ATen: its formula instead.
+      const at::Tensor s = at::sigmoid(v);
+      result = g * s * (1 + v * (1 - s));
+      break;
+    }
+    case ActivationKind::kHardswish:
+      result = at::hardswish_backward(g, v);
+      break;
+    default:
+      result = at::gelu_backward(g, v);
+      break;
+  }
+  return result.to(grad.scalar_type());
 }
 
 }  // namespace custom_bn::autograd

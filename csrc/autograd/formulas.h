@@ -47,4 +47,16 @@ at::Tensor forward_tangent(const at::Tensor& input, const at::Tensor& weight,
 // derivative is zero almost everywhere. Undefined output: no activation, grad itself.
 at::Tensor activation_grad(const at::Tensor& grad, const at::Tensor& output, const Activation& act);
 
+// A fused op's pre-activation x_hat * weight + bias (undefined weight: 1, bias: 0), in the
+// statistics dtype, differentiable in input, weight and bias.
+at::Tensor pre_activation(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& running_mean, const at::Tensor& running_var,
+                          bool training, double eps);
+
+// grad times a smooth activation's derivative at the pre-activation v, by torch's own backward
+// ops, which have derivatives of their own (hardswish_backward, gelu_backward), or for SiLU,
+// whose silu_backward has none, by its formula.
+// Computed in v's dtype, returned in grad's.
+at::Tensor activation_grad_at(const at::Tensor& grad, const at::Tensor& v, const Activation& act);
+
 }  // namespace custom_bn::autograd

@@ -3,12 +3,11 @@
 // batch_norm_eval, whose Autograd kernels (csrc/autograd/) make them differentiable. Being
 // compositions, they are differentiable at every level of a torch.func transform through
 // those kernels, and torch.export sees no state written by an eval graph.
+#include "activation.h"
 #include "checks.h"
 #include "op_params.h"
 
 #include <ATen/TensorOperators.h>
-#include <ATen/ops/clamp.h>
-#include <ATen/ops/where.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -39,13 +38,6 @@ bool is_empty_batch_of_another_dtype(const at::Tensor& input,
                                      const std::optional<at::Tensor>& running_var) {
   return input.sym_numel() == 0 &&
          !params_fit_input_dtype(input, weight, bias, running_mean, running_var);
-}
-
-// The activation in differentiable ATen ops, for the (empty) output of an empty batch.
-at::Tensor activated(const at::Tensor& v, const Activation& f) {
-  at::Tensor out = f.slope == 0.0 ? at::clamp(v, f.lower)
-                                  : at::where(v <= f.lower, (v - f.lower) * f.slope + f.lower, v);
-  return std::isnan(f.upper) ? out : at::clamp(out, std::nullopt, f.upper);
 }
 
 at::Tensor empty_batch_output(const char* op, const at::Tensor& input,
@@ -80,7 +72,7 @@ at::Tensor batch_norm_composite(CUSTOM_BN_BATCH_NORM_PARAMS) {
   if (reads_running_stats_only("custom_bn::batch_norm", input, training, running_mean, running_var,
                                num_batches_tracked, momentum)) {
     return batch_norm_eval(input, weight, bias, *running_mean, *running_var, eps, /*relu=*/false,
-                           std::nullopt, 0.0, std::nullopt, 0.0);
+                           std::nullopt, 0.0, std::nullopt, 0.0, "piecewise_linear");
   }
   return std::get<0>(batch_norm_forward(input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, training, momentum, eps));

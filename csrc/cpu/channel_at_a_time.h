@@ -52,7 +52,7 @@ template <typename scalar_t>
 void normalize_channel_at_a_time(const scalar_t* x, const CpuPlan& plan,
                                  const opmath_t<scalar_t>* w, const opmath_t<scalar_t>* b,
                                  double eps,
-                                 const std::optional<PiecewiseLinear<opmath_t<scalar_t>>>& act,
+                                 const std::optional<ActivationFunction<opmath_t<scalar_t>>>& act,
                                  opmath_t<scalar_t>* mean_out, opmath_t<scalar_t>* m2_out,
                                  opmath_t<scalar_t>* invstd_out, scalar_t* out) {
   using opmath = opmath_t<scalar_t>;

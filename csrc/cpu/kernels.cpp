@@ -60,7 +60,7 @@ void apply_affine(const at::Tensor& input, const CpuPlan& plan, const at::Tensor
 
 // The activation in the compute type of scalar_t.
 template <typename scalar_t>
-PiecewiseLinear<opmath_t<scalar_t>> in_opmath(const Activation& act) {
+ActivationFunction<opmath_t<scalar_t>> in_opmath(const Activation& act) {
   return act.to<opmath_t<scalar_t>>();
 }
 
@@ -96,8 +96,8 @@ void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const C
 
 void reduce_grad_activation(const at::Tensor& grad_output, const at::Tensor& output,
                             const at::Tensor& input, const CpuPlan& plan, const at::Tensor& mean,
-                            const Activation& act, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                            at::Tensor& grad_masked) {
+                            const at::Tensor& alpha, const at::Tensor& bias, const Activation& act,
+                            at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked) {
   CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "reduce_grad_activation", [&] {
     const std::array<const scalar_t*, 3> in{grad_output.const_data_ptr<scalar_t>(),
                                             output.const_data_ptr<scalar_t>(),
@@ -105,7 +105,13 @@ void reduce_grad_activation(const at::Tensor& grad_output, const at::Tensor& out
     const std::array sums{mutable_stat_ptr<scalar_t>(sum_dy),
                           mutable_stat_ptr<scalar_t>(sum_dy_xmu)};
     const auto f = in_opmath<scalar_t>(act);
-    if (grad_masked.defined()) {
+    if (act.smooth()) {
+      // The pre-activation is recomputed from x: p = (mean, alpha, bias); dz is always written.
+      reduce_channels<2, 2, 3, 1>(
+          std::array{in[0], in[2]},
+          {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, plan,
+          smooth_activation_grad_sums_and_dz(f), sums, grad_masked.mutable_data_ptr<scalar_t>());
+    } else if (grad_masked.defined()) {
       // dz is rounded to scalar_t as torch's activation backward rounds its result.
       reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, plan,
                                   activation_grad_sums_and_dz(f), sums,
@@ -204,9 +210,11 @@ void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tenso
 
 void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const Activation& act,
               const at::Tensor& input, const CpuPlan& plan, bool training, const at::Tensor& mean,
-              const at::Tensor& invstd, const at::Tensor& weight, at::Tensor& sum_dy,
-              at::Tensor& sum_dy_xmu, at::Tensor& grad_masked, at::Tensor& grad_input) {
-  // The plan goes a channel at a time only in training with no residual (work_of).
+              const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+              at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked,
+              at::Tensor& grad_input) {
+  // The plan goes a channel at a time only in training with no residual (work_of), and the
+  // caller plans a smooth activation's backward as one with a residual (it writes dz).
   if (plan.channel_at_a_time && grad_input.defined()) {
     grad_input_channel_at_a_time(grad_output, act_output, act, input, plan, mean, invstd, weight,
                                  sum_dy, sum_dy_xmu, grad_input);
@@ -214,8 +222,11 @@ void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const
   }
   if (sum_dy.defined()) {
     if (act_output.defined()) {
-      reduce_grad_activation(grad_output, act_output, input, plan, mean, act, sum_dy, sum_dy_xmu,
-                             grad_masked);
+      // A smooth activation's pre-activation, with the forward's coefficients.
+      const auto [alpha, shift] = act.smooth() ? affine_coefficients(invstd, weight, bias)
+                                               : std::pair<at::Tensor, at::Tensor>();
+      reduce_grad_activation(grad_output, act_output, input, plan, mean, alpha, shift, act, sum_dy,
+                             sum_dy_xmu, grad_masked);
     } else {
       reduce_grad(grad_output, input, plan, mean, sum_dy, sum_dy_xmu);
     }

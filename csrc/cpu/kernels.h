@@ -36,10 +36,13 @@ struct KernelTable {
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
                       const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
   // The same sums of dz = activation_grad(dy, output) (the activation's backward fused into
-  // the reduction pass); dz is also written to grad_masked unless it is undefined.
+  // the reduction pass); dz is also written to grad_masked unless it is undefined. A smooth
+  // activation's dz is activation_grad_at(dy, (x - mean) * alpha + bias) instead, always
+  // written; alpha and bias are read only then.
   void (*reduce_grad_activation)(const at::Tensor& grad_output, const at::Tensor& output,
                                  const at::Tensor& input, const CpuPlan& plan,
-                                 const at::Tensor& mean, const Activation& act, at::Tensor& sum_dy,
+                                 const at::Tensor& mean, const at::Tensor& alpha,
+                                 const at::Tensor& bias, const Activation& act, at::Tensor& sum_dy,
                                  at::Tensor& sum_dy_xmu, at::Tensor& grad_masked);
   // grad_input = a * (dy - dy_mean) + b * (x - mean).
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
@@ -67,12 +70,14 @@ struct KernelTable {
   // A backward, of dz = grad_output or, with act_output defined, activation_grad(grad_output,
   // act_output): the sums of dz (when sum_dy is defined; then dz also into grad_masked, when
   // defined), then the input gradient (when grad_input is defined): training's from the sums
-  // (or from grad_masked when defined), eval's from invstd alone.
+  // (or from grad_masked when defined), eval's from invstd alone. A smooth activation's dz
+  // (reduce_grad_activation) needs bias, the sums and grad_masked, and a plan made as for a
+  // residual.
   void (*backward)(const at::Tensor& grad_output, const at::Tensor& act_output,
                    const Activation& act, const at::Tensor& input, const CpuPlan& plan,
                    bool training, const at::Tensor& mean, const at::Tensor& invstd,
-                   const at::Tensor& weight, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
-                   at::Tensor& grad_masked, at::Tensor& grad_input);
+                   const at::Tensor& weight, const at::Tensor& bias, at::Tensor& sum_dy,
+                   at::Tensor& sum_dy_xmu, at::Tensor& grad_masked, at::Tensor& grad_input);
 };
 
 const KernelTable& kernels();

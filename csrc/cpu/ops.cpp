@@ -167,37 +167,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 // residual's gradient
 // (dz itself) is wanted, writes dz, which the elementwise pass then reads instead of
 // (dy, output): one tensor less to read, and dz is a result anyway.
+// A smooth activation's dz is always written, as the residual's gradient is (it is taken at
+// the pre-activation, recomputed from input, weight and bias, once).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const char* op, const at::Tensor& grad_output, const at::Tensor& act_output,
     const Activation& act, const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS,
-    std::array<bool, 4> output_mask) {
+    std::array<bool, 4> output_mask, const std::optional<at::Tensor>& bias = std::nullopt) {
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
                                             save_invstd, training, eps, eval_invstd);
-  const bool wants_grad_residual = output_mask[3];
-  const PlannedInput in = plan_input(input, op, training, wants_grad_residual);
+  const bool writes_dz = output_mask[3] || act.smooth();
+  const PlannedInput in = plan_input(input, op, training, writes_dz);
   const bool wants_sums =
-      output_mask[1] || output_mask[2] || (training && output_mask[0]) || wants_grad_residual;
+      output_mask[1] || output_mask[2] || (training && output_mask[0]) || writes_dz;
   const at::TensorOptions options = stats.mean.options();
   at::Tensor sum_dy = wants_sums ? per_channel_result(in, options) : at::Tensor();
   at::Tensor sum_dy_xmu = wants_sums ? per_channel_result(in, options) : at::Tensor();
   std::optional<ResultBuffer> grad_input, grad_residual;
   if (output_mask[0])
     grad_input.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
-  if (wants_grad_residual)
+  if (writes_dz)
     grad_residual.emplace(empty_result(input, in.plan, ResultKind::kGradient), in.dense);
   if (input.numel() > 0) {
     at::Tensor no_tensor;
     kernels().backward(align_to(grad_output, in.dense),
                        act_output.defined() ? align_to(act_output, in.dense) : at::Tensor(), act,
                        in.dense.tensor, in.plan, training, stats.mean, stats.invstd,
-                       channel_param(weight, in.plan.view.channels, options, 1.0), sum_dy,
-                       sum_dy_xmu, grad_residual ? grad_residual->buffer : no_tensor,
+                       channel_param(weight, in.plan.view.channels, options, 1.0),
+                       channel_param(bias, in.plan.view.channels, options, 0.0), sum_dy, sum_dy_xmu,
+                       grad_residual ? grad_residual->buffer : no_tensor,
                        grad_input ? grad_input->buffer : no_tensor);
   }
   const auto [grad_weight, grad_bias] =
       param_grads(sum_dy, sum_dy_xmu, stats.invstd, input, weight, output_mask[1], output_mask[2]);
   return {grad_input ? grad_input->finish() : at::Tensor(), grad_weight, grad_bias,
-          grad_residual ? grad_residual->finish() : at::Tensor()};
+          grad_residual && output_mask[3] ? grad_residual->finish() : at::Tensor()};
 }
 
 }  // namespace
@@ -212,6 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, act, has(residual));
   return forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                  momentum, eps, act, residual);
 }
@@ -219,6 +223,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, act, has(residual));
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
   return eval_output(input, weight, bias, running_mean, running_var, eps,
                      relu ? std::optional(act) : std::nullopt, residual);
@@ -240,9 +245,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const char* op = "custom_bn::batch_norm_relu_backward";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op, output);
+                            save_invstd, training, op, output, bias);
   return backward("batch_norm_relu_backward", grad_output, output, act, input, weight, running_mean,
-                  running_var, save_mean, save_invstd, training, eps, output_mask);
+                  running_var, save_mean, save_invstd, training, eps, output_mask, bias);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_stats(CUSTOM_BN_BATCH_NORM_STATS_PARAMS) {

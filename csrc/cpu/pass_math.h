@@ -13,13 +13,54 @@
 namespace custom_bn::cpu::CPU_CAPABILITY {
 
 // The activation and its gradient for vectors; for scalars, the shared definitions. f's
-// parameters are uniform over a call, so its branches are taken the same way every time.
+// parameters and kind are uniform over a call, so its branches are taken the same way every
+// time.
 using custom_bn::activate;
 using custom_bn::activation_grad;
 
+using custom_bn::activation_grad_at;
+
+// The smooth activations as torch's CPU kernels vectorize them (csrc/batch_norm_math.h has
+// the formulas).
 template <typename T>
-inline Vectorized<T> activate(const Vectorized<T>& v, const PiecewiseLinear<T>& f) {
+inline Vectorized<T> activate_smooth(const Vectorized<T>& v, ActivationKind kind) {
   using Vec = Vectorized<T>;
+  switch (kind) {
+    case ActivationKind::kSilu:
+      return v / (Vec(T(1)) + v.neg().exp());
+    case ActivationKind::kHardswish:
+      return v * minimum(maximum(v + Vec(T(3)), Vec(T(0))), Vec(T(6))) / Vec(T(6));
+    default:
+      return v * Vec(T(0.5)) * (Vec(T(1)) + (v * Vec(T(M_SQRT1_2))).erf());
+  }
+}
+
+template <typename T>
+inline Vectorized<T> activation_grad_at(const Vectorized<T>& dy, const Vectorized<T>& v,
+                                        ActivationKind kind) {
+  using Vec = Vectorized<T>;
+  const Vec one(T(1));
+  switch (kind) {
+    case ActivationKind::kSilu: {
+      const Vec s = one / (one + v.neg().exp());
+      return dy * s * (one + v * (one - s));
+    }
+    case ActivationKind::kHardswish: {
+      const Vec between = dy * (v / Vec(T(3)) + Vec(T(0.5)));
+      return Vec::blendv(Vec::blendv(between, dy, v >= Vec(T(3))), Vec(T(0)), v < Vec(T(-3)));
+    }
+    default: {
+      const Vec cdf = Vec(T(0.5)) * (one + (v * Vec(T(M_SQRT1_2))).erf());
+      const Vec pdf = Vec(T(M_2_SQRTPI * M_SQRT1_2 * 0.5)) * (Vec(T(-0.5)) * v * v).exp();
+      return dy * (cdf + v * pdf);
+    }
+  }
+}
+
+template <typename T>
+inline Vectorized<T> activate(const Vectorized<T>& v, const ActivationFunction<T>& f) {
+  using Vec = Vectorized<T>;
+  if (f.smooth()) return activate_smooth(v, f.kind);
   const Vec lower(f.lower);
   const Vec below = f.slope == T(0) ? lower : lower + Vec(f.slope) * (v - lower);
   const Vec inside = Vec::blendv(v, below, v <= lower);
@@ -31,7 +72,7 @@ inline Vectorized<T> activate(const Vectorized<T>& v, const PiecewiseLinear<T>& 
 // both loads issue at once.
 template <typename T>
 inline Vectorized<T> activation_grad(const Vectorized<T>& dy, const Vectorized<T>& output,
-                                     const PiecewiseLinear<T>& f) {
+                                     const ActivationFunction<T>& f) {
   using Vec = Vectorized<T>;
   const Vec above_lower = output > Vec(f.lower);
   const Vec inside =
@@ -44,12 +85,12 @@ constexpr auto kNormalize = [](const auto& v, const auto& p) {
   return normalize(v[0], p[0], p[1], p[2]);
 };
 template <typename T>
-auto normalize_activate(const PiecewiseLinear<T>& f) {
+auto normalize_activate(const ActivationFunction<T>& f) {
   return
       [f](const auto& v, const auto& p) { return activate(normalize(v[0], p[0], p[1], p[2]), f); };
 }
 template <typename T>
-auto normalize_add_activate(const PiecewiseLinear<T>& f) {
+auto normalize_add_activate(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
     return activate(normalize(v[0], p[0], p[1], p[2]) + v[1], f);
   };
@@ -61,17 +102,27 @@ constexpr auto kGradSums = [](const auto& v, const auto& p) {
   return std::array{v[0], v[0] * (v[1] - p[0])};
 };
 template <typename T>
-auto activation_grad_sums(const PiecewiseLinear<T>& f) {
+auto activation_grad_sums(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
     const auto dz = activation_grad(v[0], v[1], f);
     return std::array{dz, dz * (v[2] - p[0])};
   };
 }
 template <typename T>
-auto activation_grad_sums_and_dz(const PiecewiseLinear<T>& f) {
+auto activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
     const auto dz = activation_grad(v[0], v[1], f);
     return std::array{dz, dz * (v[2] - p[0]), dz};
+  };
+}
+
+// A smooth activation's gradient sums, v = (dy, x), p = (mean, alpha, bias): dz is dy times
+// the activation's derivative at the recomputed pre-activation; it is also yielded to emit.
+template <typename T>
+auto smooth_activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
+  return [kind = f.kind](const auto& v, const auto& p) {
+    const auto dz = activation_grad_at(v[0], normalize(v[1], p[0], p[1], p[2]), kind);
+    return std::array{dz, dz * (v[1] - p[0]), dz};
   };
 }
 
@@ -80,7 +131,7 @@ constexpr auto kGradInput = [](const auto& v, const auto& p) {
   return custom_bn::grad_input(v[0], v[1], p[0], p[1], p[2], p[3]);
 };
 template <typename T>
-auto activation_grad_input(const PiecewiseLinear<T>& f) {
+auto activation_grad_input(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
     return custom_bn::grad_input(activation_grad(v[0], v[1], f), v[2], p[0], p[1], p[2], p[3]);
   };

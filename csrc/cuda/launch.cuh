@@ -34,7 +34,7 @@ template <typename scalar_t, typename acc_t, typename param_t, typename index_t>
 __global__ void normalize_kernel(const scalar_t* x, scalar_t* y, ChannelView view,
                                  const acc_t* mean, const acc_t* invstd, const param_t* weight,
                                  const param_t* bias, bool apply_activation,
-                                 PiecewiseLinear<acc_t> act, const scalar_t* residual) {
+                                 ActivationFunction<acc_t> act, const scalar_t* residual) {
   kernels::normalize_elements<scalar_t, acc_t, param_t, index_t>(
       x, y, view, mean, invstd, weight, bias, apply_activation, act, residual);
 }
@@ -142,7 +142,7 @@ at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at
               dense.tensor.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), view,
               mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
               data_or_null<param_t>(weight), data_or_null<param_t>(bias), act.has_value(),
-              act ? act->to<acc_t>() : PiecewiseLinear<acc_t>{},
+              act ? act->to<acc_t>() : ActivationFunction<acc_t>{},
               aligned_residual.defined() ? aligned_residual.const_data_ptr<scalar_t>() : nullptr);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
@@ -151,13 +151,13 @@ at::Tensor normalize(const at::Tensor& input, const DenseTensor& dense, const at
 }
 
 // (sum_dy, sum_dy_xmu). Given the output of batch_norm_relu (aligned to dense), dy is
-// multiplied by the activation's gradient first, and that dz written to grad_masked.
+// multiplied by the activation's gradient first, and that dz written to grad_masked. A smooth
+// act takes its gradient at (x - mean) * alpha + beta instead (per-channel, acc_t).
 template <typename scalar_t>
-std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const DenseTensor& dense,
-                                            const at::Tensor& mean,
-                                            const at::Tensor& act_output = {},
-                                            const Activation& act = {},
-                                            at::Tensor* grad_masked = nullptr) {
+std::pair<at::Tensor, at::Tensor> grad_sums(
+    const at::Tensor& grad_output, const DenseTensor& dense, const at::Tensor& mean,
+    const at::Tensor& act_output = {}, const Activation& act = {},
+    at::Tensor* grad_masked = nullptr, const at::Tensor& alpha = {}, const at::Tensor& beta = {}) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = dense.tensor.size(1);
   at::Tensor sum_dy = at::zeros({channels}, mean.options());
@@ -172,7 +172,9 @@ std::pair<at::Tensor, at::Tensor> grad_sums(const at::Tensor& grad_output, const
       sum_dy_xmu.mutable_data_ptr<acc_t>(),
       act_output.defined() ? act_output.const_data_ptr<scalar_t>() : nullptr,
       grad_masked != nullptr ? grad_masked->mutable_data_ptr<scalar_t>() : nullptr,
-      act.to<acc_t>()};
+      act.to<acc_t>(),
+      act.smooth() ? alpha.const_data_ptr<acc_t>() : nullptr,
+      act.smooth() ? beta.const_data_ptr<acc_t>() : nullptr};
   if (needs_64bit_index(dense.tensor)) {
     launch_reduction<decltype(acc), acc_t, int64_t>(acc, dense);
   } else {

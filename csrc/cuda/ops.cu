@@ -74,6 +74,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, act, has(residual));
   return forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked, training,
                  momentum, eps, act, residual);
 }
@@ -81,6 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, act, has(residual));
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
   return std::get<0>(forward(op, input, weight, bias, running_mean, running_var, std::nullopt,
                              /*training=*/false, std::nullopt, eps,
@@ -125,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const char* op = "custom_bn::batch_norm_relu_backward";
   const Activation act = checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op, output);
+                            save_invstd, training, op, output, bias);
   const c10::cuda::CUDAGuard guard(input.device());
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
                                             save_invstd, training, eps, eval_invstd);
@@ -133,13 +135,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const at::Tensor& invstd = stats.invstd;
   const DenseTensor dense = make_dense(input);
   at::Tensor grad_masked = at::empty_like(dense.tensor);
+  // A smooth activation's pre-activation, recomputed as the forward computed it.
+  at::Tensor alpha, beta;
+  if (act.smooth()) {
+    alpha = has(weight) ? invstd * weight->to(invstd.scalar_type()) : invstd;
+    beta = has(bias) ? bias->to(invstd.scalar_type()).contiguous() : at::zeros_like(invstd);
+  }
   at::Tensor grad_in, grad_weight, grad_bias, grad_residual;
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_relu_backward", [&] {
         with_param_type<scalar_t>(weight, running_mean, [&](auto param) {
           using param_t = decltype(param);
           const auto [sum_dy, sum_dy_xmu] = grad_sums<scalar_t>(
-              grad_output, dense, mean, align_to(output, dense), act, &grad_masked);
+              grad_output, dense, mean, align_to(output, dense), act, &grad_masked, alpha, beta);
           if (output_mask[0]) {
             grad_in = grad_input<scalar_t, param_t>(training, grad_masked, input, dense, mean,
                                                     invstd, weight, sum_dy, sum_dy_xmu,

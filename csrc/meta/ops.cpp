@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
 
 at::Tensor batch_norm_eval(CUSTOM_BN_BATCH_NORM_EVAL_PARAMS) {
   const char* op = "custom_bn::batch_norm_eval";
-  checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS), has(residual));
   check_batch_norm_eval(op, input, weight, bias, running_mean, running_var, relu, residual);
   return empty_output(input);
 }
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward";
-  checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
+  check_activation_residual(op, checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS), has(residual));
   check_batch_norm_forward(op, input, weight, bias, running_mean, running_var, num_batches_tracked,
                            training, momentum, residual);
   const at::ScalarType dtype = stat_dtype(input.scalar_type());
@@ -78,7 +78,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
   const char* op = "custom_bn::batch_norm_relu_backward";
   checked_activation(op, CUSTOM_BN_ACTIVATION_ARGS);
   check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
-                            save_invstd, training, op, output);
+                            save_invstd, training, op, output, bias);
   return {output_mask[0] ? empty_gradient(input) : at::Tensor(),
           output_mask[1] ? empty_param_grad(input, weight) : at::Tensor(),
           output_mask[2] ? empty_param_grad(input, weight) : at::Tensor(),

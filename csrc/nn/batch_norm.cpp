@@ -24,7 +24,7 @@ BatchNormReLU2dImpl::BatchNormReLU2dImpl(const BatchNormOptions& options,
                                          const FusedActivationOptions& activation)
     : BatchNormImplBase(options), activation(activation) {
   checked_activation("custom_bn::BatchNormReLU2d", activation.min_val(), activation.max_val(),
-                     activation.negative_slope());
+                     activation.negative_slope(), activation.activation());
 }
 
 torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
@@ -35,7 +35,7 @@ torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
                                     state.running_var, state.use_batch_stats, options.momentum(),
                                     options.eps(), state.num_batches_tracked, if_defined(residual),
                                     activation.min_val(), activation.max_val(),
-                                    activation.negative_slope());
+                                    activation.negative_slope(), activation.activation());
 }
 
 void BatchNormReLU2dImpl::check_input_dim(const torch::Tensor& input) const {
@@ -46,8 +46,10 @@ void BatchNormReLU2dImpl::pretty_print(std::ostream& stream) const {
   stream << "custom_bn::BatchNormReLU2d(";
   print_options(stream, options);
   const FusedActivationOptions relu;
-  if (activation.min_val() != relu.min_val() || activation.max_val() != relu.max_val() ||
-      activation.negative_slope() != relu.negative_slope()) {
+  if (activation.activation() != relu.activation()) {
+    stream << ", activation=" << activation.activation();
+  } else if (activation.min_val() != relu.min_val() || activation.max_val() != relu.max_val() ||
+             activation.negative_slope() != relu.negative_slope()) {
     stream << ", min_val=" << activation.min_val() << ", max_val="
            << (activation.max_val() ? std::to_string(*activation.max_val()) : "None")
            << ", negative_slope=" << activation.negative_slope();

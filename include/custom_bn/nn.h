@@ -12,6 +12,7 @@
 
 #include <optional>
 #include <ostream>
+#include <string>
 
 namespace custom_bn {
 
@@ -106,10 +107,13 @@ TORCH_MODULE(BatchNorm3d);
 /// inside (min_val, max_val), negative_slope * v at or below min_val (min_val itself with slope
 /// 0), max_val at or above it. The defaults are ReLU; ReLU6 is max_val(6), hardtanh(a, b)
 /// min_val(a).max_val(b), LeakyReLU(s) negative_slope(s) (s >= 0), identity negative_slope(1).
+/// Or a smooth one: activation("silu"), activation("hardswish"), activation("gelu"), with the
+/// other options at their defaults and no residual.
 struct FusedActivationOptions {
   TORCH_ARG(double, min_val) = 0.0;
   TORCH_ARG(std::optional<double>, max_val) = std::nullopt;
   TORCH_ARG(double, negative_slope) = 0.0;
+  TORCH_ARG(std::string, activation) = "piecewise_linear";
 };
 
 /// act(BatchNorm2d(input) + residual) as one fused op, custom_bn::batch_norm_relu: one pass

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <array>
 #include <optional>
@@ -38,7 +39,8 @@ at::Tensor batch_norm_eval(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& bias, const at::Tensor& running_mean,
                            const at::Tensor& running_var, double eps, bool relu,
                            const std::optional<at::Tensor>& residual, double min_val,
-                           std::optional<double> max_val, double negative_slope);
+                           std::optional<double> max_val, double negative_slope,
+                           c10::string_view activation);
 
 // Returns (grad_input, grad_weight, grad_bias); a gradient masked out is undefined.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
@@ -52,8 +54,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
 // (min_val, max_val), negative_slope * v at or below min_val (min_val itself with slope 0),
 // max_val at or above it (no max_val: no upper bound). The defaults are ReLU; ReLU6 is
 // (0, 6, 0), hardtanh(a, b) (a, b, 0), LeakyReLU(s) (0, nullopt, s), identity (0, nullopt, 1).
-// negative_slope must be >= 0: the backward reads the gradient from the output. Arguments
-// otherwise as batch_norm.
+// negative_slope must be >= 0: the backward reads the gradient from the output. Or act is
+// smooth: activation "silu", "hardswish" or "gelu" (torch's, approximate="none"), with the
+// three parameters at their defaults and no residual ("piecewise_linear" is the one the
+// parameters describe). Arguments otherwise as batch_norm.
 at::Tensor batch_norm_relu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                            const std::optional<at::Tensor>& bias,
                            const std::optional<at::Tensor>& running_mean,
@@ -62,7 +66,8 @@ at::Tensor batch_norm_relu(const at::Tensor& input, const std::optional<at::Tens
                            const std::optional<at::Tensor>& num_batches_tracked = std::nullopt,
                            const std::optional<at::Tensor>& residual = std::nullopt,
                            double min_val = 0.0, std::optional<double> max_val = std::nullopt,
-                           double negative_slope = 0.0);
+                           double negative_slope = 0.0,
+                           c10::string_view activation = "piecewise_linear");
 
 // Returns (output, save_mean, save_invstd), as batch_norm_forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
@@ -71,17 +76,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward(
     const std::optional<at::Tensor>& running_var,
     const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
     bool training, std::optional<double> momentum, double eps, double min_val,
-    std::optional<double> max_val, double negative_slope);
+    std::optional<double> max_val, double negative_slope, c10::string_view activation);
 
 // Returns (grad_input, grad_weight, grad_bias, grad_residual) from grad_output and the
-// forward's output (which tells the activation's gradient), with the forward's activation
-// parameters; a gradient masked out is undefined.
+// forward's output (which tells a piecewise-linear activation's gradient), with the forward's
+// activation arguments; a gradient masked out is undefined. A smooth activation's gradient is
+// taken at the pre-activation, recomputed from input, weight and bias (the forward's bias;
+// nullopt: none).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backward(
     const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& input,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
     const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask,
-    double min_val, std::optional<double> max_val, double negative_slope);
+    double min_val, std::optional<double> max_val, double negative_slope,
+    c10::string_view activation, const std::optional<at::Tensor>& bias);
 
 // Stage ops, for statistics that span processes (SyncBatchNorm). Statistics are float32
 // (float64 for float64 input).

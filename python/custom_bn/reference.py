@@ -34,10 +34,26 @@ def _values_per_channel(input: Tensor) -> int:
     return input.numel() // input.shape[1]
 
 
-def _activate(v: Tensor, min_val: float, max_val: float | None, negative_slope: float) -> Tensor:
-    """The fused ops' piecewise-linear activation (csrc/batch_norm_math.h: activate): v inside
-    (min_val, max_val), min_val + negative_slope * (v - min_val) at or below min_val (min_val
-    itself with slope 0), max_val at or above max_val. NaN passes through."""
+_SMOOTH_BACKWARD = {
+    "silu": torch.ops.aten.silu_backward.default,
+    "hardswish": torch.ops.aten.hardswish_backward.default,
+    "gelu": torch.ops.aten.gelu_backward.default,
+}
+
+
+def _activate(
+    v: Tensor,
+    min_val: float,
+    max_val: float | None,
+    negative_slope: float,
+    activation: str = "piecewise_linear",
+) -> Tensor:
+    """The fused ops' activation (csrc/batch_norm_math.h: activate): a smooth one by name, or
+    the piecewise-linear one: v inside (min_val, max_val), min_val + negative_slope * (v -
+    min_val) at or below min_val (min_val itself with slope 0), max_val at or above max_val.
+    NaN passes through."""
+    if activation != "piecewise_linear":
+        return getattr(torch.nn.functional, activation)(v)
     if negative_slope == 0:
         below = torch.full_like(v, min_val)
     else:
@@ -67,6 +83,7 @@ def _normalize(
     min_val: float = 0.0,
     max_val: float | None = None,
     negative_slope: float = 0.0,
+    activation: str = "piecewise_linear",
 ) -> Tensor:
     """act?((input - mean) * invstd * weight + bias + residual), as the kernels' normalize pass."""
     compute = mean.dtype
@@ -77,7 +94,7 @@ def _normalize(
     if residual is not None:
         out = out + residual.to(compute)
     if relu:
-        out = _activate(out, min_val, max_val, negative_slope)
+        out = _activate(out, min_val, max_val, negative_slope, activation)
     return out.to(input.dtype)
 
 
@@ -93,10 +110,11 @@ def batch_norm_eval(
     min_val: float = 0.0,
     max_val: float | None = None,
     negative_slope: float = 0.0,
+    activation: str = "piecewise_linear",
 ) -> Tensor:
     compute = _compute_dtype(input)
     invstd = torch.rsqrt(running_var.to(compute) + eps)
-    activation = (min_val, max_val, negative_slope)
+    activation = (min_val, max_val, negative_slope, activation)
     return _normalize(
         input, running_mean.to(compute), invstd, weight, bias, relu, residual, *activation
     )
@@ -139,9 +157,10 @@ def _forward(
     min_val: float = 0.0,
     max_val: float | None = None,
     negative_slope: float = 0.0,
+    activation: str = "piecewise_linear",
 ) -> tuple[Tensor, Tensor, Tensor]:
     compute = _compute_dtype(input)
-    activation = (min_val, max_val, negative_slope)
+    activation = (min_val, max_val, negative_slope, activation)
     if not training:
         empty = input.new_empty((0,), dtype=compute)
         out = batch_norm_eval(
@@ -230,14 +249,48 @@ def batch_norm_relu_backward(
     min_val: float = 0.0,
     max_val: float | None = None,
     negative_slope: float = 0.0,
+    activation: str = "piecewise_linear",
+    bias: Tensor | None = None,
     **arguments: Any,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """The activation's gradient from the output, which is also the residual's, then batch
-    norm's backward of it."""
-    masked = _activation_grad(grad_output, output, min_val, max_val, negative_slope)
+    """The activation's gradient, which is also the residual's, then batch norm's backward of
+    it: read from the output for a piecewise-linear activation; for a smooth one taken at the
+    pre-activation, recomputed from the input (csrc/batch_norm_math.h: activation_grad_at) and
+    rounded to the gradient's dtype as the kernels write it."""
+    if activation == "piecewise_linear":
+        masked = _activation_grad(grad_output, output, min_val, max_val, negative_slope)
+    else:
+        masked = _smooth_activation_grad(grad_output, activation, bias, **arguments)
     *batch_norm_mask, need_residual = output_mask
     grads = batch_norm_backward(grad_output=masked, output_mask=batch_norm_mask, **arguments)
     return (*grads, masked if need_residual else None)
+
+
+def _smooth_activation_grad(
+    grad_output: Tensor,
+    activation: str,
+    bias: Tensor | None,
+    input: Tensor,
+    weight: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+) -> Tensor:
+    compute = _compute_dtype(input)
+    if training:
+        mean, invstd = save_mean.to(compute), save_invstd.to(compute)
+    else:
+        mean = running_mean.to(compute)
+        invstd = torch.rsqrt(running_var.to(compute) + eps)
+    scale = invstd if weight is None else invstd * weight.to(compute)
+    z = (input.to(compute) - _per_channel(mean, input)) * _per_channel(scale, input)
+    if bias is not None:
+        z = z + _per_channel(bias.to(compute), input)
+    backward = _SMOOTH_BACKWARD[activation]
+    return backward(grad_output.to(compute), z).to(grad_output.dtype)
 
 
 def run(name: str, *args: Any, **kwargs: Any) -> Any:

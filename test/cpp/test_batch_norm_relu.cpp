@@ -154,12 +154,12 @@ TEST_F(BatchNormRelu, BackwardTakesTheOutputNotAnActivation) {
   // The backward op needs grad_output, the output and the input: the ReLU mask is the sign of
   // the output, so nothing else of the forward is kept.
   const torch::Tensor x = torch::randn({6, 4, 3, 3}).contiguous(at::MemoryFormat::ChannelsLast);
-  auto [out, mean, invstd] = custom_bn::batch_norm_relu_forward(x, {}, {}, {}, {}, {}, {}, true,
-                                                                0.1, 1e-5, 0.0, std::nullopt, 0.0);
+  auto [out, mean, invstd] = custom_bn::batch_norm_relu_forward(
+      x, {}, {}, {}, {}, {}, {}, true, 0.1, 1e-5, 0.0, std::nullopt, 0.0, "piecewise_linear");
   const torch::Tensor grad = torch::randn_like(out);
-  auto [grad_input, grad_weight, grad_bias, grad_residual] =
-      custom_bn::batch_norm_relu_backward(grad, out, x, {}, {}, {}, mean, invstd, true, 1e-5,
-                                          {true, false, false, true}, 0.0, std::nullopt, 0.0);
+  auto [grad_input, grad_weight, grad_bias, grad_residual] = custom_bn::batch_norm_relu_backward(
+      grad, out, x, {}, {}, {}, mean, invstd, true, 1e-5, {true, false, false, true}, 0.0,
+      std::nullopt, 0.0, "piecewise_linear", std::nullopt);
   EXPECT_FALSE(grad_weight.defined());
   EXPECT_FALSE(grad_bias.defined());
   EXPECT_TRUE(torch::equal(grad_residual, grad * (out > 0)));

@@ -263,10 +263,11 @@ TEST(Readme, CppSnippetRuns) {
                                           /*training=*/true, /*momentum=*/0.1, /*eps=*/1e-5);
 
   // Fused relu(batch_norm(x) + residual), with BatchNorm2d's options and state; another
-  // activation the op applies through FusedActivationOptions (here ReLU6).
+  // activation the op applies through FusedActivationOptions (here ReLU6, and SiLU by name).
   custom_bn::BatchNormReLU2d bn_relu(16);
   torch::Tensor z = bn_relu(net->forward(x), /*residual=*/torch::randn({4, 16, 8, 8}));
   custom_bn::BatchNormReLU2d bn_relu6(16, custom_bn::FusedActivationOptions().max_val(6.0));
+  custom_bn::BatchNormReLU2d bn_silu(16, custom_bn::FusedActivationOptions().activation("silu"));
 
   // BatchNorm2d (torch::nn's or ours) then ReLU (or ReLU6, Hardtanh, LeakyReLU) in a Sequential
   // becomes one BatchNormReLU2d over the same parameters; the activation's slot holds an
@@ -287,6 +288,9 @@ TEST(Readme, CppSnippetRuns) {
   EXPECT_EQ(net->forward(x).sizes(), (std::vector<int64_t>{4, 16, 8, 8}));
   EXPECT_TRUE((z >= 0).all().item<bool>());
   EXPECT_TRUE((bn_relu6(x.expand({4, 16, 8, 8}) * 100) <= 6).all().item<bool>());
+  expect_close(bn_silu(z),
+               torch::silu(torch::batch_norm(z, {}, {}, {}, {}, true, 0.1, 1e-5, false)),
+               tolerance(torch::kFloat), "silu");
   EXPECT_TRUE(fused[1]->as<custom_bn::BatchNormReLU2dImpl>() != nullptr);
   expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
                tolerance(torch::kFloat), "output");

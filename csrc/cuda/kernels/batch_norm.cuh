@@ -118,6 +118,8 @@ struct GradSums {
 // The backward sums: sum(dy) and sum(dy * (x - mean)). Given the output of a fused
 // batch_norm_relu, dy is first multiplied by the activation's gradient (act), and that dz is
 // written to grad_masked (when not null): the activation's backward fused into the reduction.
+// Given alpha and beta instead (a smooth act), the gradient is taken at the pre-activation
+// (x - mean) * alpha + beta, recomputed as normalize_elements computed it.
 template <typename scalar_t, typename acc_t>
 struct GradAccumulator {
   using value_t = GradSums<acc_t>;
@@ -129,19 +131,26 @@ struct GradAccumulator {
   acc_t* sum_dy_xmu;
   const scalar_t* output = nullptr;
   scalar_t* grad_masked = nullptr;
-  PiecewiseLinear<acc_t> act{};
+  ActivationFunction<acc_t> act{};
+  const acc_t* alpha = nullptr;
+  const acc_t* beta = nullptr;
 
   CUSTOM_BN_DEVICE value_t identity() const { return {acc_t(0), acc_t(0)}; }
   template <typename index_t>
   CUSTOM_BN_DEVICE void add(value_t& s, index_t offset, index_t c) const {
     acc_t dy = static_cast<acc_t>(simt::load(grad_output + offset));
-    if (output != nullptr) {
+    const acc_t xv = static_cast<acc_t>(simt::load(x + offset));
+    const acc_t m = simt::load(mean + c);
+    if (alpha != nullptr) {
+      dy = activation_grad_at(dy, normalize(xv, m, simt::load(alpha + c), simt::load(beta + c)),
+                              act.kind);
+    } else if (output != nullptr) {
       dy = activation_grad(dy, static_cast<acc_t>(simt::load(output + offset)), act);
     }
     // Rounded to scalar_t as torch's activation backward rounds its result.
     if (grad_masked != nullptr) simt::store(grad_masked + offset, static_cast<scalar_t>(dy));
     s.sum_dy += dy;
-    s.sum_dy_xmu += dy * (static_cast<acc_t>(simt::load(x + offset)) - simt::load(mean + c));
+    s.sum_dy_xmu += dy * (xv - m);
   }
   CUSTOM_BN_DEVICE value_t merge(const value_t& a, const value_t& b) const {
     return {a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
@@ -279,7 +288,7 @@ CUSTOM_BN_DEVICE void normalize_elements(const scalar_t* x, scalar_t* y, const C
                                          const acc_t* mean, const acc_t* invstd,
                                          const param_t* weight, const param_t* bias,
                                          bool apply_activation = false,
-                                         PiecewiseLinear<acc_t> act = {},
+                                         ActivationFunction<acc_t> act = {},
                                          const scalar_t* residual = nullptr) {
   for_grid_stride(element_count<index_t>(v), [&](index_t i) {
     const index_t c = channel_of(v, i);
