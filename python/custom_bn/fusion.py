@@ -1,6 +1,7 @@
 """fuse_batchnorm_relu: act(bn(x)) and act(bn(x) + identity) in an existing model become one
 batch_norm_relu call each, found with torch.fx, without changing what the model computes. act
-is a ReLU, ReLU6, Hardtanh or LeakyReLU (slope >= 0): the activations the fused op applies.
+is a ReLU, ReLU6, Hardtanh or LeakyReLU (slope >= 0), or without the residual a SiLU,
+Hardswish or GELU: the activations the fused op applies.
 
 torchvision's BasicBlock and Bottleneck end in `out = self.bn(...); out += identity;
 out = self.relu(out)`: three passes over the activation forward and three backward, where the
@@ -34,7 +35,14 @@ import torch
 from torch import Tensor, fx, nn
 
 from . import modules
-from ._activation import RELU, Activation, apply_activation, fused_activation
+from ._activation import (
+    RELU,
+    Activation,
+    apply_activation,
+    fused_activation,
+    is_smooth,
+    piecewise_linear,
+)
 from ._state import batch_norm_arguments
 from .integrations.torch_nn import NormBase
 
@@ -74,7 +82,8 @@ def _child(node: fx.Node, owner: nn.Module) -> nn.Module | None:
 
 def _activation(node: fx.Node, owner: nn.Module) -> Activation | None:
     """The fused op's activation for a call of one it applies on one tensor (`inplace` aside):
-    a ReLU, ReLU6, Hardtanh or LeakyReLU module, relu or relu6 as a function or a method."""
+    a ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, Hardswish or GELU module, relu or relu6 as a
+    function or a method."""
     if len(node.args) != 1 or (node.kwargs and set(node.kwargs) != {"inplace"}):
         return None
     if node.op == "call_module":
@@ -85,7 +94,7 @@ def _activation(node: fx.Node, owner: nn.Module) -> Activation | None:
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         return RELU
     if node.op == "call_function" and node.target in _RELU6_FUNCTIONS:
-        return (0.0, 6.0, 0.0)
+        return piecewise_linear(0.0, 6.0, 0.0)
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return RELU
     return None
@@ -143,7 +152,13 @@ def _match(relu: fx.Node, owner: nn.Module):
     source, chain = _skip_identities(relu.args[0], owner)
     if _fusible_batchnorm(source, owner):
         return source, [relu, *chain], None, activation
-    if not isinstance(source, fx.Node) or not _is_add(source) or len(source.users) != 1:
+    # The op takes no residual with a smooth activation (its backward would have to keep it).
+    if (
+        is_smooth(activation)
+        or not isinstance(source, fx.Node)
+        or not _is_add(source)
+        or len(source.users) != 1
+    ):
         return None
     first, second = source.args
     bn, before = _skip_identities(first, owner)
@@ -283,8 +298,9 @@ def fused_batch_norms(model: nn.Module) -> list[str]:
 def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
     """A model that computes what `model` computes, in training and in eval, in which every
     BatchNorm2d (torch's or ours) followed by an activation the fused op applies (ReLU,
-    ReLU6, Hardtanh, LeakyReLU with a slope >= 0), with or without a residual added in
-    between and with nn.Identity calls anywhere in the chain, is one batch_norm_relu call:
+    ReLU6, Hardtanh, LeakyReLU with a slope >= 0, with or without a residual added in
+    between; SiLU, Hardswish and GELU modules, without one), with nn.Identity calls anywhere
+    in the chain, is one batch_norm_relu call:
     `act(bn(x))` and `act(bn(x) + identity)`, the activation as a module, or ReLU and ReLU6
     as a function or a method, in place or not, the add as `+`, `+=`, `torch.add` or
     `Tensor.add(_)`. The residual must have

@@ -58,6 +58,7 @@ class _FusedActivation2d:
     min_val: float = 0.0
     max_val: float | None = None
     negative_slope: float = 0.0
+    activation: str = "piecewise_linear"
 
     def extra_repr(self) -> str:
         return super().extra_repr() + activation_repr(self)
@@ -72,7 +73,8 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
     one pass forward, one backward, and no activation saved beyond the output. The state and
     constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d); act is a ReLU
     unless the keywords say otherwise, as the op takes them: ReLU6 is `max_val=6`, Hardtanh(a,
-    b) `min_val=a, max_val=b`, LeakyReLU(s) `negative_slope=s` (s >= 0).
+    b) `min_val=a, max_val=b`, LeakyReLU(s) `negative_slope=s` (s >= 0), or a smooth one by
+    name: `activation="silu"`, `"hardswish"` or `"gelu"` (then no residual).
 
     It is deliberately not a torch `_BatchNorm`: SyncBatchNorm converters (torch's, timm's,
     Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the activation.
@@ -91,11 +93,12 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
         min_val: float = 0.0,
         max_val: float | None = None,
         negative_slope: float = 0.0,
+        activation: str = "piecewise_linear",
     ):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
-        set_activation(self, (min_val, max_val, negative_slope))
+        set_activation(self, (min_val, max_val, negative_slope, activation))
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not torch.jit.is_scripting():
@@ -110,6 +113,7 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
             self.min_val,
             self.max_val,
             self.negative_slope,
+            self.activation,
         )
 
 

@@ -3,7 +3,7 @@
 - `torch.onnx.export(model, args, dynamo=True, custom_translation_table=custom_translation_table)`:
   the exported program's eval batch norm is the non-mutating `custom_bn::batch_norm_eval`,
   which the table maps (written in onnxscript) to BatchNormalization, then Add (residual) and
-  the activation for batch_norm_relu (Relu, Clip, LeakyRelu).
+  the activation for batch_norm_relu (Relu, Clip, LeakyRelu; Sigmoid and Mul, HardSwish, Erf).
 - `torch.onnx.export(model, args, dynamo=False)` (the TorchScript-based exporter): `import
   custom_bn` registers symbolics for `custom_bn::batch_norm`, `batch_norm_relu` and
   `batch_norm_eval` (custom_bn.integrations.onnx_torchscript).
@@ -24,9 +24,31 @@ from .integrations.onnx_torchscript import _TRAINING_ERROR, SYMBOLIC_OPSET
 from .integrations.torch_nn import BatchNormBase
 
 
-def _activation(output, min_val: float, max_val: float | None, negative_slope: float):
-    """The fused op's piecewise-linear activation in ONNX: Relu, Clip (ReLU6, hardtanh),
-    LeakyRelu, nothing (identity), or in general Where and Min."""
+def _smooth_activation(output, activation: str):
+    """SiLU as x * Sigmoid(x), HardSwish, GELU as x / 2 * (1 + Erf(x / sqrt(2))) (opset 18
+    has no Gelu)."""
+    if activation == "silu":
+        return op.Mul(output, op.Sigmoid(output))
+    if activation == "hardswish":
+        return op.HardSwish(output)
+    half = op.CastLike(op.Constant(value_float=0.5), output)
+    one = op.CastLike(op.Constant(value_float=1.0), output)
+    rsqrt2 = op.CastLike(op.Constant(value_float=0.7071067811865476), output)
+    return op.Mul(op.Mul(half, output), op.Add(one, op.Erf(op.Mul(output, rsqrt2))))
+
+
+def _activation(
+    output,
+    min_val: float,
+    max_val: float | None,
+    negative_slope: float,
+    activation: str = "piecewise_linear",
+):
+    """The fused op's activation in ONNX: a smooth one (_smooth_activation), or the
+    piecewise-linear one as Relu, Clip (ReLU6, hardtanh), LeakyRelu, nothing (identity), or in
+    general Where and Min."""
+    if activation != "piecewise_linear":
+        return _smooth_activation(output, activation)
     if negative_slope == 0:
         if min_val == 0 and max_val is None:
             return op.Relu(output)
@@ -58,6 +80,7 @@ def _batch_norm_eval(
     min_val: float = 0.0,
     max_val: float | None = None,
     negative_slope: float = 0.0,
+    activation: str = "piecewise_linear",
 ):
     """custom_bn::batch_norm_eval as BatchNormalization (then Add and the activation)."""
     channels = op.Shape(running_mean)
@@ -68,7 +91,9 @@ def _batch_norm_eval(
     output = op.BatchNormalization(input, weight, bias, running_mean, running_var, epsilon=eps)
     if residual is not None:
         output = op.Add(output, residual)
-    return _activation(output, min_val, max_val, negative_slope) if relu else output
+    if not relu:
+        return output
+    return _activation(output, min_val, max_val, negative_slope, activation)
 
 
 # torch.onnx.export(..., dynamo=True): the eval op. A training-mode program holds the

@@ -120,19 +120,23 @@ class _ReLUBlock(nn.Module):
 
 
 class _Activations(nn.Module):
-    """bn(x) + x through each activation the fused op applies besides ReLU, one batch norm each
-    (fuse_batchnorm_relu makes each one fused call)."""
+    """bn(x) (+ x) through each activation the fused op applies besides ReLU, one batch norm
+    each (fuse_batchnorm_relu makes each one fused call); the smooth ones take no residual."""
 
     def __init__(self):
         super().__init__()
-        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(3))
-        self.acts = nn.ModuleList([nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.2)])
+        self.bns = nn.ModuleList(nn.BatchNorm2d(8) for _ in range(6))
+        self.acts = nn.ModuleList(
+            [nn.ReLU6(), nn.Hardtanh(-0.5, 0.5), nn.LeakyReLU(0.2), nn.SiLU(), nn.Hardswish(),
+             nn.GELU()]
+        )  # fmt: skip
 
     def forward(self, x):
         return (
             self.acts[0](self.bns[0](x) + x),
             self.acts[1](self.bns[1](x)),
             self.acts[2](self.bns[2](x) + x),
+            *(act(bn(x)) for act, bn in zip(self.acts[3:], self.bns[3:], strict=True)),
         )
 
 
@@ -141,7 +145,7 @@ def _models():
     block = _with_stats(_ReLUBlock(), 4, 8, 6, 6)
     yield "batch_norm_relu", block, (torch.randn(4, 8, 6, 6),)
     activations = custom_bn.fuse_batchnorm_relu(_with_stats(_Activations(), 4, 8, 6, 6))
-    assert len(custom_bn.fusion.fused_batch_norms(activations)) == 3
+    assert len(custom_bn.fusion.fused_batch_norms(activations)) == 6
     yield "activations", activations, (torch.randn(4, 8, 6, 6) * 3,)
     bn1d = nn.Sequential(nn.Linear(5, 6), custom_bn.BatchNorm1d(6, affine=False))
     yield "batchnorm1d", _with_stats(bn1d, 8, 5), (torch.randn(8, 5),)

@@ -240,9 +240,37 @@ def test_each_activation_the_op_applies_fuses(activation):
 
 
 def test_activations_the_op_does_not_apply_are_not_fused():
-    for activation in (nn.LeakyReLU(-0.1), nn.SiLU(), nn.GELU()):
+    for activation in (nn.LeakyReLU(-0.1), nn.GELU(approximate="tanh"), nn.Mish()):
         model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), activation)
         assert custom_bn.fuse_batchnorm_relu(model) is model
+
+
+@pytest.mark.parametrize("activation", [nn.SiLU, nn.Hardswish, nn.GELU])
+def test_smooth_activations_fuse_without_a_residual_only(activation):
+    """BN -> SiLU / Hardswish / GELU fuses; with a residual added in between it does not (the
+    op takes no residual with a smooth activation)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+            self.act1, self.act2 = activation(), activation()
+
+        def forward(self, x):
+            out = self.act1(self.bn1(self.conv(x)))
+            return self.act2(self.bn2(out) + x)
+
+    torch.manual_seed(0)
+    model = Block().double()
+    reference = copy.deepcopy(model)
+    fused = custom_bn.fuse_batchnorm_relu(model)
+    assert _fused_calls(fused) == 1
+    for training in (True, False):
+        reference.train(training), fused.train(training)
+        x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 3
+        torch.testing.assert_close(fused(x), reference(x))
+    torch.testing.assert_close(fused.bn1.running_var, reference.bn1.running_var)
 
 
 SWEEP = ["densenet121", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5", "vgg11_bn"]

@@ -73,6 +73,15 @@ def test_timm_batch_norm_act_layers_all_convert(name, layers):
         warnings.simplefilter("error")  # nothing is left unconverted
         converted = custom_bn.convert_batchnorm(model, strict=True)
     assert _ours(converted) == layers
+    # Every BatchNormAct2d with an activation (SiLU, Hardswish, ReLU) runs the fused op.
+    activated = [
+        m
+        for m in converted.modules()
+        if isinstance(m, timm.layers.BatchNormAct2d) and type(m.act) is not nn.Identity
+    ]
+    with _OpsCalled() as called:
+        converted.train()(torch.randn(2, 3, 32, 32))
+    assert called.names.count("custom_bn::batch_norm_relu_forward") == len(activated) > 0
 
 
 def test_timm_efficientnet_converted_trains_in_lockstep():
@@ -105,16 +114,24 @@ class _OpsCalled(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize(
-    "act_layer",
-    [nn.ReLU6, lambda inplace=False: nn.LeakyReLU(0.2, inplace), lambda inplace=False: nn.GELU()],
-    ids=["relu6", "leaky_relu", "gelu"],
+    "act_layer,fused",
+    [
+        (nn.ReLU6, True),
+        (lambda inplace=False: nn.LeakyReLU(0.2, inplace), True),
+        (nn.SiLU, True),
+        (nn.Hardswish, True),
+        (lambda inplace=False: nn.GELU(), True),
+        ("gelu", True),  # timm's own GELU class
+        ("gelu_tanh", False),
+        ("mish", False),
+    ],
+    ids=["relu6", "leaky_relu", "silu", "hardswish", "gelu", "timm_gelu", "gelu_tanh", "mish"],
 )
-def test_timm_batch_norm_act_runs_the_fused_op_where_it_applies_the_activation(act_layer):
+def test_timm_batch_norm_act_runs_the_fused_op_where_it_applies_the_activation(act_layer, fused):
     torch.manual_seed(0)
     layer = timm.layers.BatchNormAct2d(6, act_layer=act_layer)
     model = nn.Sequential(nn.Conv2d(3, 6, 3), layer).double()
     converted = custom_bn.convert_batchnorm(copy.deepcopy(model), strict=True)
-    fused = custom_bn._activation.fused_activation(layer.act) is not None
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     for training in (True, False):
         with _OpsCalled() as called:

@@ -33,9 +33,25 @@ def _constant_like(g, value: float, like):
     return g.op("CastLike", g.op("Constant", value_t=torch.tensor(value)), like)
 
 
-def _activation(g, output, min_val, max_val, negative_slope):
-    """The fused op's piecewise-linear activation (custom_bn.onnx._activation, for this
-    exporter): Relu, Clip, LeakyRelu, nothing (identity), or in general Where and Min."""
+def _smooth_activation(g, output, activation: str):
+    """SiLU as x * Sigmoid(x), HardSwish, GELU as x / 2 * (1 + Erf(x / sqrt(2)))."""
+    if activation == "silu":
+        return g.op("Mul", output, g.op("Sigmoid", output))
+    if activation == "hardswish":
+        return g.op("HardSwish", output)
+    erf = g.op("Erf", g.op("Mul", output, _constant_like(g, 0.7071067811865476, output)))
+    half_x = g.op("Mul", output, _constant_like(g, 0.5, output))
+    return g.op("Mul", half_x, g.op("Add", erf, _constant_like(g, 1.0, output)))
+
+
+def _activation(g, output, min_val, max_val, negative_slope, activation="piecewise_linear"):
+    """The fused op's activation (custom_bn.onnx._activation, for this exporter): a smooth one,
+    or the piecewise-linear one as Relu, Clip, LeakyRelu, nothing (identity), or in general
+    Where and Min."""
+    if not isinstance(activation, str):
+        activation = symbolic_helper._parse_arg(activation, "s")
+    if activation != "piecewise_linear":
+        return _smooth_activation(g, output, activation)
     low = symbolic_helper._parse_arg(min_val, "f")
     high = None if symbolic_helper._is_none(max_val) else symbolic_helper._parse_arg(max_val, "f")
     slope = symbolic_helper._parse_arg(negative_slope, "f")
@@ -101,10 +117,11 @@ def _symbolic_training_op(relu: bool):
         min_val=0.0,
         max_val=None,
         negative_slope=0.0,
+        activation="piecewise_linear",
     ):
         if _training(training):
             raise RuntimeError(_TRAINING_ERROR)
-        activation = (min_val, max_val, negative_slope)
+        activation = (min_val, max_val, negative_slope, activation)
         return _symbolic_batch_norm(
             g, input, weight, bias, running_mean, running_var, eps, relu, residual, activation
         )
@@ -125,9 +142,10 @@ def _symbolic_batch_norm_eval_op(
     min_val=0.0,
     max_val=None,
     negative_slope=0.0,
+    activation="piecewise_linear",
 ):
     relu = bool(symbolic_helper._parse_arg(relu, "b"))
-    activation = (min_val, max_val, negative_slope)
+    activation = (min_val, max_val, negative_slope, activation)
     return _symbolic_batch_norm(
         g, input, weight, bias, running_mean, running_var, eps, relu, residual, activation
     )

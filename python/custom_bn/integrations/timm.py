@@ -5,17 +5,17 @@ timm builds EfficientNet, MobileNetV3, RegNet, GhostNet and most of its CNNs fro
 into `FrozenBatchNormAct2d`. The classes here subclass those, so timm's own helpers (freeze,
 unfreeze, SyncBatchNorm conversion, reparameterize) treat a converted layer as theirs; the
 forward runs the fused batch_norm_relu op when there is no drop and the activation is one it
-applies (ReLU, ReLU6, Hardtanh, LeakyReLU), and otherwise custom_bn's batch norm followed by the
-layer's own drop and activation.
+applies (ReLU, ReLU6, Hardtanh, LeakyReLU, SiLU, Hardswish, GELU: torch's classes, and timm's
+own GELU), and otherwise custom_bn's batch norm followed by the layer's own drop and activation.
 
 Imported by convert_batchnorm only when timm is already imported (a model holds its layers).
 """
 
 import torch
-from timm.layers import norm_act
+from timm.layers import activations, norm_act
 from torch import Tensor, nn
 
-from .._activation import IDENTITY, Activation, fused_activation
+from .._activation import GELU, IDENTITY, Activation, fused_activation
 from .._state import BatchNormState, registered
 from ..modules import _fx_leaf
 from ..sync_batchnorm import SyncBatchNorm
@@ -28,6 +28,8 @@ def _fused(module: nn.Module) -> Activation | None:
     and for no activation at all (plain batch norm has the leaner backward)."""
     if type(module.drop) is not nn.Identity:
         return None
+    if type(module.act) is activations.GELU:  # F.gelu(x), timm's default "gelu" layer
+        return GELU
     activation = fused_activation(module.act)
     return None if activation == IDENTITY else activation
 
