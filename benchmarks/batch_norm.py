@@ -34,8 +34,9 @@ FULL_SHAPES += [((4096, 1024), "NC"), ((4, 64, 16, 56, 56), "NCDHW")]
 QUICK_SHAPES = [((32, 256, 56, 56), "NCHW"), ((32, 256, 56, 56), "NHWC"), ((4096, 1024), "NC")]
 MODES = ("train_fwd", "train_fwd_bwd", "eval_fwd")
 # The fused op, batch_norm_relu, against torch's batch norm then ReLU (with and without a
-# residual added before it), in the mode the fusion is for: a training step.
-FUSED_KINDS = ("bn_relu", "bn_add_relu")
+# residual added before it) and then SiLU (a smooth activation: EfficientNet's), in the mode
+# the fusion is for: a training step.
+FUSED_KINDS = ("bn_relu", "bn_add_relu", "bn_silu")
 FUSED_MODES = ("train_fwd_bwd",)
 FUSED_SHAPES = [((32, c, s, s), layout) for c, s in RESNET for layout in ("NCHW", "NHWC")]
 QUICK_FUSED_SHAPES = [((32, 256, 56, 56), "NCHW")]
@@ -48,7 +49,9 @@ TRAFFIC = {"train_fwd": 3, "train_fwd_bwd": 3 + 2 + 3, "eval_fwd": 2}
 # batch_norm_relu: the forward reads x for the statistics, then x (and the residual) to
 # write z; the backward reads (dz, z, x) and writes the masked gradient (which is the
 # residual's gradient), then reads (it, x) and writes dx.
-FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3}
+# bn_silu's backward reads (dy, x) and writes dz (the gradient taken at the pre-activation,
+# recomputed from x), then reads (dz, x) and writes dx.
+FUSED_TRAFFIC = {"bn_relu": 3 + 4 + 3, "bn_add_relu": 4 + 4 + 3, "bn_silu": 3 + 3 + 3}
 # Channels-first training on inputs larger than the last-level cache, whose channels fit in L2,
 # goes a channel at a time (CpuPlan::channel_at_a_time in csrc/cpu/plan.h): each pass's inputs
 # are read once from memory. Forward: x, then y written; backward: (dy, x) [or (dy, z, x)], dx
@@ -72,6 +75,9 @@ def passes_over_memory(x, kind, mode):
     forward = 2 if goes_channel_at_a_time(x, "batch_norm_forward") else 3
     if kind == "bn_relu":
         return forward + (4 if goes_channel_at_a_time(x, "batch_norm_relu_backward") else 7)
+    if kind == "bn_silu":
+        forward = 2 if goes_channel_at_a_time(x, "batch_norm_relu_forward") else 3
+        return forward + 6
     backward = 3 if goes_channel_at_a_time(x, "batch_norm_backward") else 5
     return forward + (0 if mode == "train_fwd" else backward)
 
@@ -141,8 +147,8 @@ def callables(x, mode):
 
 
 def fused_callables(x, kind):
-    """The training step of relu(batch_norm(x) [+ residual]): ours fused, torch eager, and
-    torch.compile of the same composition."""
+    """The training step of relu(batch_norm(x) [+ residual]) or silu(batch_norm(x)): ours
+    fused, torch eager, and torch.compile of the same composition."""
     channels = x.shape[1]
     w = torch.rand(channels, requires_grad=True, device=x.device)
     b = torch.randn(channels, requires_grad=True, device=x.device)
@@ -151,9 +157,12 @@ def fused_callables(x, kind):
     residual = torch.randn_like(x).requires_grad_() if kind == "bn_add_relu" else None
     grad = torch.randn_like(x)
 
+    activation = F.silu if kind == "bn_silu" else F.relu
+    arguments = (0.0, None, 0.0, "silu") if kind == "bn_silu" else ()
+
     def reference(x, w, b, rm, rv, residual, cudnn=False):
         y = torch.batch_norm(x, w, b, rm, rv, True, 0.1, 1e-5, cudnn)
-        return F.relu(y + residual if residual is not None else y)
+        return activation(y + residual if residual is not None else y)
 
     compiled = torch.compile(reference, dynamic=False)
 
@@ -169,7 +178,9 @@ def fused_callables(x, kind):
 
     fns = {
         "custom_bn": step(
-            lambda: ops.batch_norm_relu(xg, w, b, rm, rv, True, 0.1, 1e-5, None, residual)
+            lambda: ops.batch_norm_relu(
+                xg, w, b, rm, rv, True, 0.1, 1e-5, None, residual, *arguments
+            )
         ),
         "torch": step(lambda: reference(xg, w, b, rm, rv, residual)),
         "compile": step(lambda: compiled(xg, w, b, rm, rv, residual)),

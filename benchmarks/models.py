@@ -42,6 +42,12 @@ FULL += [
     for layout in ("NCHW", "NHWC")
     for step in ("train", "infer")
 ]
+# EfficientNet: its batch norms are followed by SiLU, the fused op's smooth activation.
+FULL += [
+    ("efficientnet_b0", 8, 112, layout, "float32", step, "eager")
+    for layout in ("NCHW", "NHWC")
+    for step in ("train", "infer")
+]
 FULL += [
     (model, 8, 112, "NHWC", "float32", step, "compile")
     for model in ("resnet18", "resnet50", "mobilenet_v2")

@@ -43,7 +43,7 @@ Activation checked_activation(const char* op, double min_val, std::optional<doub
                       ": min_val, max_val and negative_slope describe a piecewise-linear "
                       "activation; with activation='",
                       named->name, "' they must keep their defaults (0, None, 0), but got (",
-                      min_val, ", ", max_val ? std::to_string(*max_val) : "None", ", ",
+                      min_val, ", ", max_val ? c10::str(*max_val) : std::string("None"), ", ",
                       negative_slope, ")");
     return {0.0, std::numeric_limits<double>::quiet_NaN(), 0.0, named->kind};
   }

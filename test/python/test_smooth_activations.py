@@ -250,3 +250,46 @@ def test_compiles_without_graph_breaks(backend):
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(module.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(module.running_mean, reference.running_mean)
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+def test_torch_func_transforms_match_torch(name):
+    """vmap of grad (per-sample and per-weight), and second order by jacrev and jacfwd, against
+    torch's batch norm then the activation."""
+    from torch.func import grad, jacfwd, jacrev, vmap
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 4, 3, 4, 4, dtype=torch.float64)
+    w = torch.rand(3, dtype=torch.float64) + 0.5
+    b = torch.randn(3, dtype=torch.float64)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.5
+
+    # Unbatched running stats under vmap only in eval (training would update them per sample).
+    def ours(x, w, b, training=True):
+        stats = (rm, rv) if not training else (None, None)
+        args = (x, w, b, *stats, training, 0.1, 1e-5, None, None)
+        return ops.batch_norm_relu(*args, *PLAIN, name).square().sum()
+
+    def torchs(x, w, b, training=True):
+        stats = (rm, rv) if not training else (None, None)
+        out = torch.batch_norm(x, w, b, *stats, training, 0.1, 1e-5, False)
+        return SMOOTH[name](out).square().sum()
+
+    per_sample = (0, None, None)
+    expected = vmap(grad(torchs, argnums=(0, 1, 2)), in_dims=per_sample)(x, w, b)
+    actual = vmap(grad(ours, argnums=(0, 1, 2)), in_dims=per_sample)(x, w, b)
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e)
+    weights = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    per_weight = (None, 0, None, None)
+    torch.testing.assert_close(
+        vmap(grad(ours, argnums=1), in_dims=per_weight)(x[0], weights, b, False),
+        vmap(grad(torchs, argnums=1), in_dims=per_weight)(x[0], weights, b, False),
+    )
+    small = x[0, :2, :, :2, :2]
+    torch.testing.assert_close(
+        jacrev(jacrev(ours))(small, w, b), jacrev(jacrev(torchs))(small, w, b)
+    )
+    torch.testing.assert_close(
+        jacfwd(jacrev(ours))(small, w, b), jacfwd(jacrev(torchs))(small, w, b)
+    )
