@@ -199,6 +199,23 @@ def batch_norm_relu(**arguments: Any) -> Tensor:
     return _forward(**arguments, relu=True)[0]
 
 
+def _backward_stats(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    training: bool,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) a backward normalizes with, in the compute type: the batch's saved ones
+    in training, the running ones in eval."""
+    compute = _compute_dtype(input)
+    if training:
+        return save_mean.to(compute), save_invstd.to(compute)
+    return running_mean.to(compute), torch.rsqrt(running_var.to(compute) + eps)
+
+
 def batch_norm_backward(
     grad_output: Tensor,
     input: Tensor,
@@ -214,11 +231,9 @@ def batch_norm_backward(
     """Gradients of input, weight and bias: the kernels' sums of dy and dy * (x - mean), then
     grad_x = a * (dy - mean(dy)) + b * (x - mean) with their per-channel coefficients."""
     compute = _compute_dtype(input)
-    if training:
-        mean, invstd = save_mean.to(compute), save_invstd.to(compute)
-    else:
-        mean = running_mean.to(compute)
-        invstd = torch.rsqrt(running_var.to(compute) + eps)
+    mean, invstd = _backward_stats(
+        input, running_mean, running_var, save_mean, save_invstd, training, eps
+    )
     dy = grad_output.to(compute)
     centred = input.to(compute) - _per_channel(mean, input)
     dims = _reduced_dims(input)
@@ -260,31 +275,27 @@ def batch_norm_relu_backward(
     if activation == "piecewise_linear":
         masked = _activation_grad(grad_output, output, min_val, max_val, negative_slope)
     else:
-        masked = _smooth_activation_grad(grad_output, activation, bias, **arguments)
+        masked = _smooth_activation_grad(grad_output, activation, bias, arguments)
     *batch_norm_mask, need_residual = output_mask
     grads = batch_norm_backward(grad_output=masked, output_mask=batch_norm_mask, **arguments)
     return (*grads, masked if need_residual else None)
 
 
 def _smooth_activation_grad(
-    grad_output: Tensor,
-    activation: str,
-    bias: Tensor | None,
-    input: Tensor,
-    weight: Tensor | None,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    save_mean: Tensor,
-    save_invstd: Tensor,
-    training: bool,
-    eps: float,
+    grad_output: Tensor, activation: str, bias: Tensor | None, arguments: dict[str, Any]
 ) -> Tensor:
+    """batch_norm_backward's arguments give the pre-activation as the forward computed it."""
+    input, weight = arguments["input"], arguments["weight"]
     compute = _compute_dtype(input)
-    if training:
-        mean, invstd = save_mean.to(compute), save_invstd.to(compute)
-    else:
-        mean = running_mean.to(compute)
-        invstd = torch.rsqrt(running_var.to(compute) + eps)
+    mean, invstd = _backward_stats(
+        input,
+        arguments["running_mean"],
+        arguments["running_var"],
+        arguments["save_mean"],
+        arguments["save_invstd"],
+        arguments["training"],
+        arguments["eps"],
+    )
     scale = invstd if weight is None else invstd * weight.to(compute)
     z = (input.to(compute) - _per_channel(mean, input)) * _per_channel(scale, input)
     if bias is not None:
