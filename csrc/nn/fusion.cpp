@@ -34,7 +34,8 @@ std::optional<BatchNormReLU2d> fuse_if_batchnorm(const std::shared_ptr<torch::nn
 }
 
 // The fused op's arguments for an activation it applies (ReLU, ReLU6, Hardtanh, LeakyReLU
-// with a slope >= 0); none for any other module.
+// with a slope >= 0, SiLU, GELU without approximation; torch::nn has no Hardswish module);
+// none for any other module.
 std::optional<FusedActivationOptions> fused_activation(const torch::nn::Module& m) {
   if (m.as<torch::nn::ReLUImpl>()) return FusedActivationOptions();
   if (m.as<torch::nn::ReLU6Impl>()) return FusedActivationOptions().max_val(6.0);
@@ -47,6 +48,10 @@ std::optional<FusedActivationOptions> fused_activation(const torch::nn::Module& 
     if (leaky->options.negative_slope() >= 0.0) {
       return FusedActivationOptions().negative_slope(leaky->options.negative_slope());
     }
+  }
+  if (m.as<torch::nn::SiLUImpl>()) return FusedActivationOptions().activation("silu");
+  if (const auto* gelu = m.as<torch::nn::GELUImpl>()) {
+    if (gelu->options.approximate() == "none") return FusedActivationOptions().activation("gelu");
   }
   return std::nullopt;
 }

@@ -1,5 +1,5 @@
-// fuse_batchnorm_relu for LibTorch: BatchNorm2d then ReLU (or ReLU6, Hardtanh, LeakyReLU) in a
-// torch::nn::Sequential becomes one custom_bn::BatchNormReLU2d, as custom_bn.fuse_batchnorm_relu
+// fuse_batchnorm_relu for LibTorch: BatchNorm2d then ReLU (or ReLU6, Hardtanh, LeakyReLU, SiLU,
+// GELU) in a torch::nn::Sequential becomes one custom_bn::BatchNormReLU2d, as custom_bn.fuse_batchnorm_relu
 // does for Python models.
 #pragma once
 
@@ -9,7 +9,7 @@ namespace custom_bn {
 
 /// An equivalent Sequential in which every BatchNorm2d (torch::nn's or ours) directly followed
 /// by an activation the fused op applies (torch::nn::ReLU, ReLU6, Hardtanh, LeakyReLU with a
-/// slope >= 0) is one BatchNormReLU2d with that activation over the very same parameters (and
+/// slope >= 0, SiLU, GELU without approximation) is one BatchNormReLU2d with that activation over the very same parameters (and
 /// buffers that share their storage), in the batch norm's training mode. The activation's slot
 /// holds a
 /// torch::nn::Identity, so children keep their names and the state_dict its keys. Other

@@ -83,6 +83,9 @@ TEST_F(Fusion, NothingToFuseReturnsTheSameSequential) {
       torch::nn::BatchNorm2d(4),
       torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(-0.1)));
   EXPECT_EQ(fuse_batchnorm_relu(negative_slope).ptr(), negative_slope.ptr());
+  torch::nn::Sequential tanh_gelu(torch::nn::BatchNorm2d(4),
+                                  torch::nn::GELU(torch::nn::GELUOptions().approximate("tanh")));
+  EXPECT_EQ(fuse_batchnorm_relu(tanh_gelu).ptr(), tanh_gelu.ptr());
 }
 
 TEST_F(Fusion, FusesEachActivationTheOpApplies) {
@@ -90,8 +93,8 @@ TEST_F(Fusion, FusesEachActivationTheOpApplies) {
       torch::nn::AnyModule(torch::nn::ReLU6()),
       torch::nn::AnyModule(
           torch::nn::Hardtanh(torch::nn::HardtanhOptions().min_val(-0.5).max_val(0.5))),
-      torch::nn::AnyModule(
-          torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.2)))};
+      torch::nn::AnyModule(torch::nn::LeakyReLU(torch::nn::LeakyReLUOptions().negative_slope(0.2))),
+      torch::nn::AnyModule(torch::nn::SiLU()), torch::nn::AnyModule(torch::nn::GELU())};
   for (const torch::nn::AnyModule& activation : activations) {
     torch::nn::Sequential model;
     model->push_back("conv", torch::nn::Conv2d(3, 4, 3));

@@ -269,9 +269,9 @@ TEST(Readme, CppSnippetRuns) {
   custom_bn::BatchNormReLU2d bn_relu6(16, custom_bn::FusedActivationOptions().max_val(6.0));
   custom_bn::BatchNormReLU2d bn_silu(16, custom_bn::FusedActivationOptions().activation("silu"));
 
-  // BatchNorm2d (torch::nn's or ours) then ReLU (or ReLU6, Hardtanh, LeakyReLU) in a Sequential
-  // becomes one BatchNormReLU2d over the same parameters; the activation's slot holds an
-  // Identity, so the state_dict keys stay.
+  // BatchNorm2d (torch::nn's or ours) then ReLU (or ReLU6, Hardtanh, LeakyReLU, SiLU, GELU) in a
+  // Sequential becomes one BatchNormReLU2d over the same parameters; the activation's slot
+  // holds an Identity, so the state_dict keys stay.
   torch::nn::Sequential fused = custom_bn::fuse_batchnorm_relu(net);
 
   // Frozen statistics and affine parameters, whatever the mode (torchvision's FrozenBatchNorm2d).
