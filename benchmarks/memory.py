@@ -8,7 +8,13 @@ fuse_batchnorm_relu, each variant in processes of its own. Per model and variant
   median of three steps;
 - largest batch: the largest batch whose training steps run within a fixed address-space
   budget over the warm process (RLIMIT_AS, set after a warm step at batch 2), found by
-  doubling then bisection, each probe a child process.
+  doubling then bisection, each probe a child process;
+- in-place bounds (from the fused variant's step): what an in-place activated batch norm
+  (issue 37), which keeps its output and drops its input, could bring `saved` down to at best.
+  "floor": every batch norm input that only autograd keeps dropped. "exact": the same, but the
+  input values its activation clipped kept (ReLU's zeros, ReLU6's zeros and sixes): there the
+  output cannot give the normalized input back, and training's input gradient needs it at
+  every position (grad_x = w * invstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))).
 
 Writes build/bench/memory.csv."""
 
@@ -28,7 +34,9 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from custom_bn.op_table import signature
 from models import build
+from torch.utils._python_dispatch import TorchDispatchMode
 
 VARIANTS = ("torch", "convert", "fused")
 # (model, batch, pixels, layout, dtype): the model benchmark's sizes; bfloat16 is autocast's.
@@ -86,6 +94,63 @@ def saved_bytes(forward, parameters) -> int:
     return sum(storages.values())
 
 
+class _BatchNormInputs(TorchDispatchMode):
+    """Per storage of a batch norm op's input: its bytes, and the bytes of it an exact in-place
+    batch norm would still keep (module docstring): the share its activation clipped, none
+    without an activation or with an invertible one, all with a smooth one."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: dict[int, tuple[int, float]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.name().removeprefix("custom_bn::")
+        if name in ("batch_norm_forward", "batch_norm_relu_forward"):
+            call = signature(name).bind(args, kwargs)
+            storage = call["input"].untyped_storage()
+            kept = 0.0
+            if name == "batch_norm_relu_forward":
+                kept = _clipped_share(out[0], call)
+            self.inputs[storage.data_ptr()] = (storage.nbytes(), kept)
+        return out
+
+
+def _clipped_share(output, call) -> float:
+    """The share of a fused op's output its activation clipped (1 for a smooth one)."""
+    if call["activation"] != "piecewise_linear":
+        return 1.0
+    clipped = torch.zeros_like(output, dtype=torch.bool)
+    if call["negative_slope"] == 0:
+        clipped |= output <= call["min_val"]
+    if call["max_val"] is not None:
+        clipped |= output >= call["max_val"]
+    return clipped.float().mean().item()
+
+
+def in_place_bounds(forward, parameters) -> dict:
+    """saved_bytes of forward() with the in-place floor and exact bounds (module docstring)."""
+    excluded = {p.untyped_storage().data_ptr() for p in parameters}
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _BatchNormInputs() as bn:
+        result = forward()
+    del result
+    saved = sum(storages.values())
+    inputs = [(nbytes, kept) for ptr, (nbytes, kept) in bn.inputs.items() if ptr in storages]
+    dropped = sum(nbytes for nbytes, _ in inputs)
+    return {
+        "floor": saved - dropped,
+        "exact": saved - dropped + sum(nbytes * kept for nbytes, kept in inputs),
+    }
+
+
 def training_loss(model, x, target, dtype: str):
     """The loss of a training step, as make_step computes it (bfloat16: under autocast)."""
     autocast = (
@@ -129,7 +194,11 @@ def measure_one(config, variant: str) -> dict:
     saved = saved_bytes(lambda: training_loss(model, x, target, dtype), model.parameters())
     # The median of three steps: one step's peak moves with what glibc kept from the last.
     peak = statistics.median(step_peak_bytes(lambda: train(x, target)) for _ in range(3))
-    return {"saved": saved, "peak": peak}
+    result = {"saved": saved, "peak": peak}
+    if variant == "fused":
+        forward = lambda: training_loss(model, x, target, dtype)  # noqa: E731
+        result.update(in_place_bounds(forward, model.parameters()))
+    return result
 
 
 def probe_fits(config, variant: str, batch: int, budget_mb: int) -> bool:
@@ -193,6 +262,9 @@ def run_row(config, budget_mb: int, with_largest_batch: bool) -> dict:
         result = json.loads(done.stdout.strip().splitlines()[-1])
         row[f"{variant}_saved_mb"] = round(result["saved"] / 2**20, 1)
         row[f"{variant}_peak_mb"] = round(result["peak"] / 2**20, 1)
+        for bound in ("floor", "exact"):
+            if bound in result:
+                row[f"in_place_{bound}_saved_mb"] = round(result[bound] / 2**20, 1)
         if with_largest_batch:
             row[f"{variant}_largest_batch"] = largest_batch(
                 lambda b, v=variant: child_fits(config, v, b, budget_mb)
@@ -235,6 +307,7 @@ def main():
                "torch step peak MB", "convert", "fused"]  # fmt: skip
     if with_largest_batch:
         columns += ["torch largest batch", "convert", "fused"]
+    columns += ["in-place saved: floor", "exact"]
     print(" | ".join(columns))
     rows = []
     for config in configs:
@@ -244,6 +317,7 @@ def main():
         for key in ("saved_mb", "peak_mb") + (("largest_batch",) if with_largest_batch else ()):
             cells.append(str(row[f"torch_{key}"]))
             cells += [_ratio(row, variant, key) for variant in VARIANTS[1:]]
+        cells += [_ratio(row, f"in_place_{bound}", "saved_mb") for bound in ("floor", "exact")]
         print(" | ".join(cells), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     with open(args.out_dir / "memory.csv", "w", newline="") as f:
