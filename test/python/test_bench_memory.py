@@ -75,3 +75,18 @@ def test_probe_runs_within_its_budget():
     small, large = probe(2), probe(4096)
     assert small.returncode == 0, small.stderr[-2000:]
     assert large.returncode == memory.OUT_OF_MEMORY, large.stderr[-2000:]
+
+
+def test_in_place_bounds_drop_the_batch_norm_input_and_keep_its_clipped_values():
+    """On the fused small model: floor is saved without the batch norm's input; exact keeps the
+    share of that input whose ReLU output is zero, counted here by hand."""
+    model = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(conv_bn_relu_conv()))
+    x = torch.randn(4, 3, 16, 16)
+    saved = memory.saved_bytes(lambda: model(x), model.parameters())
+    bounds = memory.in_place_bounds(lambda: model(x), model.parameters())
+    bn_input_bytes = 4 * 8 * 16 * 16 * 4
+    assert bounds["floor"] == saved - bn_input_bytes
+    with torch.no_grad():  # the fused call's output, as the step computed it
+        clipped = (custom_bn.fusion.batch_norm_relu(model[1], model[0](x)) == 0).float().mean()
+    assert 0.2 < clipped < 0.8
+    assert bounds["exact"] == pytest.approx(bounds["floor"] + clipped * bn_input_bytes)
