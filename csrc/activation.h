@@ -37,6 +37,14 @@ const char* activation_name(const Activation& act);
 // fused ops refuse that pair (ValueError).
 void check_activation_residual(const char* op, const Activation& act, bool has_residual);
 
+// Whether a backward on the CPU writes a smooth activation's dz once, in the reduction, and
+// reads it back for the input gradient (SiLU, GELU: their exp and erf cost more than the
+// extra tensor), rather than recomputing it in each pass, which may then go a channel at a
+// time (Hardswish: compares and a multiply). docs/perf.md row 52 has the measurements.
+inline bool writes_smooth_dz(const Activation& act) {
+  return act.kind == ActivationKind::kSilu || act.kind == ActivationKind::kGelu;
+}
+
 // The activation in differentiable ATen ops (torch's own for the smooth ones).
 at::Tensor activated(const at::Tensor& v, const Activation& f);
 

@@ -16,6 +16,8 @@
 
 #include <array>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace custom_bn::cpu::CPU_CAPABILITY {
@@ -82,33 +84,50 @@ void normalize_channel_at_a_time(const scalar_t* x, const CpuPlan& plan,
 
 // The sums of channel c's items in item order, then the training coefficients and the input
 // gradient: reduce_terms gives (dz, dz * (x - mean)), grad_input_of(v, q) the gradient, both
-// from the same inputs.
-template <int kInputs, typename scalar_t, typename ReduceTerms, typename GradFn>
+// from the same inputs. With alpha and beta (a smooth activation, whose gradient is taken at
+// the pre-activation (x - mean) * alpha + beta; kSmooth), reduce_terms takes (mean, alpha,
+// beta) and grad_input_of (mean, dy_mean, a, b, alpha, beta).
+template <int kInputs, bool kSmooth, typename scalar_t, typename ReduceTerms, typename GradFn>
 void grad_input_channel_at_a_time(const std::array<const scalar_t*, kInputs>& in,
                                   const CpuPlan& plan, const opmath_t<scalar_t>* mean_in,
                                   const opmath_t<scalar_t>* invstd_in, const opmath_t<scalar_t>* w,
                                   opmath_t<scalar_t>* sum_dy_out,
                                   opmath_t<scalar_t>* sum_dy_xmu_out,
                                   const ReduceTerms& reduce_terms, const GradFn& grad_input_of,
-                                  scalar_t* out) {
+                                  scalar_t* out, const opmath_t<scalar_t>* alpha = nullptr,
+                                  const opmath_t<scalar_t>* beta = nullptr) {
   using opmath = opmath_t<scalar_t>;
   const ChannelView& view = plan.view;
   const ChannelsFirstItems items(view);
   const opmath count = static_cast<opmath>(view.outer * view.inner);
   for_each_channel_slab<std::array<double, 2>>(
       plan, items.per_channel, [&](int64_t c, std::array<double, 2>* parts) {
+        const auto sum_item = [&](const auto& p, int64_t j) {
+          constexpr int kParams = std::tuple_size_v<std::decay_t<decltype(p)>>;
+          return reduce_channels_first_item<kInputs, 2, kParams, 0>(
+              in, p, plan, items.span(view, c * items.per_channel + j), reduce_terms,
+              (scalar_t*)nullptr);
+        };
         for (int64_t j = 0; j < items.per_channel; ++j) {
-          parts[j] = reduce_channels_first_item<kInputs, 2, 1, 0>(
-              in, std::array<opmath, 1>{mean_in[c]}, plan,
-              items.span(view, c * items.per_channel + j), reduce_terms, (scalar_t*)nullptr);
+          if constexpr (kSmooth) {
+            parts[j] = sum_item(std::array<opmath, 3>{mean_in[c], alpha[c], beta[c]}, j);
+          } else {
+            parts[j] = sum_item(std::array<opmath, 1>{mean_in[c]}, j);
+          }
         }
         const std::array<double, 2> sum = sum_in_item_order<2>(parts, items.per_channel);
         sum_dy_out[c] = static_cast<opmath>(sum[0]);
         sum_dy_xmu_out[c] = static_cast<opmath>(sum[1]);
         const GradInputCoefficients<opmath> k = grad_input_coefficients_training(
             invstd_in[c], w[c], sum_dy_out[c], sum_dy_xmu_out[c], count);
-        map_channel<kInputs, 4>(in, std::array<opmath, 4>{mean_in[c], k.dy_mean, k.a, k.b}, plan, c,
-                                grad_input_of, out);
+        if constexpr (kSmooth) {
+          map_channel<kInputs, 6>(
+              in, std::array<opmath, 6>{mean_in[c], k.dy_mean, k.a, k.b, alpha[c], beta[c]}, plan,
+              c, grad_input_of, out);
+        } else {
+          map_channel<kInputs, 4>(in, std::array<opmath, 4>{mean_in[c], k.dy_mean, k.a, k.b}, plan,
+                                  c, grad_input_of, out);
+        }
       });
 }
 

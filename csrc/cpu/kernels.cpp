@@ -106,11 +106,16 @@ void reduce_grad_activation(const at::Tensor& grad_output, const at::Tensor& out
                           mutable_stat_ptr<scalar_t>(sum_dy_xmu)};
     const auto f = in_opmath<scalar_t>(act);
     if (act.smooth()) {
-      // The pre-activation is recomputed from x: p = (mean, alpha, bias); dz is always written.
-      reduce_channels<2, 2, 3, 1>(
-          std::array{in[0], in[2]},
-          {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, plan,
-          smooth_activation_grad_sums_and_dz(f), sums, grad_masked.mutable_data_ptr<scalar_t>());
+      // The pre-activation is recomputed from x: v = (dy, x), p = (mean, alpha, bias).
+      const std::array<const scalar_t*, 2> dy_x{in[0], in[2]};
+      const std::array<const opmath_t<scalar_t>*, 3> p{
+          stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
+      if (grad_masked.defined()) {
+        reduce_channels<2, 2, 3, 1>(dy_x, p, plan, smooth_activation_grad_sums_and_dz(f), sums,
+                                    grad_masked.mutable_data_ptr<scalar_t>());
+      } else {
+        reduce_channels<2, 2, 3, 0>(dy_x, p, plan, smooth_activation_grad_sums(f), sums);
+      }
     } else if (grad_masked.defined()) {
       // dz is rounded to scalar_t as torch's activation backward rounds its result.
       reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, plan,
@@ -138,16 +143,26 @@ void apply_grad_input(const at::Tensor& grad_output, const at::Tensor& input, co
 void apply_grad_input_activation(const at::Tensor& grad_output, const at::Tensor& output,
                                  const at::Tensor& input, const CpuPlan& plan,
                                  const at::Tensor& mean, const at::Tensor& dy_mean,
-                                 const at::Tensor& a, const at::Tensor& b, const Activation& act,
+                                 const at::Tensor& a, const at::Tensor& b, const at::Tensor& alpha,
+                                 const at::Tensor& bias, const Activation& act,
                                  at::Tensor& grad_input) {
   CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "apply_grad_input_activation", [&] {
-    map_channels<3, 4>(std::array<const scalar_t*, 3>{grad_output.const_data_ptr<scalar_t>(),
-                                                      output.const_data_ptr<scalar_t>(),
-                                                      input.const_data_ptr<scalar_t>()},
-                       {stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(dy_mean),
-                        stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)},
-                       plan, activation_grad_input(in_opmath<scalar_t>(act)),
-                       grad_input.mutable_data_ptr<scalar_t>());
+    const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const std::array<const opmath_t<scalar_t>*, 4> k{stat_ptr<scalar_t>(mean),
+                                                     stat_ptr<scalar_t>(dy_mean),
+                                                     stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)};
+    const auto f = in_opmath<scalar_t>(act);
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    if (act.smooth()) {
+      map_channels<2, 6>(
+          std::array{dy, x},
+          {k[0], k[1], k[2], k[3], stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)}, plan,
+          smooth_activation_grad_input(f), out);
+    } else {
+      map_channels<3, 4>(std::array{dy, output.const_data_ptr<scalar_t>(), x}, k, plan,
+                         activation_grad_input(f), out);
+    }
   });
 }
 
@@ -180,30 +195,38 @@ void normalize_training(const at::Tensor& input, const at::Tensor& residual, con
   }
 }
 
-// Training's sums and input gradient a channel at a time.
+// Training's sums and input gradient a channel at a time; alpha and bias are read for a
+// smooth activation only.
 void grad_input_channel_at_a_time(const at::Tensor& grad_output, const at::Tensor& act_output,
                                   const Activation& act, const at::Tensor& input,
                                   const CpuPlan& plan, const at::Tensor& mean,
                                   const at::Tensor& invstd, const at::Tensor& weight,
+                                  const at::Tensor& alpha, const at::Tensor& bias,
                                   at::Tensor& sum_dy, at::Tensor& sum_dy_xmu,
                                   at::Tensor& grad_input) {
   CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "grad_input_channel_at_a_time", [&] {
     const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const auto run = [&](const auto& in, const auto& reduce_terms, const auto& grad_input_of) {
+    const auto run = [&](auto smooth, const auto& in, const auto& reduce_terms,
+                         const auto& grad_input_of) {
       constexpr int kInputs = std::tuple_size_v<std::decay_t<decltype(in)>>;
-      CPU_CAPABILITY::grad_input_channel_at_a_time<kInputs>(
+      CPU_CAPABILITY::grad_input_channel_at_a_time<kInputs, decltype(smooth)::value>(
           in, plan, stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(invstd),
           stat_ptr<scalar_t>(weight), mutable_stat_ptr<scalar_t>(sum_dy),
           mutable_stat_ptr<scalar_t>(sum_dy_xmu), reduce_terms, grad_input_of,
-          grad_input.mutable_data_ptr<scalar_t>());
+          grad_input.mutable_data_ptr<scalar_t>(),
+          decltype(smooth)::value ? stat_ptr<scalar_t>(alpha) : nullptr,
+          decltype(smooth)::value ? stat_ptr<scalar_t>(bias) : nullptr);
     };
-    if (act_output.defined()) {
-      const auto f = in_opmath<scalar_t>(act);
-      run(std::array{dy, act_output.const_data_ptr<scalar_t>(), x}, activation_grad_sums(f),
-          activation_grad_input(f));
+    const auto f = in_opmath<scalar_t>(act);
+    if (act.smooth()) {
+      run(std::true_type{}, std::array{dy, x}, smooth_activation_grad_sums(f),
+          smooth_activation_grad_input(f));
+    } else if (act_output.defined()) {
+      run(std::false_type{}, std::array{dy, act_output.const_data_ptr<scalar_t>(), x},
+          activation_grad_sums(f), activation_grad_input(f));
     } else {
-      run(std::array{dy, x}, kGradSums, kGradInput);
+      run(std::false_type{}, std::array{dy, x}, kGradSums, kGradInput);
     }
   });
 }
@@ -213,18 +236,17 @@ void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const
               const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
               at::Tensor& sum_dy, at::Tensor& sum_dy_xmu, at::Tensor& grad_masked,
               at::Tensor& grad_input) {
-  // The plan goes a channel at a time only in training with no residual (work_of), and the
-  // caller plans a smooth activation's backward as one with a residual (it writes dz).
+  // A smooth activation's pre-activation, with the forward's coefficients.
+  const auto [alpha, shift] = act.smooth() ? affine_coefficients(invstd, weight, bias)
+                                           : std::pair<at::Tensor, at::Tensor>();
+  // The plan goes a channel at a time only in training with no residual (work_of).
   if (plan.channel_at_a_time && grad_input.defined()) {
     grad_input_channel_at_a_time(grad_output, act_output, act, input, plan, mean, invstd, weight,
-                                 sum_dy, sum_dy_xmu, grad_input);
+                                 alpha, shift, sum_dy, sum_dy_xmu, grad_input);
     return;
   }
   if (sum_dy.defined()) {
     if (act_output.defined()) {
-      // A smooth activation's pre-activation, with the forward's coefficients.
-      const auto [alpha, shift] = act.smooth() ? affine_coefficients(invstd, weight, bias)
-                                               : std::pair<at::Tensor, at::Tensor>();
       reduce_grad_activation(grad_output, act_output, input, plan, mean, alpha, shift, act, sum_dy,
                              sum_dy_xmu, grad_masked);
     } else {
@@ -236,7 +258,7 @@ void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const
       training, invstd, weight, sum_dy, sum_dy_xmu, values_in_channel(plan));
   if (act_output.defined() && !grad_masked.defined()) {
     apply_grad_input_activation(grad_output, act_output, input, plan, mean, k.dy_mean, k.a, k.b,
-                                act, grad_input);
+                                alpha, shift, act, grad_input);
   } else {
     // With dz at hand (the residual's gradient), the pass reads (dz, x).
     apply_grad_input(grad_masked.defined() ? grad_masked : grad_output, input, plan, mean,

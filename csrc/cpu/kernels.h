@@ -38,7 +38,7 @@ struct KernelTable {
   // The same sums of dz = activation_grad(dy, output) (the activation's backward fused into
   // the reduction pass); dz is also written to grad_masked unless it is undefined. A smooth
   // activation's dz is activation_grad_at(dy, (x - mean) * alpha + bias) instead, always
-  // written; alpha and bias are read only then.
+  // written when grad_masked is defined; alpha and bias are read only then.
   void (*reduce_grad_activation)(const at::Tensor& grad_output, const at::Tensor& output,
                                  const at::Tensor& input, const CpuPlan& plan,
                                  const at::Tensor& mean, const at::Tensor& alpha,
@@ -48,11 +48,13 @@ struct KernelTable {
   void (*apply_grad_input)(const at::Tensor& grad_output, const at::Tensor& input,
                            const CpuPlan& plan, const at::Tensor& mean, const at::Tensor& dy_mean,
                            const at::Tensor& a, const at::Tensor& b, at::Tensor& grad_input);
-  // The same with dy = activation_grad(grad_output, output).
+  // The same with dy = activation_grad(grad_output, output), or for a smooth activation
+  // activation_grad_at(grad_output, (input - mean) * alpha + bias) (output then unread).
   void (*apply_grad_input_activation)(const at::Tensor& grad_output, const at::Tensor& output,
                                       const at::Tensor& input, const CpuPlan& plan,
                                       const at::Tensor& mean, const at::Tensor& dy_mean,
                                       const at::Tensor& a, const at::Tensor& b,
+                                      const at::Tensor& alpha, const at::Tensor& bias,
                                       const Activation& act, at::Tensor& grad_input);
 
   // The passes of an op, scheduled as the plan says: with plan.channel_at_a_time, a channel
@@ -71,8 +73,7 @@ struct KernelTable {
   // act_output): the sums of dz (when sum_dy is defined; then dz also into grad_masked, when
   // defined), then the input gradient (when grad_input is defined): training's from the sums
   // (or from grad_masked when defined), eval's from invstd alone. A smooth activation's dz
-  // (reduce_grad_activation) needs bias, the sums and grad_masked, and a plan made as for a
-  // residual.
+  // is recomputed in each pass from (dy, x) and bias (bias unread otherwise).
   void (*backward)(const at::Tensor& grad_output, const at::Tensor& act_output,
                    const Activation& act, const at::Tensor& input, const CpuPlan& plan,
                    bool training, const at::Tensor& mean, const at::Tensor& invstd,

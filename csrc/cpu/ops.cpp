@@ -167,15 +167,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 // residual's gradient
 // (dz itself) is wanted, writes dz, which the elementwise pass then reads instead of
 // (dy, output): one tensor less to read, and dz is a result anyway.
-// A smooth activation's dz is always written, as the residual's gradient is (it is taken at
-// the pre-activation, recomputed from input, weight and bias, once).
+// A smooth activation's gradient is taken at the pre-activation, recomputed from input, weight
+// and bias: once, written as dz for the input-gradient pass, or in each pass
+// (writes_smooth_dz).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const char* op, const at::Tensor& grad_output, const at::Tensor& act_output,
     const Activation& act, const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS,
     std::array<bool, 4> output_mask, const std::optional<at::Tensor>& bias = std::nullopt) {
   const ChannelStats stats = backward_stats(input, running_mean, running_var, save_mean,
                                             save_invstd, training, eps, eval_invstd);
-  const bool writes_dz = output_mask[3] || act.smooth();
+  const bool writes_dz = output_mask[3] || writes_smooth_dz(act);
   const PlannedInput in = plan_input(input, op, training, writes_dz);
   const bool wants_sums =
       output_mask[1] || output_mask[2] || (training && output_mask[0]) || writes_dz;
@@ -200,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
   const auto [grad_weight, grad_bias] =
       param_grads(sum_dy, sum_dy_xmu, stats.invstd, input, weight, output_mask[1], output_mask[2]);
   return {grad_input ? grad_input->finish() : at::Tensor(), grad_weight, grad_bias,
-          grad_residual && output_mask[3] ? grad_residual->finish() : at::Tensor()};
+          output_mask[3] ? grad_residual->finish() : at::Tensor()};
 }
 
 }  // namespace

@@ -117,7 +117,15 @@ auto activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
 }
 
 // A smooth activation's gradient sums, v = (dy, x), p = (mean, alpha, bias): dz is dy times
-// the activation's derivative at the recomputed pre-activation; it is also yielded to emit.
+// the activation's derivative at the pre-activation, recomputed; the last also yields dz to
+// emit.
+template <typename T>
+auto smooth_activation_grad_sums(const ActivationFunction<T>& f) {
+  return [kind = f.kind](const auto& v, const auto& p) {
+    const auto dz = activation_grad_at(v[0], normalize(v[1], p[0], p[1], p[2]), kind);
+    return std::array{dz, dz * (v[1] - p[0])};
+  };
+}
 template <typename T>
 auto smooth_activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
   return [kind = f.kind](const auto& v, const auto& p) {
@@ -134,6 +142,16 @@ template <typename T>
 auto activation_grad_input(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
     return custom_bn::grad_input(activation_grad(v[0], v[1], f), v[2], p[0], p[1], p[2], p[3]);
+  };
+}
+
+// A smooth activation's input gradient, v = (dy, x), p = (mean, dy_mean, a, b, alpha, bias):
+// dz recomputed as the sums computed it.
+template <typename T>
+auto smooth_activation_grad_input(const ActivationFunction<T>& f) {
+  return [kind = f.kind](const auto& v, const auto& p) {
+    const auto dz = activation_grad_at(v[0], normalize(v[1], p[0], p[4], p[5]), kind);
+    return custom_bn::grad_input(dz, v[1], p[0], p[1], p[2], p[3]);
   };
 }
 

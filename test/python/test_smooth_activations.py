@@ -109,6 +109,8 @@ def test_backward_op_gives_the_activation_gradient_as_grad_residual(name, traini
 def test_channel_at_a_time_plan_matches_torch(name, batch, channels, size):
     x = torch.randn(batch, channels, size, size) * 2 + 0.5
     assert goes_channel_at_a_time(x, "batch_norm_relu_forward")
+    # The backward too for Hardswish (SiLU and GELU write dz once and take two passes).
+    assert goes_channel_at_a_time(x, "batch_norm_relu_backward")
     w = (torch.rand(channels) * 3).requires_grad_()
     b = torch.randn(channels, requires_grad=True)
     xg = x.clone().requires_grad_()
@@ -293,3 +295,28 @@ def test_torch_func_transforms_match_torch(name):
     torch.testing.assert_close(
         jacfwd(jacrev(ours))(small, w, b), jacfwd(jacrev(torchs))(small, w, b)
     )
+
+
+@pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("batch,channels,size", [(8, 24, 7), (32, 24, 4)])
+def test_channel_at_a_time_backward_matches_the_two_pass_one(name, batch, channels, size):
+    """Asked for grad_residual too, the backward takes two passes (dz written, then read); else
+    Hardswish's goes a channel at a time (dz recomputed in each pass), and SiLU's and GELU's
+    take the same two passes (their dz costs an exp or erf: written once). The sums are the
+    same, bitwise; the input gradient to an ulp of dz (times w * invstd) where a run's scalar
+    tail and the vector body evaluate the derivative differently."""
+    x = torch.randn(batch, channels, size, size) * 2 + 0.5
+    w, b = torch.rand(channels) * 3, torch.randn(channels)
+    forward = ops.batch_norm_relu_forward(
+        x, w, b, None, None, None, None, True, 0.1, 1e-5, *PLAIN, name
+    )
+    out, mean, invstd = forward
+    grad = torch.randn_like(out)
+
+    def backward(mask):
+        args = (grad, out, x, w, None, None, mean, invstd, True, 1e-5, mask)
+        return ops.batch_norm_relu_backward(*args, *PLAIN, name, b)
+
+    at_a_time, two_pass = backward([True] * 3 + [False]), backward([True] * 4)
+    torch.testing.assert_close(at_a_time[0], two_pass[0], rtol=1e-6, atol=1e-6)
+    assert torch.equal(at_a_time[1], two_pass[1]) and torch.equal(at_a_time[2], two_pass[2])
