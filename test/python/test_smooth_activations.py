@@ -88,6 +88,32 @@ def test_parity_with_torch_bn_then_activation(name, dim, layout, dtype_name, tra
 
 
 @pytest.mark.parametrize("name", SMOOTH)
+@pytest.mark.parametrize("running_stats,momentum", [(False, 0.1), (True, None)])
+def test_parity_without_running_stats_and_with_cumulative_momentum(name, running_stats, momentum):
+    """Training without running stats (batch statistics only), and momentum=None (the running
+    stats a cumulative average over num_batches_tracked), against torch in float64."""
+    sample = make_sample(
+        SHAPES[4], "float32", "channels_last", running_stats=running_stats, momentum=momentum
+    )
+    ours = sample.clone(requires_grad=True)
+    out = ops.batch_norm_relu(*ours.args(), None, *PLAIN, name)
+    reference = sample.clone()
+    reference_batch_norm(reference)
+    if running_stats:
+        torch.testing.assert_close(ours.running_mean, reference.running_mean)
+        torch.testing.assert_close(ours.running_var, reference.running_var)
+        assert torch.equal(ours.num_batches_tracked, reference.num_batches_tracked)
+    wide = widened(sample)
+    expected = SMOOTH[name](reference_batch_norm(wide))
+    torch.testing.assert_close(out, expected.float())
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad.double())
+    torch.testing.assert_close(ours.input.grad, wide.input.grad.float())
+    torch.testing.assert_close(ours.weight.grad, wide.weight.grad.float(), rtol=4e-5, atol=4e-5)
+
+
+@pytest.mark.parametrize("name", SMOOTH)
 @pytest.mark.parametrize("training", [True, False])
 def test_backward_op_gives_the_activation_gradient_as_grad_residual(name, training):
     """dz (the fourth result) is torch's backward of the activation at the pre-activation."""
