@@ -111,15 +111,15 @@ void reduce_grad_activation(const at::Tensor& grad_output, const at::Tensor& out
       const std::array<const opmath_t<scalar_t>*, 3> p{
           stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
       if (grad_masked.defined()) {
-        reduce_channels<2, 2, 3, 1>(dy_x, p, plan, smooth_activation_grad_sums_and_dz(f), sums,
-                                    grad_masked.mutable_data_ptr<scalar_t>());
+        reduce_channels<2, 2, 3, 1>(dy_x, p, plan, smooth_activation_grad_sums_and_dz<scalar_t>(f),
+                                    sums, grad_masked.mutable_data_ptr<scalar_t>());
       } else {
         reduce_channels<2, 2, 3, 0>(dy_x, p, plan, smooth_activation_grad_sums(f), sums);
       }
     } else if (grad_masked.defined()) {
       // dz is rounded to scalar_t as torch's activation backward rounds its result.
       reduce_channels<3, 2, 1, 1>(in, {stat_ptr<scalar_t>(mean)}, plan,
-                                  activation_grad_sums_and_dz(f), sums,
+                                  activation_grad_sums_and_dz<scalar_t>(f), sums,
                                   grad_masked.mutable_data_ptr<scalar_t>());
     } else {
       reduce_channels<3, 2, 1, 0>(in, {stat_ptr<scalar_t>(mean)}, plan, activation_grad_sums(f),

@@ -108,17 +108,19 @@ auto activation_grad_sums(const ActivationFunction<T>& f) {
     return std::array{dz, dz * (v[2] - p[0])};
   };
 }
-template <typename T>
+// dz is rounded to scalar_t first, as written: the input-gradient pass reads it back, and
+// its sums must be of the same values (or their cancellation fails, as torch's does not).
+template <typename scalar_t, typename T>
 auto activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
   return [f](const auto& v, const auto& p) {
-    const auto dz = activation_grad(v[0], v[1], f);
+    const auto dz = rounded_to<scalar_t>(activation_grad(v[0], v[1], f));
     return std::array{dz, dz * (v[2] - p[0]), dz};
   };
 }
 
 // A smooth activation's gradient sums, v = (dy, x), p = (mean, alpha, bias): dz is dy times
 // the activation's derivative at the pre-activation, recomputed; the last also yields dz to
-// emit.
+// emit, rounded as activation_grad_sums_and_dz rounds it.
 template <typename T>
 auto smooth_activation_grad_sums(const ActivationFunction<T>& f) {
   return [kind = f.kind](const auto& v, const auto& p) {
@@ -126,10 +128,11 @@ auto smooth_activation_grad_sums(const ActivationFunction<T>& f) {
     return std::array{dz, dz * (v[1] - p[0])};
   };
 }
-template <typename T>
+template <typename scalar_t, typename T>
 auto smooth_activation_grad_sums_and_dz(const ActivationFunction<T>& f) {
   return [kind = f.kind](const auto& v, const auto& p) {
-    const auto dz = activation_grad_at(v[0], normalize(v[1], p[0], p[1], p[2]), kind);
+    const auto dz =
+        rounded_to<scalar_t>(activation_grad_at(v[0], normalize(v[1], p[0], p[1], p[2]), kind));
     return std::array{dz, dz * (v[1] - p[0]), dz};
   };
 }

@@ -52,6 +52,21 @@ inline void store_vec(scalar_t* p, const Vectorized<opmath_t<scalar_t>>& v,
   }
 }
 
+// v rounded to scalar_t and back, for scalars and vectors of opmath_t<scalar_t>: the value a
+// result emitted in scalar_t holds, so that a pass that sums what it also emits sums what
+// the next pass reads back.
+template <typename scalar_t, typename T>
+inline T rounded_to(const T& v) {
+  if constexpr (!at::vec::is_reduced_floating_point_v<scalar_t>) {
+    return v;
+  } else if constexpr (std::is_arithmetic_v<T>) {
+    return static_cast<T>(static_cast<scalar_t>(v));
+  } else {
+    return std::get<0>(
+        at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
+  }
+}
+
 // A non-temporal store of one full vector to an address aligned to its size: the line is
 // written without being read first and without displacing cached data. Where the instruction
 // set has none, stream_vec returns false and the caller stores normally.

@@ -243,3 +243,47 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
         assert torch.equal(our_residual.grad, masked), "grad residual is the masked grad"
     assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
     assert_param_grads_close(ours, exact, same, dtype)
+
+
+SMOOTH = {
+    "silu": torch.nn.functional.silu,
+    "hardswish": torch.nn.functional.hardswish,
+    "gelu": torch.nn.functional.gelu,
+}
+
+
+@given(samples(), st.sampled_from(sorted(SMOOTH)))
+def test_randomized_fused_smooth_activation_parity_with_torch(sample, name):
+    """batch_norm_relu with a smooth activation on the same draws, against torch's batch norm
+    then that activation: output, running stats and gradients."""
+    note(f"{sample!r}, eps={sample.eps}, activation={name}")
+    arguments = (None, 0.0, None, 0.0, name)  # no residual, the smooth activation
+    values_per_channel = sample.input.numel() // sample.input.shape[1]
+    if sample.training and values_per_channel == 1:
+        before = sample.clone()
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            ops.batch_norm_relu(*sample.args(), *arguments)
+        for field in ("running_mean", "running_var", "num_batches_tracked"):
+            if getattr(before, field) is not None:
+                assert torch.equal(getattr(before, field), getattr(sample, field))
+        return
+
+    dtype = sample.input.dtype
+    ours = sample.clone(requires_grad=True)
+    exact, same = reference_sample(sample, torch.float64), reference_sample(sample, None)
+    out = ops.batch_norm_relu(*ours.args(), *arguments)
+    out_exact = SMOOTH[name](reference_batch_norm(exact))
+    out_same = SMOOTH[name](reference_batch_norm(same))
+    assert_close(out, out_exact, out_same, dtype, "output")
+    for field in ("running_mean", "running_var"):
+        if getattr(ours, field) is not None:
+            assert_close(
+                getattr(ours, field), getattr(exact, field), getattr(same, field), dtype, field
+            )
+
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_exact.backward(grad.double())
+    out_same.backward(grad.contiguous())
+    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
+    assert_param_grads_close(ours, exact, same, dtype)

@@ -147,8 +147,13 @@ struct GradAccumulator {
     } else if (output != nullptr) {
       dy = activation_grad(dy, static_cast<acc_t>(simt::load(output + offset)), act);
     }
-    // Rounded to scalar_t as torch's activation backward rounds its result.
-    if (grad_masked != nullptr) simt::store(grad_masked + offset, static_cast<scalar_t>(dy));
+    // Rounded to scalar_t as torch's activation backward rounds its result, and summed so:
+    // the input-gradient pass reads it back, and its sums must be of the same values.
+    if (grad_masked != nullptr) {
+      const scalar_t rounded = static_cast<scalar_t>(dy);
+      simt::store(grad_masked + offset, rounded);
+      dy = static_cast<acc_t>(rounded);
+    }
     s.sum_dy += dy;
     s.sum_dy_xmu += dy * (xv - m);
   }
