@@ -76,9 +76,9 @@ def step_peak_bytes(step) -> int:
     return (_status_kb("VmHWM") - before) * 1024
 
 
-def saved_bytes(forward, parameters) -> int:
-    """Bytes of the distinct storages autograd saves for the backward of forward(), but
-    those of `parameters`."""
+def _saved_storages(forward, parameters, mode=None) -> dict[int, int]:
+    """{data pointer: bytes} of the distinct storages autograd saves for the backward of
+    forward() (run under `mode`), but those of `parameters`."""
     excluded = {p.untyped_storage().data_ptr() for p in parameters}
     storages = {}
 
@@ -88,10 +88,19 @@ def saved_bytes(forward, parameters) -> int:
             storages[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        mode or contextlib.nullcontext(),
+    ):
         result = forward()
     del result
-    return sum(storages.values())
+    return storages
+
+
+def saved_bytes(forward, parameters) -> int:
+    """Bytes of the distinct storages autograd saves for the backward of forward(), but
+    those of `parameters`."""
+    return sum(_saved_storages(forward, parameters).values())
 
 
 class _BatchNormInputs(TorchDispatchMode):
@@ -129,23 +138,15 @@ def _clipped_share(output, call) -> float:
 
 
 def in_place_bounds(forward, parameters) -> dict:
-    """saved_bytes of forward() with the in-place floor and exact bounds (module docstring)."""
-    excluded = {p.untyped_storage().data_ptr() for p in parameters}
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _BatchNormInputs() as bn:
-        result = forward()
-    del result
+    """saved_bytes of forward() ("saved") with the in-place floor and exact bounds (module
+    docstring)."""
+    bn = _BatchNormInputs()
+    storages = _saved_storages(forward, parameters, bn)
     saved = sum(storages.values())
     inputs = [(nbytes, kept) for ptr, (nbytes, kept) in bn.inputs.items() if ptr in storages]
     dropped = sum(nbytes for nbytes, _ in inputs)
     return {
+        "saved": saved,
         "floor": saved - dropped,
         "exact": saved - dropped + sum(nbytes * kept for nbytes, kept in inputs),
     }
@@ -191,13 +192,14 @@ def measure_one(config, variant: str) -> dict:
     x, target = make_inputs(batch, px, layout)
     train = make_trainer(model, dtype)
     train(x, target)  # warm: the optimizer's state, the allocator's pools
-    saved = saved_bytes(lambda: training_loss(model, x, target, dtype), model.parameters())
-    # The median of three steps: one step's peak moves with what glibc kept from the last.
-    peak = statistics.median(step_peak_bytes(lambda: train(x, target)) for _ in range(3))
-    result = {"saved": saved, "peak": peak}
+    forward = lambda: training_loss(model, x, target, dtype)  # noqa: E731
+    # The fused variant's step also gives the in-place bounds (one forward for both).
     if variant == "fused":
-        forward = lambda: training_loss(model, x, target, dtype)  # noqa: E731
-        result.update(in_place_bounds(forward, model.parameters()))
+        result = in_place_bounds(forward, model.parameters())
+    else:
+        result = {"saved": saved_bytes(forward, model.parameters())}
+    # The median of three steps: one step's peak moves with what glibc kept from the last.
+    result["peak"] = statistics.median(step_peak_bytes(lambda: train(x, target)) for _ in range(3))
     return result
 
 

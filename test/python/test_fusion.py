@@ -12,6 +12,17 @@ from custom_bn.fusion import fused_batch_norms
 from torch import nn
 
 
+def _assert_same_in_both_modes(model: nn.Module, fused: nn.Module, x: torch.Tensor) -> None:
+    """fused(x) is model(x) in training and in eval, with the same random draws (dropout,
+    drop-path)."""
+    for training in (True, False):
+        model.train(training), fused.train(training)
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-9, atol=1e-11)
+
+
 def _fused_calls(model: nn.Module) -> int:
     return len(fused_batch_norms(model))
 
@@ -204,13 +215,7 @@ def test_mobilenet_with_dropout_fuses_keeping_its_class_modes_and_input():
         assert torch.equal(value, before[key]), key
     assert _fused_calls(model) == 0
     assert not any("forward" in m.__dict__ for m in model.modules())
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    for training in (True, False):
-        model.train(training), fused.train(training)
-        torch.manual_seed(1)
-        expected = model(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(fused(x), expected, rtol=1e-9, atol=1e-11)
+    _assert_same_in_both_modes(model, fused, torch.randn(2, 3, 32, 32, dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -265,7 +270,8 @@ def test_smooth_activations_fuse_without_a_residual_only(activation):
     model = Block().double()
     reference = copy.deepcopy(model)
     fused = custom_bn.fuse_batchnorm_relu(model)
-    assert _fused_calls(fused) == 1
+    assert type(fused) is Block and fused is not model and _fused_calls(fused) == 1
+    assert _fused_calls(model) == 0  # the input model's forward is untouched
     for training in (True, False):
         reference.train(training), fused.train(training)
         x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 3
@@ -274,6 +280,9 @@ def test_smooth_activations_fuse_without_a_residual_only(activation):
 
 
 SWEEP = ["densenet121", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5", "vgg11_bn"]
+# BN -> SiLU (EfficientNet) and BN -> Hardswish (MobileNetV3), with stochastic depth and
+# dropout, which read self.training.
+SWEEP += ["efficientnet_b0", "mobilenet_v3_small"]
 
 
 @pytest.mark.parametrize("name", SWEEP)
@@ -283,13 +292,7 @@ def test_torchvision_models_fuse_exactly_in_both_modes(name):
     reference = copy.deepcopy(model)
     fused = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(model))
     assert type(fused) is type(reference) and _fused_calls(fused) > 0
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    for training in (True, False):
-        reference.train(training), fused.train(training)
-        torch.manual_seed(1)
-        expected = reference(x)
-        torch.manual_seed(1)
-        torch.testing.assert_close(fused(x), expected, rtol=1e-9, atol=1e-11)
+    _assert_same_in_both_modes(reference, fused, torch.randn(2, 3, 64, 64, dtype=torch.float64))
 
 
 def test_tracing_leaves_the_input_models_buffers_as_they_were():
