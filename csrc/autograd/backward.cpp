@@ -67,6 +67,18 @@ variable_list BatchNormDoubleBackward::apply(variable_list&& grads) {
 // The results of a backward op; batch_norm_backward's leave the fourth undefined.
 using BackwardResult = std::array<at::Tensor, 4>;
 
+// What the formulas take as constants must not ask for gradients: torch's error, never a
+// silent zero (the statistics are recomputed from input; the activation's derivative has
+// none).
+void check_statistics_ask_no_grad(const char* op, const std::optional<at::Tensor>& running_mean,
+                                  const std::optional<at::Tensor>& running_var,
+                                  const at::Tensor& save_mean, const at::Tensor& save_invstd) {
+  torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
+  torch::autograd::check_no_requires_grad(running_var, "running_var", op);
+  torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
+  torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", op);
+}
+
 // Runs `below` (the backward op below autograd) with autograd around it. act_output is
 // undefined for batch_norm_backward.
 template <typename Below>
@@ -74,13 +86,7 @@ BackwardResult backward_with_autograd(const char* op, const at::Tensor& grad_out
                                       const at::Tensor& act_output, const Activation& act,
                                       const at::Tensor& input, CUSTOM_BN_BACKWARD_STATS_PARAMS,
                                       std::array<bool, 3> batch_norm_mask, const Below& below) {
-  // What the formula takes as constants must not ask for gradients: torch's error, never a
-  // silent zero (the statistics are recomputed from input; the activation's derivative has
-  // none).
-  torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
-  torch::autograd::check_no_requires_grad(running_var, "running_var", op);
-  torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
-  torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", op);
+  check_statistics_ask_no_grad(op, running_mean, running_var, save_mean, save_invstd);
   std::shared_ptr<BatchNormDoubleBackward> node;
   if (torch::autograd::compute_requires_grad(grad_output, input, weight)) {
     node.reset(new BatchNormDoubleBackward(), torch::autograd::deleteNode);
@@ -169,10 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
         has_tangent(grad_output) || has_tangent(input) || has_tangent(weight) ||
         has_tangent(bias) || has_tangent(running_mean) || has_tangent(running_var);
     if (differentiated) {
-      torch::autograd::check_no_requires_grad(running_mean, "running_mean", op);
-      torch::autograd::check_no_requires_grad(running_var, "running_var", op);
-      torch::autograd::check_no_requires_grad(save_mean, "save_mean", op);
-      torch::autograd::check_no_requires_grad(save_invstd, "save_invstd", op);
+      check_statistics_ask_no_grad(op, running_mean, running_var, save_mean, save_invstd);
       // Checked as the kernels check, before the formula runs.
       check_batch_norm_backward(grad_output, input, weight, running_mean, running_var, save_mean,
                                 save_invstd, training, op, output, bias);
