@@ -90,6 +90,27 @@ at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS)
   return handle.call(grad_output, input, mean, invstd, weight, sum_dy, sum_dy_xmu, count);
 }
 
+at::Tensor& batch_norm_relu_(CUSTOM_BN_BATCH_NORM_RELU_INPLACE_PARAMS) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_);
+  return handle.call(input, weight, bias, running_mean, running_var, training, momentum, eps,
+                     num_batches_tracked, residual, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_(
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_forward_);
+  return handle.call(input, weight, bias, running_mean, running_var, num_batches_tracked, residual,
+                     training, momentum, eps, CUSTOM_BN_INPLACE_ACTIVATION_ARGS, keep_input);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_inplace_backward(
+    CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_inplace_backward);
+  return handle.call(grad_output, output, kept_input, weight, bias, residual, running_mean,
+                     running_var, save_mean, save_invstd, training, eps, output_mask,
+                     CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+}
+
 #undef CUSTOM_BN_OP_HANDLE
 
 }  // namespace custom_bn

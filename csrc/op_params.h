@@ -65,6 +65,34 @@
   CUSTOM_BN_BACKWARD_STATS_PARAMS, std::array<bool, 4> output_mask, CUSTOM_BN_ACTIVATION_PARAMS, \
   const std::optional<at::Tensor>& bias
 
+// In place: only the piecewise-linear activations, which the output inverts.
+#define CUSTOM_BN_INPLACE_ACTIVATION_PARAMS \
+  double min_val, std::optional<double> max_val, double negative_slope
+#define CUSTOM_BN_INPLACE_ACTIVATION_ARGS min_val, max_val, negative_slope
+
+#define CUSTOM_BN_BATCH_NORM_RELU_INPLACE_PARAMS \
+  at::Tensor& input, const std::optional<at::Tensor>& weight, \
+  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean, \
+  const std::optional<at::Tensor>& running_var, bool training, std::optional<double> momentum, \
+  double eps, const std::optional<at::Tensor>& num_batches_tracked, \
+  const std::optional<at::Tensor>& residual, CUSTOM_BN_INPLACE_ACTIVATION_PARAMS
+
+#define CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS \
+  at::Tensor& input, const std::optional<at::Tensor>& weight, \
+  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean, \
+  const std::optional<at::Tensor>& running_var, \
+  const std::optional<at::Tensor>& num_batches_tracked, \
+  const std::optional<at::Tensor>& residual, bool training, std::optional<double> momentum, \
+  double eps, CUSTOM_BN_INPLACE_ACTIVATION_PARAMS, bool keep_input
+
+#define CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS \
+  const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& kept_input, \
+  const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, \
+  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean, \
+  const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean, \
+  const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask, \
+  CUSTOM_BN_INPLACE_ACTIVATION_PARAMS
+
 #define CUSTOM_BN_BATCH_NORM_STATS_PARAMS const at::Tensor& input
 
 #define CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS \
@@ -111,6 +139,10 @@ CUSTOM_BN_CHECK_PARAMS(batch_norm_backward, CUSTOM_BN_BATCH_NORM_BACKWARD_PARAMS
 CUSTOM_BN_CHECK_PARAMS(batch_norm_relu, CUSTOM_BN_BATCH_NORM_RELU_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_forward, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_backward, CUSTOM_BN_BATCH_NORM_RELU_BACKWARD_PARAMS);
+CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_, CUSTOM_BN_BATCH_NORM_RELU_INPLACE_PARAMS);
+CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_forward_, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS);
+CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_inplace_backward,
+                       CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_stats, CUSTOM_BN_BATCH_NORM_STATS_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_gather_stats_with_counts,
                        CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS);

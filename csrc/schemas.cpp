@@ -49,6 +49,30 @@ TORCH_LIBRARY(custom_bn, m) {
       "float negative_slope=0., str activation='piecewise_linear', Tensor? bias=None) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, "
       "Tensor grad_residual)");
+  // In place (in-place activated batch norm): batch_norm_relu with a piecewise-linear activation
+  // whose output is written over its input. For the backward it keeps the output (the input,
+  // now), the residual and, as kept_input, the input values the output cannot give back: where
+  // the activation clipped, and where recovering the normalized input from the output loses
+  // precision (csrc/composite/inplace.cpp states the rule). batch_norm_relu_ returns input,
+  // as ATen's in-place ops return self; its stage ops return only new tensors, so that
+  // torch.compile's functionalization can take them.
+  m.def(
+      "batch_norm_relu_(Tensor(a!) input, Tensor? weight, Tensor? bias, "
+      "Tensor(b!)? running_mean, Tensor(c!)? running_var, bool training, float? momentum, "
+      "float eps, Tensor(d!)? num_batches_tracked=None, Tensor? residual=None, float min_val=0., "
+      "float? max_val=None, float negative_slope=0.) -> Tensor(a!)");
+  m.def(
+      "batch_norm_relu_forward_(Tensor(a!) input, Tensor? weight, Tensor? bias, "
+      "Tensor(b!)? running_mean, Tensor(c!)? running_var, Tensor(d!)? num_batches_tracked, "
+      "Tensor? residual, bool training, float? momentum, float eps, float min_val=0., "
+      "float? max_val=None, float negative_slope=0., bool keep_input=True) "
+      "-> (Tensor save_mean, Tensor save_invstd, Tensor kept_input)");
+  m.def(
+      "batch_norm_relu_inplace_backward(Tensor grad_output, Tensor output, Tensor kept_input, "
+      "Tensor? weight, Tensor? bias, Tensor? residual, Tensor? running_mean, "
+      "Tensor? running_var, Tensor save_mean, Tensor save_invstd, bool training, float eps, "
+      "bool[4] output_mask, float min_val=0., float? max_val=None, float negative_slope=0.) "
+      "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   m.def("batch_norm_stats(Tensor input) -> (Tensor count, Tensor mean, Tensor m2)");
   m.def(
       "batch_norm_gather_stats_with_counts(Tensor mean, Tensor m2, Tensor counts, "

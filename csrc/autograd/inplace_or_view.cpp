@@ -43,6 +43,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_inplace_o
   return result;
 }
 
+// In-place activated batch norm writes its input, always.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> in_place_forward_inplace_or_view(
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
+  auto result = [&] {
+    at::AutoDispatchBelowADInplaceOrView below;
+    return batch_norm_relu_forward_(input, weight, bias, running_mean, running_var,
+                                    num_batches_tracked, residual, training, momentum, eps,
+                                    CUSTOM_BN_INPLACE_ACTIVATION_ARGS, keep_input);
+  }();
+  torch::autograd::impl::bump_version(input);
+  if (training && has(running_mean)) {
+    bump_versions({&running_mean, &running_var, &num_batches_tracked});
+  }
+  return result;
+}
+
 std::tuple<at::Tensor, at::Tensor> gather_stats_inplace_or_view(
     CUSTOM_BN_BATCH_NORM_GATHER_STATS_WITH_COUNTS_PARAMS) {
   auto result = [&] {
@@ -59,6 +75,7 @@ std::tuple<at::Tensor, at::Tensor> gather_stats_inplace_or_view(
 TORCH_LIBRARY_IMPL(custom_bn, ADInplaceOrView, m) {
   m.impl("batch_norm_forward", TORCH_FN(batch_norm_forward_inplace_or_view));
   m.impl("batch_norm_relu_forward", TORCH_FN(batch_norm_relu_forward_inplace_or_view));
+  m.impl("batch_norm_relu_forward_", TORCH_FN(in_place_forward_inplace_or_view));
   m.impl("batch_norm_gather_stats_with_counts", TORCH_FN(gather_stats_inplace_or_view));
 }
 

@@ -2,6 +2,7 @@
 // and strides, with symbolic sizes so torch.compile can trace with dynamic shapes.
 #include "backends.h"
 #include "checks.h"
+#include "inplace.h"
 #include "layout.h"
 
 #include <ATen/ops/empty.h>
@@ -119,6 +120,43 @@ at::Tensor batch_norm_backward_elemt(CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS)
   return empty_gradient(input);
 }
 
-TORCH_LIBRARY_IMPL(custom_bn, Meta, m) { CUSTOM_BN_REGISTER_BACKEND_OPS(m); }
+// The number of kept input values depends on the data, which meta tensors do not have: with
+// keep_input this kernel refuses, as ATen's nonzero does on meta. FakeTensors (torch.compile,
+// torch.export) give it a size of its own through the Python package's fake kernel, which
+// `import custom_bn` registers over this one (integrations/fake.py).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_(
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_forward_";
+  checked_inplace_activation(op, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+  check_batch_norm_relu_forward_inplace(op, input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, residual, training, momentum);
+  TORCH_CHECK_NOT_IMPLEMENTED(!keep_input, op,
+                              ": with keep_input, the size of kept_input depends on the data, "
+                              "which meta tensors do not have (FakeTensors can give it one: "
+                              "import custom_bn)");
+  const at::ScalarType dtype = stat_dtype(input.scalar_type());
+  const c10::SymInt stat_size = training ? input.sym_size(1) : c10::SymInt(0);
+  return {empty_stat(input, stat_size, dtype), empty_stat(input, stat_size, dtype),
+          at::empty({0}, input.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_inplace_backward(
+    CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_inplace_backward";
+  checked_inplace_activation(op, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+  check_batch_norm_relu_inplace_backward(op, grad_output, output, kept_input, weight, bias,
+                                         residual, running_mean, running_var, save_mean,
+                                         save_invstd, training);
+  return {output_mask[0] ? empty_gradient(output) : at::Tensor(),
+          output_mask[1] && has(weight) ? empty_param_grad(output, weight) : at::Tensor(),
+          output_mask[2] ? empty_param_grad(output, weight) : at::Tensor(),
+          output_mask[3] ? empty_gradient(output) : at::Tensor()};
+}
+
+TORCH_LIBRARY_IMPL(custom_bn, Meta, m) {
+  CUSTOM_BN_REGISTER_BACKEND_OPS(m);
+  m.impl("batch_norm_relu_forward_", TORCH_FN(meta::batch_norm_relu_forward_));
+  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(meta::batch_norm_relu_inplace_backward));
+}
 
 }  // namespace custom_bn::meta

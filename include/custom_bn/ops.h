@@ -91,6 +91,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_backw
     double min_val, std::optional<double> max_val, double negative_slope,
     c10::string_view activation, const std::optional<at::Tensor>& bias);
 
+// In-place activated batch norm: batch_norm_relu with a piecewise-linear activation whose
+// output overwrites input; returns input. The activation is one that the output inverts where
+// its gradient is not zero: identity, ReLU, ReLU6/hardtanh (negative_slope 0) or
+// LeakyReLU(s > 0) (min_val 0). In training it keeps for the backward the output, the residual
+// and the input values the output cannot give back (csrc/composite/inplace.cpp), not the
+// input. input must be writable: no internal overlap, and, for autograd, not a leaf that
+// requires grad nor a tensor whose value autograd still needs (torch's errors).
+at::Tensor& batch_norm_relu_(at::Tensor& input, const std::optional<at::Tensor>& weight,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& running_mean,
+                             const std::optional<at::Tensor>& running_var, bool training,
+                             std::optional<double> momentum, double eps,
+                             const std::optional<at::Tensor>& num_batches_tracked = std::nullopt,
+                             const std::optional<at::Tensor>& residual = std::nullopt,
+                             double min_val = 0.0, std::optional<double> max_val = std::nullopt,
+                             double negative_slope = 0.0);
+
+// batch_norm_relu_'s forward: writes the output over input and returns (save_mean, save_invstd,
+// kept_input), kept_input the input values its backward needs (with keep_input; else empty).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_forward_(
+    at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps, double min_val,
+    std::optional<double> max_val, double negative_slope, bool keep_input);
+
+// batch_norm_relu_'s backward from its output (and residual) and kept_input, as
+// batch_norm_relu_backward computes it from the input: (grad_input, grad_weight, grad_bias,
+// grad_residual), a gradient masked out undefined. bias and residual are the forward's.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_inplace_backward(
+    const at::Tensor& grad_output, const at::Tensor& output, const at::Tensor& kept_input,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, double eps, std::array<bool, 4> output_mask,
+    double min_val, std::optional<double> max_val, double negative_slope);
+
 // Stage ops, for statistics that span processes (SyncBatchNorm). Statistics are float32
 // (float64 for float64 input).
 

@@ -22,6 +22,8 @@ class Role(enum.Enum):
     PER_CHANNEL = "per-channel"
     COUNTER = "counter"
     FLAG = "flag"
+    # In-place batch norm's kept input values: a flat tensor of any length.
+    FLAT = "flat"
 
 
 _ROLES = {
@@ -44,6 +46,7 @@ _ROLES = {
         "grad_bias",
     ),
     Role.COUNTER: ("num_batches_tracked",),
+    Role.FLAT: ("kept_input",),
 }
 _ROLE_OF_NAME = {name: role for role, names in _ROLES.items() for name in names}
 

@@ -191,6 +191,18 @@ def batch_norm_relu_forward(**arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
     return _forward(**arguments, relu=True)
 
 
+def batch_norm_relu_forward_(keep_input: bool, **arguments: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """In place: batch_norm_relu_forward's output written over the input. kept_input is the
+    whole input, in order, which the backward op reads as such (it has the output's number of
+    elements); the kernels keep only the values their backward cannot recover (a number that
+    depends on the data, which a compiler's graph would have to carry as a symbol)."""
+    input = arguments["input"]
+    out, mean, invstd = _forward(**arguments, relu=True)
+    kept = input.reshape(-1).clone() if keep_input else input.new_empty((0,))
+    input.copy_(out)
+    return mean, invstd, kept
+
+
 def batch_norm(**arguments: Any) -> Tensor:
     return _forward(**arguments, relu=False)[0]
 

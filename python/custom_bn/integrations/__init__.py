@@ -12,7 +12,7 @@ import importlib
 from .hooks import install_or_warn
 
 # Installed by `import custom_bn`, in this order; each is independent of the others.
-INSTALLED = ("vmap", "inductor", "fx", "quantization", "onnx_torchscript")
+INSTALLED = ("vmap", "inductor", "fx", "quantization", "onnx_torchscript", "fake")
 
 # {name: whether it is on}, as the last install() left it.
 status: dict[str, bool] = {}

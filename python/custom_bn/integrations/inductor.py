@@ -48,12 +48,13 @@ DECOMPOSED = (
     "batch_norm_eval",
     "batch_norm_forward",
     "batch_norm_relu_forward",
+    "batch_norm_relu_forward_",
     "batch_norm_backward",
     "batch_norm_relu_backward",
 )
 
-# Our ops that mutate the running stats.
-_MUTATING = ("batch_norm_forward", "batch_norm_relu_forward")
+# Our ops that mutate the running stats (and the in-place one its input).
+_MUTATING = ("batch_norm_forward", "batch_norm_relu_forward", "batch_norm_relu_forward_")
 
 
 def _op(name: str):

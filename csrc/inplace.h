@@ -1,0 +1,58 @@
+// In-place activated batch norm (batch_norm_relu_ and its stage ops): the checks every backend
+// runs and the one definition of what the backward recovers from the output, in ATen ops, so
+// that every backend computes it alike.
+//
+// The forward writes y = act(x_hat * weight + bias + residual) over x. Where the activation's
+// gradient is not zero, act inverts: z = act^-1(y), and x_hat = (z - bias - residual) / weight.
+// That recovery is exact to a few roundings of y where |weight| dominates |bias| + |residual|;
+// elsewhere, and where act clipped (its gradient is 0 there, but the input gradient of training
+// still reads x_hat), the forward keeps the input values, in order, as kept_input.
+#pragma once
+
+#include "activation.h"
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace custom_bn {
+
+// The activation of an in-place call (piecewise linear: the parameters of batch_norm_relu).
+Activation checked_inplace_activation(const char* op, double min_val, std::optional<double> max_val,
+                                      double negative_slope);
+
+// batch_norm_relu_forward_'s checks: batch_norm_relu_forward's, and an input that can be
+// written (no two elements at one address).
+void check_batch_norm_relu_forward_inplace(const char* op, const at::Tensor& input,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& running_mean,
+                                           const std::optional<at::Tensor>& running_var,
+                                           const std::optional<at::Tensor>& num_batches_tracked,
+                                           const std::optional<at::Tensor>& residual, bool training,
+                                           std::optional<double> momentum);
+
+// batch_norm_relu_inplace_backward's checks.
+void check_batch_norm_relu_inplace_backward(
+    const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+    const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training);
+
+// Where the backward cannot recover the input from the output (a bool tensor of output's
+// shape): where act clipped (output at a bound whose slope is 0), and where
+// |bias| + |residual| >= kRecoveryMargin * |weight| (also weight 0 and NaN).
+at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tensor>& weight,
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, const Activation& act);
+
+// x_hat at every position, in the statistics dtype: recovered from the output where
+// kept_positions is false, from kept_input (normalized with mean and invstd) where it is true.
+at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
+                            const at::Tensor& kept, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& residual, const at::Tensor& mean,
+                            const at::Tensor& invstd, const Activation& act);
+
+}  // namespace custom_bn
