@@ -2,13 +2,22 @@
 
 #include "channel_stats.h"
 #include "checks.h"
+#include "optional_tensor.h"
+
+#include <custom_bn/ops.h>
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/TensorOperators.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/ones_like.h>
 #include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 
+#include <algorithm>
 #include <cmath>
+#include <numeric>
 
 namespace custom_bn {
 namespace {
@@ -69,9 +78,10 @@ at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tens
                           const std::optional<at::Tensor>& residual, const Activation& act) {
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const int64_t dim = output.dim();
+  const at::Tensor y = output.to(dtype);
   // Clipped: at a bound where the activation is flat, as the backward's mask reads it.
-  at::Tensor kept = act.slope == 0.0 ? output <= act.lower : at::zeros_like(output, at::kBool);
-  if (!std::isnan(act.upper)) kept = kept | (output >= act.upper);
+  at::Tensor kept = act.slope == 0.0 ? y <= act.lower : at::zeros_like(y, at::kBool);
+  if (!std::isnan(act.upper)) kept = kept | (y >= act.upper);
   // Unsafe to recover; written as "not safe" so that NaN counts as unsafe.
   if (!has(bias) && !has(residual)) {
     if (has(weight)) kept = kept | per_channel(weight->eq(0), dim);
@@ -89,13 +99,45 @@ at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tens
   return kept | (scale > offset).logical_not();
 }
 
+std::vector<int64_t> memory_order(const at::Tensor& t) {
+  std::vector<int64_t> order(t.dim());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return t.stride(a) > t.stride(b); });
+  return order;
+}
+
+void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input,
+                      const at::Tensor& output) {
+  TORCH_CHECK(kept_input.numel() == kept || kept_input.numel() == output.numel(), op,
+              ": expected kept_input with the ", kept,
+              " values the forward kept (or all of the input's), but got ", kept_input.numel(),
+              " (the output or the residual changed after the forward?)");
+}
+
+namespace {
+
+at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& output,
+                                      const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual,
+                                      const Activation& act) {
+  const std::vector<int64_t> order = memory_order(input);
+  const at::Tensor kept_input = input.permute(order).masked_select(
+      kept_positions(output, weight, bias, residual, act).permute(order));
+  input.copy_(output);
+  return kept_input;
+}
+
 at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
-                            const at::Tensor& kept, const std::optional<at::Tensor>& weight,
+                            const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, const at::Tensor& mean,
                             const at::Tensor& invstd, const Activation& act) {
+  const char* op = "custom_bn::batch_norm_relu_inplace_backward";
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const int64_t dim = output.dim();
+  const at::Tensor kept = kept_positions(output, weight, bias, residual, act);
   const at::Tensor y = output.to(dtype);
   // act^-1 where its slope is not 0: the identity inside, lower + (y - lower) / slope below.
   at::Tensor z = y;
@@ -105,14 +147,90 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
   if (has(bias)) z = z - per_channel(bias->to(dtype), dim);
   if (has(residual)) z = z - residual->to(dtype);
   const at::Tensor recovered = has(weight) ? z / per_channel(weight->to(dtype), dim) : z;
-  // As many values as the output: every input value, in order (torch.compile's decomposition
-  // keeps them all, csrc/../python/custom_bn/reference.py); else those at the kept positions.
-  const at::Tensor input = kept_input.sym_numel() == output.sym_numel()
-                               ? kept_input.to(dtype).view_symint(output.sym_sizes())
-                               : at::zeros_like(y).masked_scatter_(kept, kept_input.to(dtype));
+  // The input in memory order: every value, or those at the kept positions.
+  const std::vector<int64_t> order = memory_order(output);
+  std::vector<int64_t> inverse(order.size());
+  for (size_t d = 0; d < order.size(); ++d) inverse[order[d]] = static_cast<int64_t>(d);
+  const at::Tensor kept_in_order = kept.permute(order);
+  at::Tensor input;
+  if (kept_input.numel() == output.numel()) {
+    input = kept_input.to(dtype).view(kept_in_order.sizes());
+  } else {
+    check_kept_count(op, kept.sum().item<int64_t>(), kept_input, output);
+    input = at::zeros(kept_in_order.sizes(), y.options())
+                .masked_scatter_(kept_in_order, kept_input.to(dtype));
+  }
+  input = input.permute(inverse);
   const at::Tensor from_input =
       (input - per_channel(mean.to(dtype), dim)) * per_channel(invstd.to(dtype), dim);
   return at::where(kept, from_input, recovered);
+}
+
+}  // namespace
+
+const InplaceSteps kGenericInplaceSteps{write_output_keeping_input, normalized_input};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
+    const InplaceSteps& steps, at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps, double min_val,
+    std::optional<double> max_val, double negative_slope, bool keep_input) {
+  const char* op = "custom_bn::batch_norm_relu_forward_";
+  const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
+  check_batch_norm_relu_forward_inplace(op, input, weight, bias, running_mean, running_var,
+                                        num_batches_tracked, residual, training, momentum);
+  const auto [output, save_mean, save_invstd] = batch_norm_relu_forward(
+      input, weight, bias, running_mean, running_var, num_batches_tracked, residual, training,
+      momentum, eps, min_val, max_val, negative_slope, "piecewise_linear");
+  at::Tensor kept_input;
+  if (keep_input) {
+    kept_input = steps.write_output_keeping_input(input, output, weight, bias, residual, act);
+  } else {
+    kept_input = at::empty({0}, input.options());
+    input.copy_(output);
+  }
+  return {save_mean, save_invstd, kept_input};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
+    const InplaceSteps& steps, const at::Tensor& grad_output, const at::Tensor& output,
+    const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    std::array<bool, 4> output_mask, double min_val, std::optional<double> max_val,
+    double negative_slope) {
+  const char* op = "custom_bn::batch_norm_relu_inplace_backward";
+  const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
+  check_batch_norm_relu_inplace_backward(op, grad_output, output, kept_input, weight, bias,
+                                         residual, running_mean, running_var, save_mean,
+                                         save_invstd, training);
+  const at::ScalarType dtype = stat_dtype(output.scalar_type());
+  const at::Tensor mean = training ? save_mean : running_mean->to(dtype);
+  const at::Tensor invstd = training ? save_invstd : (running_var->to(dtype) + eps).rsqrt();
+  const at::Tensor x_hat =
+      steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
+  // x_hat is batch_norm_relu_backward's input normalized by mean 0 and invstd 1, with the
+  // weight scaled by invstd: the same gradients, computed in the statistics dtype.
+  const at::Tensor scale = has(weight) ? weight->to(dtype) * invstd : invstd;
+  const at::Tensor zeros = at::zeros_like(invstd), ones = at::ones_like(invstd);
+  const at::Tensor no_stats = at::empty({0}, invstd.options());
+  const std::optional<at::Tensor> none;
+  const auto [grad_input, grad_scale, grad_bias, grad_residual] = batch_norm_relu_backward(
+      grad_output.to(dtype), output.to(dtype), x_hat, scale, training ? none : zeros,
+      training ? none : ones, training ? zeros : no_stats, training ? ones : no_stats, training,
+      training ? eps : 0.0, output_mask, min_val, max_val, negative_slope, "piecewise_linear",
+      none);
+  // grad_weight = sum(dz * x_hat) whatever the weight; the gradients in the forward's dtypes.
+  const at::ScalarType param_dtype = has(weight) ? weight->scalar_type() : output.scalar_type();
+  const auto in = [](const at::Tensor& t, at::ScalarType type) {
+    return t.defined() ? t.to(type) : t;
+  };
+  return {in(grad_input, output.scalar_type()),
+          has(weight) ? in(grad_scale, param_dtype) : at::Tensor(), in(grad_bias, param_dtype),
+          in(grad_residual, output.scalar_type())};
 }
 
 }  // namespace custom_bn

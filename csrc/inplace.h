@@ -13,7 +13,10 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace custom_bn {
 
@@ -42,17 +45,59 @@ void check_batch_norm_relu_inplace_backward(
 
 // Where the backward cannot recover the input from the output (a bool tensor of output's
 // shape): where act clipped (output at a bound whose slope is 0), and where
-// |bias| + |residual| >= kRecoveryMargin * |weight| (also weight 0 and NaN).
+// |bias| + |residual| >= kRecoveryMargin * |weight| (also weight 0 and NaN). Compared in the
+// statistics dtype, as the kernels compare.
 at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tensor>& weight,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& residual, const Activation& act);
 
-// x_hat at every position, in the statistics dtype: recovered from the output where
-// kept_positions is false, from kept_input (normalized with mean and invstd) where it is true.
-at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
-                            const at::Tensor& kept, const std::optional<at::Tensor>& weight,
-                            const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& residual, const at::Tensor& mean,
-                            const at::Tensor& invstd, const Activation& act);
+// The order kept_input holds its values in: the input's dims by decreasing stride (a stable
+// sort), which is memory order for a dense input, so that a kernel can walk memory.
+std::vector<int64_t> memory_order(const at::Tensor& t);
+
+// The two steps a backend may do its own way (the CPU kernels walk memory); these are
+// in the backends' own ops.
+struct InplaceSteps {
+  // Writes the output over the input and returns kept_input: the input values at
+  // kept_positions, in memory_order.
+  at::Tensor (*write_output_keeping_input)(at::Tensor& input, const at::Tensor& output,
+                                           const std::optional<at::Tensor>& weight,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& residual,
+                                           const Activation& act);
+  // x_hat at every position, in the statistics dtype and the output's layout: recovered from the
+  // output where kept_positions is false, from kept_input (normalized with mean and invstd)
+  // where it is true. A kept_input with as many values as the output holds every input value.
+  at::Tensor (*normalized_input)(const at::Tensor& output, const at::Tensor& kept_input,
+                                 const std::optional<at::Tensor>& weight,
+                                 const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, const at::Tensor& mean,
+                                 const at::Tensor& invstd, const Activation& act);
+};
+
+// The steps in ATen ops, for every backend.
+extern const InplaceSteps kGenericInplaceSteps;
+
+// The ops, with a backend's steps.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
+    const InplaceSteps& steps, at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    bool training, std::optional<double> momentum, double eps, double min_val,
+    std::optional<double> max_val, double negative_slope, bool keep_input);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
+    const InplaceSteps& steps, const at::Tensor& grad_output, const at::Tensor& output,
+    const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
+    std::array<bool, 4> output_mask, double min_val, std::optional<double> max_val,
+    double negative_slope);
+
+// The kept count a kept_input must have (its number of values, or all of them).
+void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input,
+                      const at::Tensor& output);
 
 }  // namespace custom_bn
