@@ -22,12 +22,6 @@
 namespace custom_bn {
 namespace {
 
-// Recovery divides by |weight|: y carries a rounding error of about ulp(y), and
-// |y| <= |x_hat * weight| + |bias| + |residual|, so the error of the recovered x_hat is about
-// ulp(1) * (|x_hat| + (|bias| + |residual|) / |weight|). Where the offset is below four weights,
-// that is a few roundings, as the input's own x_hat carries; beyond, the input is kept.
-constexpr double kRecoveryMargin = 4.0;
-
 // A per-channel tensor shaped to broadcast against an (N, C, *) tensor of `dim` dims.
 at::Tensor per_channel(const at::Tensor& t, int64_t dim) {
   c10::SymDimVector shape(dim, 1);

@@ -20,6 +20,13 @@
 
 namespace custom_bn {
 
+// Recovery divides by |weight|: y carries a rounding error of about ulp(y), and
+// |y| <= |x_hat * weight| + |bias| + |residual|, so the error of the recovered x_hat is about
+// ulp(1) * (|x_hat| + (|bias| + |residual|) / |weight|). Where the offset is below
+// kRecoveryMargin weights, that is a few roundings, as the input's own x_hat carries (tested
+// against float64 in every dtype); beyond, the input is kept.
+constexpr double kRecoveryMargin = 4.0;
+
 // The activation of an in-place call (piecewise linear: the parameters of batch_norm_relu).
 Activation checked_inplace_activation(const char* op, double min_val, std::optional<double> max_val,
                                       double negative_slope);
