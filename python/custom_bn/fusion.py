@@ -36,8 +36,10 @@ from torch import Tensor, fx, nn
 
 from . import modules
 from ._activation import (
+    IDENTITY,
     RELU,
     Activation,
+    activation_of,
     apply_activation,
     fused_activation,
     is_smooth,
@@ -50,6 +52,9 @@ _BATCHNORM_2D = (nn.BatchNorm2d, modules.BatchNorm2d)
 _RELU_FUNCTIONS = (torch.relu, torch.relu_, torch.nn.functional.relu)
 _RELU6_FUNCTIONS = (torch.nn.functional.relu6,)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+# Producers whose output the in-place form may overwrite: a new tensor their backward does not
+# read.
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -57,16 +62,37 @@ def _has_hooks(module: nn.Module) -> bool:
 
 
 def batch_norm_relu(
-    bn: nn.Module, input: Tensor, residual: Tensor | None = None, activation: Activation = RELU
+    bn: nn.Module,
+    input: Tensor,
+    residual: Tensor | None = None,
+    activation: Activation = RELU,
+    inplace: bool = False,
 ) -> Tensor:
     """act(bn(input) + residual): the fused op on `bn`'s state when `bn` is a plain
-    BatchNorm2d without hooks, else the three steps (the add only with a residual)."""
+    BatchNorm2d without hooks (with inplace, the in-place op, written over input), else the
+    three steps (the add only with a residual)."""
     if type(bn) in _BATCHNORM_2D and not _has_hooks(bn):
         bn._check_input_dim(input)
         arguments = batch_norm_arguments(bn)
+        if inplace:
+            return torch.ops.custom_bn.batch_norm_relu_(
+                input, *arguments, residual, *activation[:3]
+            )
         return torch.ops.custom_bn.batch_norm_relu(input, *arguments, residual, *activation)
     output = bn(input)
     return apply_activation(output if residual is None else output + residual, activation)
+
+
+def inplace_batch_norm_act(module: nn.Module, input: Tensor) -> Tensor:
+    """A fused module (BatchNormReLU2d) run in place on input when it is exactly one without
+    hooks, else called as it is."""
+    if type(module) is modules.BatchNormReLU2d and not _has_hooks(module):
+        module._check_input_dim(input)
+        arguments = batch_norm_arguments(module)
+        return torch.ops.custom_bn.batch_norm_relu_(
+            input, *arguments, None, *activation_of(module)[:3]
+        )
+    return module(input)
 
 
 class _ShallowTracer(fx.Tracer):
@@ -171,20 +197,66 @@ def _match(relu: fx.Node, owner: nn.Module):
     return None
 
 
-def _fuse_graph(graph: fx.Graph, owner: nn.Module) -> tuple[str, ...]:
+def _writable(node: object, owner: nn.Module) -> bool:
+    """Whether the in-place form may overwrite node's value: the output of a convolution child
+    without hooks, which nothing else reads."""
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_module"
+        and type(_child(node, owner)) in _CONVOLUTIONS
+        and not _has_hooks(_child(node, owner))
+        and len(node.users) == 1
+    )
+
+
+def _inplace_candidates(graph: fx.Graph, owner: nn.Module, matched: set) -> list[fx.Node]:
+    """Batch norm calls on a convolution's output that no activation chain took (in place, with
+    the identity), and fused modules (BatchNormReLU2d) with a piecewise-linear activation."""
+    found = []
+    for node in graph.nodes:
+        if node in matched or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        child = _child(node, owner)
+        if _has_hooks(child) or not _writable(node.args[0], owner):
+            continue
+        if type(child) in _BATCHNORM_2D:
+            found.append(node)
+        elif type(child) is modules.BatchNormReLU2d and not is_smooth(activation_of(child)):
+            found.append(node)
+    return found
+
+
+def _fuse_graph(graph: fx.Graph, owner: nn.Module, inplace: bool) -> tuple[str, ...]:
     """Rewrites the fusible chains of `graph` (a trace of `owner`); returns the batch norm
-    targets it fused, once per call."""
+    targets it fused, once per call. With inplace, those whose input a convolution wrote and
+    nothing else reads use the in-place op, and so do batch norms without an activation and
+    fused modules on such inputs."""
     matches = [m for m in (_match(node, owner) for node in graph.nodes) if m]
     for bn, removed, residual, activation in matches:
         relu = removed[0]
+        in_place = inplace and not is_smooth(activation) and _writable(bn.args[0], owner)
         with graph.inserting_before(relu):
             module = graph.get_attr(bn.target)
-            args = (module, bn.args[0], residual, activation)
+            args = (module, bn.args[0], residual, activation, in_place)
             fused = graph.call_function(batch_norm_relu, args)
         relu.replace_all_uses_with(fused)
         for node in (*removed, bn):
             graph.erase_node(node)
-    return tuple(bn.target for bn, *_ in matches)
+    targets = [bn.target for bn, *_ in matches]
+    if not inplace:
+        return tuple(targets)
+    for node in _inplace_candidates(graph, owner, {bn for bn, *_ in matches}):
+        with graph.inserting_before(node):
+            module = graph.get_attr(node.target)
+            if type(_child(node, owner)) in _BATCHNORM_2D:
+                args = (module, node.args[0], None, IDENTITY, True)
+                rewritten = graph.call_function(batch_norm_relu, args)
+            else:
+                rewritten = graph.call_function(inplace_batch_norm_act, (module, node.args[0]))
+        node.replace_all_uses_with(rewritten)
+        graph.erase_node(node)
+        targets.append(node.target)
+    return tuple(targets)
 
 
 def _trace(module: nn.Module, training: bool) -> fx.Graph:
@@ -211,7 +283,8 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
 
 
 class _Fuser:
-    def __init__(self):
+    def __init__(self, inplace: bool):
+        self.inplace = inplace
         self.mode_dependent: list[str] = []
 
     def fuse(self, module: nn.Module, path: str) -> nn.Module:
@@ -244,7 +317,7 @@ class _Fuser:
                 for name, value in state.items():
                     if not torch.equal(getattr(module, name), value):
                         getattr(module, name).copy_(value)
-        targets = _fuse_graph(graph, module)
+        targets = _fuse_graph(graph, module, self.inplace)
         if not targets:
             return module
         if not same_in_eval:
@@ -295,7 +368,7 @@ def fused_batch_norms(model: nn.Module) -> list[str]:
     ]
 
 
-def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
+def fuse_batchnorm_relu(model: nn.Module, inplace: bool = False) -> nn.Module:
     """A model that computes what `model` computes, in training and in eval, in which every
     BatchNorm2d (torch's or ours) followed by an activation the fused op applies (ReLU,
     ReLU6, Hardtanh, LeakyReLU with a slope >= 0, with or without a residual added in
@@ -312,8 +385,17 @@ def fuse_batchnorm_relu(model: nn.Module) -> nn.Module:
     forward (see the module docstring). `model` itself is not modified, also not by a later
     .train() or .eval() of the result. A model with nothing to fuse comes back
     as the same object. A module whose own code depends on the training mode is left as it is,
-    with a warning naming it."""
-    fuser = _Fuser()
+    with a warning naming it.
+
+    With `inplace=True`, each of these whose input is a convolution's output that nothing else
+    reads (torchvision's and timm's blocks: conv -> BN -> act) uses the in-place op
+    (torch.ops.custom_bn.batch_norm_relu_, in-place activated batch norm), which writes over
+    that output and keeps only its own output for the backward; so do batch norms on such an
+    input with no activation after them (the identity: the projection layers of MobileNetV2,
+    whose residual add keeps nothing) and fused modules (BatchNormReLU2d) with a piecewise-linear
+    activation. The values computed are the same (the gradients to a few roundings); the
+    activation memory a training step keeps is less by up to one tensor per batch norm."""
+    fuser = _Fuser(inplace)
     fused = fuser.fuse(model, "")
     if fused is not model:
         # Modules of its own, so that .train()/.eval() of the result leaves `model` as it is.

@@ -4,7 +4,7 @@ forward is one call of torch.ops.custom_bn.batch_norm."""
 import torch
 from torch import Tensor
 
-from ._activation import activation_repr, set_activation
+from ._activation import PIECEWISE_LINEAR, activation_repr, set_activation
 from ._state import BatchNormState
 from .integrations.torch_nn import BatchNormBase, NormBase
 
@@ -59,9 +59,14 @@ class _FusedActivation2d:
     max_val: float | None = None
     negative_slope: float = 0.0
     activation: str = "piecewise_linear"
+    inplace: bool = False
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + activation_repr(self)
+        return (
+            super().extra_repr()
+            + activation_repr(self)
+            + (", inplace=True" if self.inplace else "")
+        )
 
     def _check_input_dim(self, input):
         if input.dim() != 4:
@@ -75,6 +80,12 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
     unless the keywords say otherwise, as the op takes them: ReLU6 is `max_val=6`, Hardtanh(a,
     b) `min_val=a, max_val=b`, LeakyReLU(s) `negative_slope=s` (s >= 0), or a smooth one by
     name: `activation="silu"`, `"hardswish"` or `"gelu"` (then no residual).
+
+    `inplace=True` (piecewise-linear activations only) writes the output over the input and
+    keeps for the backward only the output, the residual and the input values the output
+    cannot give back (torch.ops.custom_bn.batch_norm_relu_, in-place activated batch norm): the
+    memory of one activation per layer. As with torch's in-place ops, the input must be a
+    tensor nothing else needs (a convolution's output), not a leaf that requires grad.
 
     It is deliberately not a torch `_BatchNorm`: SyncBatchNorm converters (torch's, timm's,
     Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the activation.
@@ -94,11 +105,18 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
         max_val: float | None = None,
         negative_slope: float = 0.0,
         activation: str = "piecewise_linear",
+        inplace: bool = False,
     ):
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
         set_activation(self, (min_val, max_val, negative_slope, activation))
+        if inplace and activation != PIECEWISE_LINEAR:
+            raise ValueError(
+                f"BatchNormReLU2d: inplace=True needs a piecewise-linear activation (one its "
+                f"output inverts), but got activation={activation!r}"
+            )
+        self.inplace = inplace
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not torch.jit.is_scripting():
@@ -106,6 +124,15 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
             if leaf is not None:
                 return leaf
         self._check_input_dim(input)
+        if self.inplace:
+            return torch.ops.custom_bn.batch_norm_relu_(
+                input,
+                *self._op_arguments(),
+                residual,
+                self.min_val,
+                self.max_val,
+                self.negative_slope,
+            )
         return torch.ops.custom_bn.batch_norm_relu(
             input,
             *self._op_arguments(),

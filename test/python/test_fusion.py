@@ -48,14 +48,23 @@ def _train_in_lockstep(model: nn.Module, fused: nn.Module, steps: int, shape) ->
         )
 
 
-@pytest.mark.parametrize("arch, fusions", [("resnet18", 17), ("resnet50", 49)])
+# Every block's BN then ReLU (with the residual in the last) and the stem's; in place also the
+# downsampling branches' BN (no activation), every one on a convolution's output.
+@pytest.mark.parametrize(
+    "arch, inplace, fusions",
+    [
+        ("resnet18", False, 17),
+        ("resnet50", False, 49),
+        ("resnet18", True, 20),
+        ("resnet50", True, 53),
+    ],
+)
 @pytest.mark.parametrize("convert_first", [False, True])
-def test_fused_resnet_trains_in_lockstep_in_float64(arch, fusions, convert_first):
+def test_fused_resnet_trains_in_lockstep_in_float64(arch, inplace, fusions, convert_first):
     model = getattr(torchvision.models, arch)(num_classes=10).double()
     if convert_first:
         model = custom_bn.convert_batchnorm(model)
-    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
-    # Every block's BN then ReLU (with the residual in the last) and the stem's.
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model), inplace=inplace)
     assert _fused_calls(fused) == fusions
     _train_in_lockstep(model, fused, steps=2, shape=(4, 3, 64, 64))
     model.eval(), fused.eval()
@@ -191,12 +200,14 @@ def test_untraceable_parent_has_its_children_fused():
     torch.testing.assert_close(fused(expected_x), expected)
 
 
-def test_mobilenet_relu6_fuses_and_trains_in_lockstep_in_float64():
+# Every Conv2dNormActivation's BN -> ReLU6; the projections' BN has no activation (fused in
+# place only, with the identity).
+@pytest.mark.parametrize("inplace, fusions", [(False, 35), (True, 52)])
+def test_mobilenet_relu6_fuses_and_trains_in_lockstep_in_float64(inplace, fusions):
     torch.manual_seed(0)
     model = torchvision.models.mobilenet_v2(num_classes=10, width_mult=0.35, dropout=0.0).double()
-    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model))
-    # Every Conv2dNormActivation's BN -> ReLU6; the projections' BN has no activation.
-    assert _fused_calls(fused) == 35
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model), inplace=inplace)
+    assert _fused_calls(fused) == fusions
     _train_in_lockstep(model, fused, steps=2, shape=(4, 3, 64, 64))
     model.eval(), fused.eval()
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
@@ -326,3 +337,42 @@ def test_forward_with_a_default_argument_is_not_traced():
     fused = custom_bn.fuse_batchnorm_relu(model)
     assert fused is model
     assert model(torch.randn(2, 4, 3, 3)).shape == (2, 4, 3, 3)
+
+
+def test_inplace_resnet_with_zero_init_residual_trains_in_lockstep_in_float64():
+    # Every block's last BN starts at weight 0, where the output gives nothing back: the
+    # in-place op keeps those inputs, and the weight gradient there must still be right.
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).double()
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model), inplace=True)
+    assert _fused_calls(fused) == 20
+    _train_in_lockstep(model, fused, steps=3, shape=(4, 3, 64, 64))
+    for name, parameter in fused.named_parameters():
+        if name.endswith("bn2.weight"):
+            assert parameter.abs().sum() > 0, name  # it left zero: its gradient was not lost
+
+
+def test_inplace_fusion_leaves_the_input_and_other_readers_untouched():
+    # The model's input and a convolution output that something else reads stay as they were.
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.bn_in = nn.BatchNorm2d(3)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.bn2 = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = torch.relu(self.bn(y))
+            return self.bn_in(x).mean() + z + y + torch.relu(self.bn2(self.conv2(z)))
+
+    model = Block().double()
+    fused = custom_bn.fuse_batchnorm_relu(copy.deepcopy(model), inplace=True)
+    # bn (its input y is read again) and bn_in (the input) out of place, bn2 in place.
+    assert _fused_calls(fused) == 2
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    before = x.clone()
+    _assert_same_in_both_modes(model, fused, x)
+    assert torch.equal(x, before)
