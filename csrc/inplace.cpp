@@ -101,13 +101,36 @@ std::vector<int64_t> memory_order(const at::Tensor& t) {
   return order;
 }
 
-void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input,
-                      const at::Tensor& output) {
-  TORCH_CHECK(kept_input.numel() == kept || kept_input.numel() == output.numel(), op,
-              ": expected kept_input with the ", kept,
+void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input) {
+  TORCH_CHECK(kept_input.numel() == kept, op, ": expected kept_input with the ", kept,
               " values the forward kept (or all of the input's), but got ", kept_input.numel(),
               " (the output or the residual changed after the forward?)");
 }
+
+bool keeps_every_value(at::ScalarType dtype) {
+  return dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+namespace {
+
+std::vector<int64_t> inverse_permutation(const std::vector<int64_t>& order) {
+  std::vector<int64_t> inverse(order.size());
+  for (size_t d = 0; d < order.size(); ++d) inverse[order[d]] = static_cast<int64_t>(d);
+  return inverse;
+}
+
+// Every input value, as kept_input holds it then (memory order), normalized.
+at::Tensor normalized_every_value(const at::Tensor& output, const at::Tensor& kept_input,
+                                  const at::Tensor& mean, const at::Tensor& invstd) {
+  const at::ScalarType dtype = stat_dtype(output.scalar_type());
+  const int64_t dim = output.dim();
+  const std::vector<int64_t> order = memory_order(output);
+  const at::Tensor input =
+      kept_input.to(dtype).view(output.permute(order).sizes()).permute(inverse_permutation(order));
+  return (input - per_channel(mean.to(dtype), dim)) * per_channel(invstd.to(dtype), dim);
+}
+
+}  // namespace
 
 namespace {
 
@@ -141,20 +164,13 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
   if (has(bias)) z = z - per_channel(bias->to(dtype), dim);
   if (has(residual)) z = z - residual->to(dtype);
   const at::Tensor recovered = has(weight) ? z / per_channel(weight->to(dtype), dim) : z;
-  // The input in memory order: every value, or those at the kept positions.
+  // The kept input values, in memory order, at their positions.
   const std::vector<int64_t> order = memory_order(output);
-  std::vector<int64_t> inverse(order.size());
-  for (size_t d = 0; d < order.size(); ++d) inverse[order[d]] = static_cast<int64_t>(d);
   const at::Tensor kept_in_order = kept.permute(order);
-  at::Tensor input;
-  if (kept_input.numel() == output.numel()) {
-    input = kept_input.to(dtype).view(kept_in_order.sizes());
-  } else {
-    check_kept_count(op, kept.sum().item<int64_t>(), kept_input, output);
-    input = at::zeros(kept_in_order.sizes(), y.options())
-                .masked_scatter_(kept_in_order, kept_input.to(dtype));
-  }
-  input = input.permute(inverse);
+  check_kept_count(op, kept.sum().item<int64_t>(), kept_input);
+  const at::Tensor input = at::zeros(kept_in_order.sizes(), y.options())
+                               .masked_scatter_(kept_in_order, kept_input.to(dtype))
+                               .permute(inverse_permutation(order));
   const at::Tensor from_input =
       (input - per_channel(mean.to(dtype), dim)) * per_channel(invstd.to(dtype), dim);
   return at::where(kept, from_input, recovered);
@@ -179,7 +195,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
       input, weight, bias, running_mean, running_var, num_batches_tracked, residual, training,
       momentum, eps, min_val, max_val, negative_slope, "piecewise_linear");
   at::Tensor kept_input;
-  if (keep_input) {
+  if (keep_input && keeps_every_value(input.scalar_type())) {
+    kept_input = input.permute(memory_order(input)).clone(at::MemoryFormat::Contiguous).view(-1);
+    input.copy_(output);
+  } else if (keep_input) {
     kept_input = steps.write_output_keeping_input(input, output, weight, bias, residual, act);
   } else {
     kept_input = at::empty({0}, input.options());
@@ -205,7 +224,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
   const at::Tensor mean = training ? save_mean : running_mean->to(dtype);
   const at::Tensor invstd = training ? save_invstd : (running_var->to(dtype) + eps).rsqrt();
   const at::Tensor x_hat =
-      steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
+      kept_input.numel() == output.numel()
+          ? normalized_every_value(output, kept_input, mean, invstd)
+          : steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
   // x_hat is batch_norm_relu_backward's input normalized by mean 0 and invstd 1, with the
   // weight scaled by invstd: the same gradients, computed in the statistics dtype.
   const at::Tensor scale = has(weight) ? weight->to(dtype) * invstd : invstd;

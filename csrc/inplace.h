@@ -74,7 +74,8 @@ struct InplaceSteps {
                                            const Activation& act);
   // x_hat at every position, in the statistics dtype and the output's layout: recovered from the
   // output where kept_positions is false, from kept_input (normalized with mean and invstd)
-  // where it is true. A kept_input with as many values as the output holds every input value.
+  // where it is true. (A kept_input with as many values as the output holds every input value,
+  // and does not come here.)
   at::Tensor (*normalized_input)(const at::Tensor& output, const at::Tensor& kept_input,
                                  const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias,
@@ -103,8 +104,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
     std::array<bool, 4> output_mask, double min_val, std::optional<double> max_val,
     double negative_slope);
 
-// The kept count a kept_input must have (its number of values, or all of them).
-void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input,
-                      const at::Tensor& output);
+// That kept_input has the kept count the output and residual give.
+void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input);
+
+// Whether the forward keeps every input value of this dtype: recovery from a bfloat16 or
+// float16 output carries its rounding (2^-9, 2^-12 of x_hat) into the weight gradient's sum,
+// beyond torch's accuracy, which normalizes the exact input. So in low precision the in-place
+// form keeps what torch keeps; its saving is in float32 and float64.
+bool keeps_every_value(at::ScalarType dtype);
 
 }  // namespace custom_bn

@@ -204,17 +204,8 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
         acc_t* out = x_hat.data_ptr<acc_t>();
         const int64_t numel = output.numel(), channels = output.size(1);
         const int64_t stride = channel_stride(output);
-        // Every input value (kept_input as long as the output), or the kept ones in order.
-        const bool every_value = kept_input.numel() == numel;
-        std::vector<int64_t> offsets;
-        if (every_value) {
-          offsets.resize((numel + kChunk - 1) / kChunk + 1);
-          for (size_t chunk = 0; chunk < offsets.size(); ++chunk) offsets[chunk] = chunk * kChunk;
-        } else {
-          offsets = kept_offsets(rule, y, r, numel, channels, stride);
-          check_kept_count("custom_bn::batch_norm_relu_inplace_backward", offsets.back(),
-                           kept_input, output);
-        }
+        const std::vector<int64_t> offsets = kept_offsets(rule, y, r, numel, channels, stride);
+        check_kept_count("custom_bn::batch_norm_relu_inplace_backward", offsets.back(), kept_input);
         const int64_t kept_count = kept_input.numel(), last_kept = kept_count - 1;
         const int64_t chunks = static_cast<int64_t>(offsets.size()) - 1;
         at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
@@ -230,8 +221,9 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
                      const acc_t rv = r ? static_cast<acc_t>(r[i]) : acc_t(0);
                      const bool is_kept = rule.kept(ch, yv, rv);
                      // Read at a valid index whether kept or not.
-                     const int64_t at = every_value ? i : std::min(next, last_kept);
-                     const acc_t xv = kept_count > 0 ? static_cast<acc_t>(kept[at]) : acc_t(0);
+                     const acc_t xv = kept_count > 0
+                                          ? static_cast<acc_t>(kept[std::min(next, last_kept)])
+                                          : acc_t(0);
                      next += is_kept;
                      acc_t z =
                          inverts_slope ? select(yv <= lower, (yv - lower) / slope + lower, yv) : yv;

@@ -67,7 +67,8 @@ def _fake_forward(get_proxy_mode):
         # At most input.numel(), a bound torch takes only as a plain int.
         numel = input.numel()
         bound = numel if isinstance(numel, int) else None
-        shape_env = input.fake_mode.shape_env
+        fake_mode = getattr(input, "fake_mode", None)  # None: meta tensors, which cannot
+        shape_env = fake_mode.shape_env if fake_mode is not None else None
         discarded = shape_env is not None and get_proxy_mode() is None
         with shape_env.ignore_fresh_unbacked_symbols() if discarded else contextlib.nullcontext():
             kept = torch.library.get_ctx().new_dynamic_size(max=bound)
