@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <numeric>
 
 namespace custom_bn {
@@ -73,9 +74,12 @@ at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tens
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const int64_t dim = output.dim();
   const at::Tensor y = output.to(dtype);
-  // Clipped: at a bound where the activation is flat, as the backward's mask reads it.
-  at::Tensor kept = act.slope == 0.0 ? y <= act.lower : at::zeros_like(y, at::kBool);
-  if (!std::isnan(act.upper)) kept = kept | (y >= act.upper);
+  // Clipped: at a bound where the activation is flat, as the backward's mask reads it (and
+  // +-inf, which no activation gives back either).
+  const double infinity = std::numeric_limits<double>::infinity();
+  const double lower = act.slope == 0.0 ? act.lower : -infinity;
+  const double upper = std::isnan(act.upper) ? infinity : act.upper;
+  at::Tensor kept = (y <= lower) | (y >= upper);
   // Unsafe to recover; written as "not safe" so that NaN counts as unsafe.
   if (!has(bias) && !has(residual)) {
     if (has(weight)) kept = kept | per_channel(weight->eq(0), dim);

@@ -51,7 +51,7 @@ void check_batch_norm_relu_inplace_backward(
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training);
 
 // Where the backward cannot recover the input from the output (a bool tensor of output's
-// shape): where act clipped (output at a bound whose slope is 0), and where
+// shape): where act clipped (output at a bound whose slope is 0, or infinite), and where
 // |bias| + |residual| >= kRecoveryMargin * |weight| (also weight 0 and NaN). Compared in the
 // statistics dtype, as the kernels compare.
 at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tensor>& weight,
