@@ -188,6 +188,7 @@ def test_low_precision_keeps_every_input_value(dtype):
 def test_kept_values_are_in_memory_order_on_every_path(layout):
     # The CPU steps walk memory; other layouts take the generic steps; both read the same.
     sample = make_sample((3, 4, 5, 6), layout=layout)
+    sample.bias.mul_(0.1)  # below four weights: only the clipped values are kept
     x = sample.input
     _, _, kept = ops.batch_norm_relu_forward_(
         x.clone(), sample.weight, sample.bias, None, None, None, None, True, 0.1, 1e-5
