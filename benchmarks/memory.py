@@ -1,5 +1,6 @@
-"""Training memory of a whole model: torch's BatchNorm, custom_bn.convert_batchnorm and
-fuse_batchnorm_relu, each variant in processes of its own. Per model and variant:
+"""Training memory of a whole model: torch's BatchNorm, custom_bn.convert_batchnorm,
+fuse_batchnorm_relu and fuse_batchnorm_relu(inplace=True) (in-place activated batch norm), each
+variant in processes of its own. Per model and variant:
 
 - saved: the bytes autograd keeps for the backward of one training step, each storage counted
   once, parameters excluded (torch.autograd.graph.saved_tensors_hooks);
@@ -9,12 +10,13 @@ fuse_batchnorm_relu, each variant in processes of its own. Per model and variant
 - largest batch: the largest batch whose training steps run within a fixed address-space
   budget over the warm process (RLIMIT_AS, set after a warm step at batch 2), found by
   doubling then bisection, each probe a child process;
-- in-place bounds (from the fused variant's step): what an in-place activated batch norm
-  (issue 37), which keeps its output and drops its input, could bring `saved` down to at best.
+- in-place bounds (from the fused variant's step): what an in-place activated batch norm,
+  which keeps its output and drops its input, could bring `saved` down to at best.
   "floor": every batch norm input that only autograd keeps dropped. "exact": the same, but the
   input values its activation clipped kept (ReLU's zeros, ReLU6's zeros and sixes): there the
   output cannot give the normalized input back, and training's input gradient needs it at
-  every position (grad_x = w * invstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))).
+  every position (grad_x = w * invstd * (dz - mean(dz) - x_hat * mean(dz * x_hat))). The
+  in-place variant keeps those values, and in bfloat16 every input value (csrc/inplace.h).
 
 Writes build/bench/memory.csv."""
 
@@ -38,7 +40,7 @@ from custom_bn.op_table import signature
 from models import build
 from torch.utils._python_dispatch import TorchDispatchMode
 
-VARIANTS = ("torch", "convert", "fused")
+VARIANTS = ("torch", "convert", "fused", "inplace")
 # (model, batch, pixels, layout, dtype): the model benchmark's sizes; bfloat16 is autocast's.
 FULL = [
     (model, 8, 112, layout, dtype)
@@ -306,9 +308,9 @@ def main():
     )
     with_largest_batch = not args.no_largest_batch
     columns = ["model", "batch", "px", "layout", "dtype", "torch saved MB", "convert", "fused",
-               "torch step peak MB", "convert", "fused"]  # fmt: skip
+               "in place", "torch step peak MB", "convert", "fused", "in place"]  # fmt: skip
     if with_largest_batch:
-        columns += ["torch largest batch", "convert", "fused"]
+        columns += ["torch largest batch", "convert", "fused", "in place"]
     columns += ["in-place saved: floor", "exact"]
     print(" | ".join(columns))
     rows = []

@@ -1,6 +1,8 @@
 """Whole-model timings: a torchvision model with torch's BatchNorm, the same model after
-custom_bn.convert_batchnorm, after fuse_batchnorm_relu as well, and with every BatchNorm
-replaced by Identity (the ceiling: what removing batch norm entirely would give). The four
+custom_bn.convert_batchnorm, after fuse_batchnorm_relu as well, after
+fuse_batchnorm_relu(inplace=True) (in-place activated batch norm; eager rows: under
+torch.compile inductor compiles it as the fused form), and with every BatchNorm replaced by
+Identity (the ceiling: what removing batch norm entirely would give). The variants
 run interleaved in one process, or with --process-per-variant each in processes of its own;
 prints the ratio to torch and the share of the possible gain captured,
 (t_torch - t_ours) / (t_torch - t_ceiling), with batch norm's share of a torch step from
@@ -26,7 +28,15 @@ import torch.nn.functional as F
 import torchvision
 from batch_norm import measure
 
-VARIANTS = ("torch", "convert", "fused", "ceiling")
+VARIANTS = ("torch", "convert", "fused", "inplace", "ceiling")
+
+
+def variants_of(mode: str) -> tuple[str, ...]:
+    """The variants a row times: inductor compiles the in-place form as the fused one (its
+    decomposition keeps every input value), so compiled rows leave it out."""
+    return VARIANTS if mode == "eager" else tuple(v for v in VARIANTS if v != "inplace")
+
+
 # (model, batch, pixels, layout, dtype, step, mode): the rows a 2-core machine trains in a few
 # minutes. bfloat16 is autocast's; compile is torch.compile of the whole model (or step).
 FULL = [
@@ -76,6 +86,8 @@ def build(name: str, variant: str, layout: str) -> torch.nn.Module:
         model = custom_bn.convert_batchnorm(model)
     elif variant == "fused":
         model = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(model))
+    elif variant == "inplace":
+        model = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(model), inplace=True)
     elif variant == "ceiling":
         model = _without_batchnorm(model)
     if layout == "NHWC":
@@ -146,16 +158,17 @@ def _steps(config, variants) -> dict:
 def _time_interleaved(config, repeats: int, seconds: float):
     """All variants in this process, their steps interleaved: ms per step, batch norm's
     shares."""
-    steps = _steps(config, VARIANTS)
+    variants = variants_of(config[-1])
+    steps = _steps(config, variants)
     if config[-1] == "compile":
         # The compiled variants differ by less than the convolutions vary between steps: at
         # least one full cycle of the orders measure() rotates through, so that each variant
         # follows each other equally often (a few rounds of a slow step would not).
-        repeats = max(repeats, math.factorial(len(VARIANTS)))
+        repeats = max(repeats, math.factorial(len(variants)))
     seconds_per_call = measure(steps, repeats, seconds, warmup=2)
     eager = config[-1] == "eager"
     shares = {v: batchnorm_share(steps[v]) for v in ("torch", "convert")} if eager else {}
-    return {v: seconds_per_call[v] * 1e3 for v in VARIANTS}, shares
+    return {v: seconds_per_call[v] * 1e3 for v in variants}, shares
 
 
 def _time_alone(config, variant: str, repeats: int, seconds: float) -> dict:
@@ -171,11 +184,12 @@ def _time_in_own_processes(config, repeats: int, seconds: float, rounds: int):
     state then comes from that model alone (in one process, the variants' frees and
     allocations change what glibc hands the others). `rounds` processes per variant, in
     rotated orders; the median of their medians."""
-    times = {v: [] for v in VARIANTS}
+    variants = variants_of(config[-1])
+    times = {v: [] for v in variants}
     shares = {}
     for round_index in range(rounds):
-        shift = round_index % len(VARIANTS)
-        for variant in VARIANTS[shift:] + VARIANTS[:shift]:
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
             command = [sys.executable, __file__, "--time-alone", json.dumps(config), variant,
                        "--repeats", str(repeats), "--seconds-per-row", str(seconds)]  # fmt: skip
             out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -196,7 +210,7 @@ def run_row(config, repeats: int, seconds: float, process_rounds: int = 0) -> di
     gain = t["torch"] - t["ceiling"]
     row = dict(
         model=name, batch=batch, px=px, layout=layout, dtype=dtype, step=step, mode=mode,
-        **{f"{v}_ms": round(t[v], 2) for v in VARIANTS},
+        **{f"{v}_ms": round(t[v], 2) for v in t},
         convert_vs_torch=round(t["torch"] / t["convert"], 3),
         fused_vs_torch=round(t["torch"] / t["fused"], 3),
         ceiling_vs_torch=round(t["torch"] / t["ceiling"], 3),
@@ -204,6 +218,8 @@ def run_row(config, repeats: int, seconds: float, process_rounds: int = 0) -> di
         fused_captured=round((t["torch"] - t["fused"]) / gain, 3) if gain > 0 else float("nan"),
         timing="process per variant" if process_rounds > 0 else "interleaved",
     )  # fmt: skip
+    if "inplace" in t:
+        row["inplace_vs_torch"] = round(t["torch"] / t["inplace"], 3)
     if mode == "eager":
         row["bn_share_torch"] = round(shares["torch"], 3)
         row["bn_share_convert"] = round(shares["convert"], 3)
@@ -247,7 +263,7 @@ def main():
     parser.add_argument(
         "--process-per-variant", type=int, default=0, metavar="ROUNDS",
         help="time each variant in a process of its own, ROUNDS processes per variant, as a "
-        "user runs one model (default 0: the four interleaved in this process)",
+        "user runs one model (default 0: all interleaved in this process)",
     )  # fmt: skip
     parser.add_argument("--time-alone", nargs=2, help=argparse.SUPPRESS)  # (config, variant)
     args = parser.parse_args()
@@ -270,11 +286,12 @@ def main():
         + (
             f"each variant in a process of its own, {args.process_per_variant} per variant"
             if args.process_per_variant
-            else "the four variants interleaved in one process"
+            else "the variants interleaved in one process"
         )
     )
     columns = ("model", "batch", "px", "layout", "dtype", "step", "mode", "torch ms", "convert",
-               "fused", "ceiling", "captured (convert/fused)", "BN share (torch/ours)")  # fmt: skip
+               "fused", "in place", "ceiling", "captured (convert/fused)",
+               "BN share (torch/ours)")  # fmt: skip
     print(" | ".join(columns))
     rows = []
     for config in configs:
@@ -284,8 +301,9 @@ def main():
         if "bn_share_torch" in r:
             share = f"{r['bn_share_torch']:.0%}/{r['bn_share_convert']:.0%}"
         cells = [str(r[key]) for key in ("model", "batch", "px", "layout", "dtype", "step", "mode")]
+        inplace = f"{r['inplace_vs_torch']:.2f}x" if "inplace_vs_torch" in r else "-"
         cells += [f"{r['torch_ms']:.1f}", f"{r['convert_vs_torch']:.2f}x",
-                  f"{r['fused_vs_torch']:.2f}x", f"{r['ceiling_vs_torch']:.2f}x",
+                  f"{r['fused_vs_torch']:.2f}x", inplace, f"{r['ceiling_vs_torch']:.2f}x",
                   f"{r['convert_captured']:.0%} / {r['fused_captured']:.0%}", share]  # fmt: skip
         print(" | ".join(cells), flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)

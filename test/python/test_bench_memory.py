@@ -41,6 +41,23 @@ def test_saved_bytes_are_the_activations_kept(variant):
     assert activation_bytes <= saved <= activation_bytes + 6 * per_channel_bytes
 
 
+def test_in_place_saves_its_output_and_the_clipped_input_values():
+    """In place, the batch norm's input and output are one storage (the second convolution's
+    input), and beside it the input values ReLU clipped (a 1-D tensor, one spare value)."""
+    model = custom_bn.fuse_batchnorm_relu(conv_bn_relu_conv(), inplace=True)
+    x = torch.randn(4, 3, 16, 16)
+    saved = memory.saved_bytes(lambda: model(x), model.parameters())
+    with torch.no_grad():
+        conv, bn = model[0], model[1]
+        _, _, kept = torch.ops.custom_bn.batch_norm_relu_forward_(
+            conv(x), bn.weight, bn.bias, None, None, None, None, True, 0.1, 1e-5
+        )
+    clipped = kept.numel()
+    activation_bytes = x.numel() * 4 + (4 * 8 * 16 * 16) * 4 + (clipped + 1) * 4
+    per_channel_bytes = 8 * 4
+    assert activation_bytes <= saved <= activation_bytes + 6 * per_channel_bytes
+
+
 def test_step_peak_sees_what_a_step_touches():
     def step():
         block = torch.ones(64 * 2**20, dtype=torch.uint8)  # touched: resident
