@@ -23,14 +23,27 @@ void BatchNorm3dImpl::check_input_dim(const torch::Tensor& input) const {
 BatchNormReLU2dImpl::BatchNormReLU2dImpl(const BatchNormOptions& options,
                                          const FusedActivationOptions& activation)
     : BatchNormImplBase(options), activation(activation) {
-  checked_activation("custom_bn::BatchNormReLU2d", activation.min_val(), activation.max_val(),
-                     activation.negative_slope(), activation.activation());
+  const Activation act =
+      checked_activation("custom_bn::BatchNormReLU2d", activation.min_val(), activation.max_val(),
+                         activation.negative_slope(), activation.activation());
+  TORCH_CHECK_VALUE(!activation.inplace() || !act.smooth(),
+                    "custom_bn::BatchNormReLU2d: inplace needs a piecewise-linear activation (one "
+                    "its output inverts), but got activation=",
+                    activation.activation());
 }
 
 torch::Tensor BatchNormReLU2dImpl::forward(const torch::Tensor& input,
                                            const torch::Tensor& residual) {
   check_input_dim(input);
   const StateArguments state = state_arguments();
+  if (activation.inplace()) {
+    torch::Tensor output = input;  // the same tensor: its values are written
+    return custom_bn::batch_norm_relu_(output, if_defined(weight), if_defined(bias),
+                                       state.running_mean, state.running_var, state.use_batch_stats,
+                                       options.momentum(), options.eps(), state.num_batches_tracked,
+                                       if_defined(residual), activation.min_val(),
+                                       activation.max_val(), activation.negative_slope());
+  }
   return custom_bn::batch_norm_relu(input, if_defined(weight), if_defined(bias), state.running_mean,
                                     state.running_var, state.use_batch_stats, options.momentum(),
                                     options.eps(), state.num_batches_tracked, if_defined(residual),
@@ -54,6 +67,7 @@ void BatchNormReLU2dImpl::pretty_print(std::ostream& stream) const {
            << (activation.max_val() ? std::to_string(*activation.max_val()) : "None")
            << ", negative_slope=" << activation.negative_slope();
   }
+  if (activation.inplace()) stream << ", inplace=true";
   stream << ')';
 }
 

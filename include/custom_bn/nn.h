@@ -109,11 +109,16 @@ TORCH_MODULE(BatchNorm3d);
 /// min_val(a).max_val(b), LeakyReLU(s) negative_slope(s) (s >= 0), identity negative_slope(1).
 /// Or a smooth one: activation("silu"), activation("hardswish"), activation("gelu"), with the
 /// other options at their defaults and no residual.
+/// inplace(true) (piecewise-linear activations): the output is written over the input, which
+/// must be a tensor nothing else needs (a convolution's output), and the backward keeps only
+/// the output, the residual and the input values the output cannot give back
+/// (custom_bn::batch_norm_relu_, in-place activated batch norm).
 struct FusedActivationOptions {
   TORCH_ARG(double, min_val) = 0.0;
   TORCH_ARG(std::optional<double>, max_val) = std::nullopt;
   TORCH_ARG(double, negative_slope) = 0.0;
   TORCH_ARG(std::string, activation) = "piecewise_linear";
+  TORCH_ARG(bool, inplace) = false;
 };
 
 /// act(BatchNorm2d(input) + residual) as one fused op, custom_bn::batch_norm_relu: one pass

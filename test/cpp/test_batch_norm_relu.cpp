@@ -219,5 +219,46 @@ TEST_F(BatchNormRelu, ModulePrintsAndWorksInSequential) {
   EXPECT_THROW(BatchNormReLU2d(4)(torch::randn({2, 4, 5})), c10::Error);
 }
 
+TEST_F(BatchNormRelu, InPlaceModuleTrainsAsTheFusedOne) {
+  // conv -> in-place BatchNormReLU2d (ReLU6) against the same with the out-of-place module:
+  // the same output and running stats, the same gradients to rounding, the conv's output
+  // written over.
+  torch::manual_seed(0);
+  torch::nn::Conv2d conv(torch::nn::Conv2dOptions(3, 4, 3).padding(1));
+  torch::nn::Conv2d conv_twin(torch::nn::Conv2dOptions(3, 4, 3).padding(1));
+  {
+    torch::NoGradGuard no_grad;
+    conv_twin->weight.copy_(conv->weight);
+    conv_twin->bias.copy_(conv->bias);
+  }
+  BatchNormReLU2d in_place(BatchNormOptions(4),
+                           FusedActivationOptions().max_val(6.0).inplace(true));
+  BatchNormReLU2d fused(BatchNormOptions(4), FusedActivationOptions().max_val(6.0));
+  for (int step = 0; step < 2; ++step) {
+    const torch::Tensor x = torch::randn({2, 3, 5, 5});
+    const torch::Tensor h = conv(x);
+    const torch::Tensor y = in_place(h);
+    EXPECT_EQ(y.data_ptr(), h.data_ptr()) << "written over the convolution's output";
+    const torch::Tensor expected = fused(conv_twin(x));
+    expect_close(y, expected, tolerance(torch::kFloat), "output");
+    const torch::Tensor grad = torch::randn_like(y);
+    y.backward(grad);
+    expected.backward(grad);
+  }
+  expect_close(in_place->running_var, fused->running_var, tolerance(torch::kFloat), "running_var");
+  expect_close(in_place->weight.grad(), fused->weight.grad(), tolerance(torch::kFloat),
+               "weight grad");
+  expect_close(conv->weight.grad(), conv_twin->weight.grad(), tolerance(torch::kFloat),
+               "conv weight grad");
+  std::ostringstream out;
+  out << *in_place;
+  EXPECT_NE(out.str().find("inplace=true"), std::string::npos) << out.str();
+  // torch's in-place checks: a leaf that requires grad cannot be written.
+  EXPECT_THROW(in_place(torch::randn({2, 4, 5, 5}, torch::requires_grad())), c10::Error);
+  EXPECT_THROW(BatchNormReLU2d(BatchNormOptions(4),
+                               FusedActivationOptions().activation("silu").inplace(true)),
+               c10::ValueError);
+}
+
 }  // namespace
 }  // namespace custom_bn::testing
