@@ -252,7 +252,10 @@ def _child(*arguments) -> subprocess.CompletedProcess:
 def child_fits(config, variant: str, batch: int, budget_mb: int) -> bool:
     done = _child("--probe", json.dumps(config), variant, str(batch), str(budget_mb))
     if done.returncode not in (0, OUT_OF_MEMORY):
-        raise RuntimeError(f"probe at batch {batch} failed:\n{done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"probe of {variant} at batch {batch} failed (exit status {done.returncode}):\n"
+            f"{done.stderr[-2000:]}"
+        )
     return done.returncode == 0
 
 

@@ -185,12 +185,7 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
 const InplaceSteps kGenericInplaceSteps{write_output_keeping_input, normalized_input};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
-    const InplaceSteps& steps, at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps, double min_val,
-    std::optional<double> max_val, double negative_slope, bool keep_input) {
+    const InplaceSteps& steps, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_forward_";
   const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
   check_batch_norm_relu_forward_inplace(op, input, weight, bias, running_mean, running_var,
@@ -212,13 +207,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
-    const InplaceSteps& steps, const at::Tensor& grad_output, const at::Tensor& output,
-    const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
-    std::array<bool, 4> output_mask, double min_val, std::optional<double> max_val,
-    double negative_slope) {
+    const InplaceSteps& steps, CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
   const char* op = "custom_bn::batch_norm_relu_inplace_backward";
   const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
   check_batch_norm_relu_inplace_backward(op, grad_output, output, kept_input, weight, bias,

@@ -10,6 +10,7 @@
 #pragma once
 
 #include "activation.h"
+#include "op_params.h"
 
 #include <ATen/core/Tensor.h>
 
@@ -88,21 +89,27 @@ extern const InplaceSteps kGenericInplaceSteps;
 
 // The ops, with a backend's steps.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
-    const InplaceSteps& steps, at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var,
-    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
-    bool training, std::optional<double> momentum, double eps, double min_val,
-    std::optional<double> max_val, double negative_slope, bool keep_input);
+    const InplaceSteps& steps, CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
-    const InplaceSteps& steps, const at::Tensor& grad_output, const at::Tensor& output,
-    const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-    const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training, double eps,
-    std::array<bool, 4> output_mask, double min_val, std::optional<double> max_val,
-    double negative_slope);
+    const InplaceSteps& steps, CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS);
+
+// The stage ops' kernels of a backend whose steps are `Steps`, for TORCH_LIBRARY_IMPL.
+template <const InplaceSteps& Steps>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_inplace_kernel(
+    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
+  return run_forward_inplace(Steps, input, weight, bias, running_mean, running_var,
+                             num_batches_tracked, residual, training, momentum, eps,
+                             CUSTOM_BN_INPLACE_ACTIVATION_ARGS, keep_input);
+}
+
+template <const InplaceSteps& Steps>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inplace_backward_kernel(
+    CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
+  return run_inplace_backward(Steps, grad_output, output, kept_input, weight, bias, residual,
+                              running_mean, running_var, save_mean, save_invstd, training, eps,
+                              output_mask, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+}
 
 // That kept_input has the kept count the output and residual give.
 void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input);

@@ -25,20 +25,6 @@ at::Tensor& batch_norm_relu_inplace_composite(CUSTOM_BN_BATCH_NORM_RELU_INPLACE_
   return input;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_inplace_generic(
-    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
-  return run_forward_inplace(kGenericInplaceSteps, input, weight, bias, running_mean, running_var,
-                             num_batches_tracked, residual, training, momentum, eps,
-                             CUSTOM_BN_INPLACE_ACTIVATION_ARGS, keep_input);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inplace_backward_generic(
-    CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
-  return run_inplace_backward(kGenericInplaceSteps, grad_output, output, kept_input, weight, bias,
-                              residual, running_mean, running_var, save_mean, save_invstd, training,
-                              eps, output_mask, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(custom_bn, CompositeImplicitAutograd, m) {
@@ -46,8 +32,9 @@ TORCH_LIBRARY_IMPL(custom_bn, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(custom_bn, CompositeExplicitAutograd, m) {
-  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_generic));
-  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward_generic));
+  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kGenericInplaceSteps>));
+  m.impl("batch_norm_relu_inplace_backward",
+         TORCH_FN(inplace_backward_kernel<kGenericInplaceSteps>));
 }
 
 }  // namespace custom_bn

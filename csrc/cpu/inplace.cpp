@@ -315,27 +315,15 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
   return x_hat;
 }
 
-const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input};
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_inplace(
-    CUSTOM_BN_BATCH_NORM_RELU_FORWARD_INPLACE_PARAMS) {
-  return run_forward_inplace(kCpuInplaceSteps, input, weight, bias, running_mean, running_var,
-                             num_batches_tracked, residual, training, momentum, eps,
-                             CUSTOM_BN_INPLACE_ACTIVATION_ARGS, keep_input);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inplace_backward(
-    CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS) {
-  return run_inplace_backward(kCpuInplaceSteps, grad_output, output, kept_input, weight, bias,
-                              residual, running_mean, running_var, save_mean, save_invstd, training,
-                              eps, output_mask, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
-}
-
 }  // namespace
 
+// Outside the anonymous namespace: a template argument must have linkage.
+extern const InplaceSteps kCpuInplaceSteps;
+const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input};
+
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
-  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace));
-  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward));
+  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kCpuInplaceSteps>));
+  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward_kernel<kCpuInplaceSteps>));
 }
 
 }  // namespace custom_bn::cpu

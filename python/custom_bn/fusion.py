@@ -156,17 +156,20 @@ def _skip_identities(node: object, owner: nn.Module) -> tuple[object, list[fx.No
     return node, chain
 
 
-def _fusible_batchnorm(node: object, owner: nn.Module) -> bool:
-    """A call of a 2-D batch norm child on one input whose output feeds only the next node."""
+def _sole_call(node: object, owner: nn.Module, types: tuple) -> bool:
+    """A call of a child of one of `types`, without hooks, whose output one node reads."""
     return (
         isinstance(node, fx.Node)
         and node.op == "call_module"
-        and type(_child(node, owner)) in _BATCHNORM_2D
+        and type(_child(node, owner)) in types
         and not _has_hooks(_child(node, owner))
-        and len(node.args) == 1
-        and not node.kwargs
         and len(node.users) == 1
     )
+
+
+def _fusible_batchnorm(node: object, owner: nn.Module) -> bool:
+    """A call of a 2-D batch norm child on one input whose output feeds only the next node."""
+    return _sole_call(node, owner, _BATCHNORM_2D) and len(node.args) == 1 and not node.kwargs
 
 
 def _match(relu: fx.Node, owner: nn.Module):
@@ -200,13 +203,7 @@ def _match(relu: fx.Node, owner: nn.Module):
 def _writable(node: object, owner: nn.Module) -> bool:
     """Whether the in-place form may overwrite node's value: the output of a convolution child
     without hooks, which nothing else reads."""
-    return (
-        isinstance(node, fx.Node)
-        and node.op == "call_module"
-        and type(_child(node, owner)) in _CONVOLUTIONS
-        and not _has_hooks(_child(node, owner))
-        and len(node.users) == 1
-    )
+    return _sole_call(node, owner, _CONVOLUTIONS)
 
 
 def _inplace_candidates(graph: fx.Graph, owner: nn.Module, matched: set) -> list[fx.Node]:
@@ -233,30 +230,30 @@ def _fuse_graph(graph: fx.Graph, owner: nn.Module, inplace: bool) -> tuple[str, 
     fused modules on such inputs."""
     matches = [m for m in (_match(node, owner) for node in graph.nodes) if m]
     for bn, removed, residual, activation in matches:
-        relu = removed[0]
         in_place = inplace and not is_smooth(activation) and _writable(bn.args[0], owner)
-        with graph.inserting_before(relu):
-            module = graph.get_attr(bn.target)
-            args = (module, bn.args[0], residual, activation, in_place)
-            fused = graph.call_function(batch_norm_relu, args)
-        relu.replace_all_uses_with(fused)
-        for node in (*removed, bn):
-            graph.erase_node(node)
+        args = (bn.args[0], residual, activation, in_place)
+        _replace(graph, removed[0], batch_norm_relu, bn.target, args, (*removed, bn))
     targets = [bn.target for bn, *_ in matches]
     if not inplace:
         return tuple(targets)
     for node in _inplace_candidates(graph, owner, {bn for bn, *_ in matches}):
-        with graph.inserting_before(node):
-            module = graph.get_attr(node.target)
-            if type(_child(node, owner)) in _BATCHNORM_2D:
-                args = (module, node.args[0], None, IDENTITY, True)
-                rewritten = graph.call_function(batch_norm_relu, args)
-            else:
-                rewritten = graph.call_function(inplace_batch_norm_act, (module, node.args[0]))
-        node.replace_all_uses_with(rewritten)
-        graph.erase_node(node)
+        if type(_child(node, owner)) in _BATCHNORM_2D:
+            args = (node.args[0], None, IDENTITY, True)
+            _replace(graph, node, batch_norm_relu, node.target, args, (node,))
+        else:
+            _replace(graph, node, inplace_batch_norm_act, node.target, node.args[:1], (node,))
         targets.append(node.target)
     return tuple(targets)
+
+
+def _replace(graph: fx.Graph, last: fx.Node, function, target: str, args: tuple, removed) -> None:
+    """Replaces the uses of `last` by function(module `target`, *args), then erases
+    `removed`."""
+    with graph.inserting_before(last):
+        call = graph.call_function(function, (graph.get_attr(target), *args))
+    last.replace_all_uses_with(call)
+    for node in removed:
+        graph.erase_node(node)
 
 
 def _trace(module: nn.Module, training: bool) -> fx.Graph:

@@ -24,44 +24,20 @@ import inspect
 
 import torch
 
+from ..op_table import signature
 from .hooks import MissingHookPoint, hook_point
 
 FEATURE = "torch.compile tracing in-place activated batch norm (batch_norm_relu_forward_)"
-_OP = "custom_bn::batch_norm_relu_forward_"
+_NAME = "batch_norm_relu_forward_"
 
 
 def _fake_forward(get_proxy_mode):
-    def forward(
-        input,
-        weight,
-        bias,
-        running_mean,
-        running_var,
-        num_batches_tracked,
-        residual,
-        training,
-        momentum,
-        eps,
-        min_val=0.0,
-        max_val=None,
-        negative_slope=0.0,
-        keep_input=True,
-    ):
-        _, save_mean, save_invstd = torch.ops.custom_bn.batch_norm_relu_forward(
-            input,
-            weight,
-            bias,
-            running_mean,
-            running_var,
-            num_batches_tracked,
-            residual,
-            training,
-            momentum,
-            eps,
-            min_val,
-            max_val,
-            negative_slope,
-        )
+    def forward(*args, **kwargs):
+        call = signature(_NAME).bind(args, kwargs)
+        keep_input = call.pop("keep_input")
+        # The out-of-place op's Meta kernel: the same checks, the statistics' sizes.
+        _, save_mean, save_invstd = signature("batch_norm_relu_forward").call(call)
+        input = call["input"]
         if not keep_input:
             return save_mean, save_invstd, input.new_empty(0)
         # At most input.numel(), a bound torch takes only as a plain int.
@@ -81,4 +57,5 @@ def install() -> None:
     get_proxy_mode = hook_point("torch.fx.experimental.proxy_tensor", "get_proxy_mode")
     if "allow_override" not in inspect.signature(torch.library.register_fake).parameters:
         raise MissingHookPoint("torch.library.register_fake has no allow_override")
-    torch.library.register_fake(_OP, _fake_forward(get_proxy_mode), allow_override=True)
+    op = f"custom_bn::{_NAME}"
+    torch.library.register_fake(op, _fake_forward(get_proxy_mode), allow_override=True)
