@@ -5,11 +5,11 @@
 // the same values in the same order.
 //
 // Memory is walked in runs of one channel (contiguous: a plane) or in rows of every channel
-// (channels_last), so that the per-channel values are constants or arrays of an inner loop
-// the compiler vectorizes; which values are kept is as random as the data, so the loops that
-// gather and scatter them are free of branches on it.
+// (channels_last), so that the per-channel values are constants or arrays of the loops
+// (csrc/cpu/inplace_loops.h).
 #include "inplace.h"
 #include "channel_stats.h"
+#include "cpu/inplace_loops.h"
 #include "op_params.h"
 #include "optional_tensor.h"
 
@@ -35,64 +35,6 @@ bool walks_memory(const at::Tensor& input, const at::Tensor& other,
                   const std::optional<at::Tensor>& residual) {
   return input.is_non_overlapping_and_dense() && other.strides() == input.strides() &&
          (!has(residual) || residual->strides() == input.strides());
-}
-
-// A per-channel tensor as a vector of acc_t (`fill` for each channel when absent).
-template <typename acc_t>
-std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t channels,
-                                  acc_t fill) {
-  if (!has(t)) return std::vector<acc_t>(channels, fill);
-  const at::Tensor values = t->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  return {values.data_ptr<acc_t>(), values.data_ptr<acc_t>() + values.numel()};
-}
-
-// kept_positions (csrc/inplace.cpp) in the same operations, with what depends on the channel
-// alone worked out once per channel.
-template <typename acc_t>
-struct KeepRule {
-  acc_t lower, upper;  // kept at or beyond them
-  bool has_bias, has_residual;
-  std::vector<uint8_t> always;  // kept whatever the value (no residual): weight 0, unsafe bias
-  std::vector<acc_t> abs_bias, scale;
-
-  KeepRule(const Activation& act, const std::optional<at::Tensor>& weight,
-           const std::optional<at::Tensor>& bias, bool residual, int64_t channels)
-      : lower(act.slope == 0.0 ? static_cast<acc_t>(act.lower)
-                               : -std::numeric_limits<acc_t>::infinity()),
-        upper(std::isnan(act.upper) ? std::numeric_limits<acc_t>::infinity()
-                                    : static_cast<acc_t>(act.upper)),
-        has_bias(has(bias)),
-        has_residual(residual) {
-    const acc_t margin = static_cast<acc_t>(kRecoveryMargin);
-    const std::vector<acc_t> w = channel_values<acc_t>(weight, channels, acc_t(1));
-    const std::vector<acc_t> b = channel_values<acc_t>(bias, channels, acc_t(0));
-    for (int64_t c = 0; c < channels; ++c) {
-      abs_bias.push_back(std::abs(b[c]));
-      scale.push_back(has(weight) ? std::abs(w[c]) * margin : margin);
-      always.push_back(has_bias ? !(scale[c] > abs_bias[c]) : has(weight) && w[c] == acc_t(0));
-    }
-  }
-
-  bool kept(acc_t y, acc_t r, int64_t c) const {
-    const bool clipped = (y <= lower) | (y >= upper);
-    if (!has_residual) return clipped | static_cast<bool>(always[c]);
-    const acc_t offset = has_bias ? abs_bias[c] + std::abs(r) : std::abs(r);
-    return clipped | !(scale[c] > offset);
-  }
-};
-
-// condition ? a : b without a branch.
-template <typename T>
-T select(bool condition, T a, T b) {
-  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, uint32_t>;
-  Bits x, y;
-  std::memcpy(&x, &a, sizeof(T));
-  std::memcpy(&y, &b, sizeof(T));
-  const Bits mask = Bits(0) - static_cast<Bits>(condition);
-  const Bits bits = (x & mask) | (y & ~mask);
-  T result;
-  std::memcpy(&result, &bits, sizeof(T));
-  return result;
 }
 
 // The memory of a dense (N, C, *) tensor in chunks of kChunk elements, each walked as runs
@@ -127,25 +69,6 @@ struct Walk {
   }
 };
 
-// How many of [i0, i1) are kept, in a run (channel c >= 0) or a row (c = -1).
-template <typename scalar_t>
-C10_NOINLINE int64_t kept_count(const KeepRule<scalar_t>& rule, const scalar_t* y,
-                                const scalar_t* r, int64_t i0, int64_t i1, int64_t c,
-                                int64_t channels) {
-  if (c >= 0 && !rule.has_residual && rule.always[c]) return i1 - i0;
-  const scalar_t lower = rule.lower, upper = rule.upper;
-  int64_t count = 0;
-  if (c >= 0 && !rule.has_residual) {
-    for (int64_t i = i0; i < i1; ++i) count += (y[i] <= lower) | (y[i] >= upper);
-    return count;
-  }
-  const int64_t c0 = c >= 0 ? c : i0 % channels;
-  for (int64_t i = i0; i < i1; ++i) {
-    count += rule.kept(y[i], r ? r[i] : scalar_t(0), c >= 0 ? c : c0 + (i - i0));
-  }
-  return count;
-}
-
 // The kept positions before each chunk (and the total, last).
 template <typename scalar_t>
 std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& walk,
@@ -163,38 +86,6 @@ std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& wa
   });
   for (int64_t index = 0; index < chunks; ++index) offsets[index + 1] += offsets[index];
   return offsets;
-}
-
-// Stores x[i0, i1) at kept[next...], advancing past the kept ones, and writes y over x; returns
-// the next position.
-template <typename scalar_t>
-C10_NOINLINE int64_t gather_kept(const KeepRule<scalar_t>& rule, scalar_t* x, const scalar_t* y,
-                                 const scalar_t* r, scalar_t* kept, int64_t next, int64_t i0,
-                                 int64_t i1, int64_t c, int64_t channels) {
-  if (c >= 0 && !rule.has_residual && rule.always[c]) {
-    std::copy(x + i0, x + i1, kept + next);
-    std::copy(y + i0, y + i1, x + i0);
-    return next + (i1 - i0);
-  }
-  int64_t at = next;  // a local the compiler keeps in a register
-  if (c >= 0 && !rule.has_residual) {
-    const scalar_t lower = rule.lower, upper = rule.upper;
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t yv = y[i];
-      kept[at] = x[i];
-      x[i] = yv;
-      at += (yv <= lower) | (yv >= upper);
-    }
-    return at;
-  }
-  const int64_t c0 = c >= 0 ? c : i0 % channels;
-  for (int64_t i = i0; i < i1; ++i) {
-    const scalar_t yv = y[i];
-    kept[at] = x[i];
-    x[i] = yv;
-    at += rule.kept(yv, r ? r[i] : scalar_t(0), c >= 0 ? c : c0 + (i - i0));
-  }
-  return at;
 }
 
 at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& output,
@@ -228,46 +119,6 @@ at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& outpu
     });
   });
   return kept_input;
-}
-
-// What recovering x_hat reads per channel.
-template <typename scalar_t>
-struct RecoveryParams {
-  std::vector<scalar_t> inverse_weight, bias, mean, invstd;
-  scalar_t lower, inverse_slope;  // act^-1 below lower: (y - lower) * inverse_slope + lower
-};
-
-// x_hat over [i0, i1): from kept[next...] where kept, else recovered from the output; returns
-// the next kept position. Free of branches on the data: the kept array is read at a valid
-// index whether the value is kept or not.
-template <typename scalar_t>
-C10_NOINLINE int64_t recover(const KeepRule<scalar_t>& rule, const scalar_t* y, const scalar_t* r,
-                             const scalar_t* kept, int64_t last_kept, int64_t next, int64_t i0,
-                             int64_t i1, int64_t c, const RecoveryParams<scalar_t>& p,
-                             scalar_t* out) {
-  if (c >= 0 && !rule.has_residual && rule.always[c]) {
-    const scalar_t mean = p.mean[c], invstd = p.invstd[c];
-    for (int64_t i = i0; i < i1; ++i) out[i] = (kept[next + i - i0] - mean) * invstd;
-    return next + (i1 - i0);
-  }
-  const scalar_t lower = p.lower, inverse_slope = p.inverse_slope;
-  // Per-channel values: one channel for a run (stride 0), consecutive ones for a row.
-  const int64_t c0 = c >= 0 ? c : i0 % static_cast<int64_t>(p.mean.size());
-  const int64_t step = c >= 0 ? 0 : 1;
-  const scalar_t* bias = p.bias.data() + c0;
-  const scalar_t* inverse_weight = p.inverse_weight.data() + c0;
-  const scalar_t* mean = p.mean.data() + c0;
-  const scalar_t* invstd = p.invstd.data() + c0;
-  int64_t at = next;
-  for (int64_t i = i0, k = 0; i < i1; ++i, k += step) {
-    const scalar_t yv = y[i], rv = r ? r[i] : scalar_t(0);
-    const bool is_kept = rule.kept(yv, rv, c0 + k);
-    const scalar_t xv = kept[std::min(at, last_kept)];
-    at += is_kept;
-    const scalar_t z = select(yv <= lower, (yv - lower) * inverse_slope + lower, yv);
-    out[i] = select(is_kept, (xv - mean[k]) * invstd[k], (z - bias[k] - rv) * inverse_weight[k]);
-  }
-  return at;
 }
 
 at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
