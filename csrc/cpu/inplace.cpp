@@ -75,6 +75,7 @@ std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& wa
                                   const scalar_t* y, const scalar_t* r) {
   const int64_t chunks = walk.chunks();
   std::vector<int64_t> offsets(chunks + 1, 0);
+  if (rule.keeps_none()) return offsets;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
     for (int64_t index = first; index < last; ++index) {
       int64_t count = 0;

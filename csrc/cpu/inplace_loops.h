@@ -61,6 +61,13 @@ struct KeepRule {
     }
   }
 
+  // Whether no value can be kept (an identity or LeakyReLU, safe weights, no residual).
+  bool keeps_none() const {
+    return lower == -std::numeric_limits<acc_t>::infinity() &&
+           upper == std::numeric_limits<acc_t>::infinity() && !has_residual &&
+           std::none_of(always.begin(), always.end(), [](uint8_t a) { return a != 0; });
+  }
+
   bool kept(acc_t y, acc_t r, int64_t c) const {
     const bool clipped = (y <= lower) | (y >= upper);
     if (!has_residual) return clipped | static_cast<bool>(always[c]);
