@@ -123,15 +123,10 @@ std::vector<int64_t> inverse_permutation(const std::vector<int64_t>& order) {
   return inverse;
 }
 
-// Every input value, as kept_input holds it then (memory order), normalized.
-at::Tensor normalized_every_value(const at::Tensor& output, const at::Tensor& kept_input,
-                                  const at::Tensor& mean, const at::Tensor& invstd) {
-  const at::ScalarType dtype = stat_dtype(output.scalar_type());
-  const int64_t dim = output.dim();
+// Every input value, as kept_input holds it then (memory order): a view in the output's layout.
+at::Tensor every_input_value(const at::Tensor& output, const at::Tensor& kept_input) {
   const std::vector<int64_t> order = memory_order(output);
-  const at::Tensor input =
-      kept_input.to(dtype).view(output.permute(order).sizes()).permute(inverse_permutation(order));
-  return (input - per_channel(mean.to(dtype), dim)) * per_channel(invstd.to(dtype), dim);
+  return kept_input.view(output.permute(order).sizes()).permute(inverse_permutation(order));
 }
 
 }  // namespace
@@ -213,19 +208,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
   check_batch_norm_relu_inplace_backward(op, grad_output, output, kept_input, weight, bias,
                                          residual, running_mean, running_var, save_mean,
                                          save_invstd, training);
+  const std::optional<at::Tensor> none;
+  if (kept_input.numel() == output.numel()) {
+    // Every input value kept (low precision, inductor's decomposition): the fused op's backward.
+    return batch_norm_relu_backward(grad_output, output, every_input_value(output, kept_input),
+                                    weight, running_mean, running_var, save_mean, save_invstd,
+                                    training, eps, output_mask, min_val, max_val, negative_slope,
+                                    "piecewise_linear", none);
+  }
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const at::Tensor mean = training ? save_mean : running_mean->to(dtype);
   const at::Tensor invstd = training ? save_invstd : (running_var->to(dtype) + eps).rsqrt();
   const at::Tensor x_hat =
-      kept_input.numel() == output.numel()
-          ? normalized_every_value(output, kept_input, mean, invstd)
-          : steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
+      steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
   // x_hat is batch_norm_relu_backward's input normalized by mean 0 and invstd 1, with the
   // weight scaled by invstd: the same gradients, computed in the statistics dtype.
   const at::Tensor scale = has(weight) ? weight->to(dtype) * invstd : invstd;
   const at::Tensor zeros = at::zeros_like(invstd), ones = at::ones_like(invstd);
   const at::Tensor no_stats = at::empty({0}, invstd.options());
-  const std::optional<at::Tensor> none;
   const auto [grad_input, grad_scale, grad_bias, grad_residual] = batch_norm_relu_backward(
       grad_output.to(dtype), output.to(dtype), x_hat, scale, training ? none : zeros,
       training ? none : ones, training ? zeros : no_stats, training ? ones : no_stats, training,
