@@ -296,14 +296,20 @@ SWEEP = ["densenet121", "shufflenet_v2_x0_5", "regnet_y_400mf", "mnasnet0_5", "v
 SWEEP += ["efficientnet_b0", "mobilenet_v3_small"]
 
 
+@pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("name", SWEEP)
-def test_torchvision_models_fuse_exactly_in_both_modes(name):
+def test_torchvision_models_fuse_exactly_in_both_modes(name, inplace):
     torch.manual_seed(0)
     model = getattr(torchvision.models, name)(num_classes=5).double()
     reference = copy.deepcopy(model)
-    fused = custom_bn.fuse_batchnorm_relu(custom_bn.convert_batchnorm(model))
+    converted = custom_bn.convert_batchnorm(model)
+    fused = custom_bn.fuse_batchnorm_relu(converted, inplace=inplace)
     assert type(fused) is type(reference) and _fused_calls(fused) > 0
-    _assert_same_in_both_modes(reference, fused, torch.randn(2, 3, 64, 64, dtype=torch.float64))
+    assert _fused_calls(converted) == 0  # the input model's forward is untouched
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    before = x.clone()
+    _assert_same_in_both_modes(reference, fused, x)
+    assert torch.equal(x, before)
 
 
 def test_tracing_leaves_the_input_models_buffers_as_they_were():
