@@ -25,13 +25,13 @@ bool same_shape(const at::Tensor& a, const at::Tensor& b) {
   return true;
 }
 
+}  // namespace
+
 void check_same_device(const char* op, const char* name, const at::Tensor& t,
                        const at::Tensor& input) {
   TORCH_CHECK(t.device() == input.device(), op, ": expected ", name, " on the input's device ",
               input.device(), ", but got ", name, " on ", t.device());
 }
-
-}  // namespace
 
 void check_input(const char* op, const at::Tensor& input) {
   TORCH_CHECK(input.defined(), op, ": expected a defined input tensor, but got an undefined one");

@@ -15,6 +15,10 @@ namespace custom_bn {
 // input: floating (float32/64, bfloat16, float16), at least 2 dims (N, C, *).
 void check_input(const char* op, const at::Tensor& input);
 
+// `t` (named `name`) on the input's device.
+void check_same_device(const char* op, const char* name, const at::Tensor& t,
+                       const at::Tensor& input);
+
 // weight, bias, running_mean, running_var: C elements each, the input's device, and one
 // common dtype that is the input's, or float32 with bfloat16/float16 input.
 void check_channel_params(const char* op, const at::Tensor& input,

@@ -111,6 +111,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_inpla
                      CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
 }
 
+at::Tensor batch_norm_relu_normalized_input(CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS) {
+  CUSTOM_BN_OP_HANDLE(batch_norm_relu_normalized_input);
+  return handle.call(output, kept_input, weight, bias, residual, mean, invstd,
+                     CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+}
+
 #undef CUSTOM_BN_OP_HANDLE
 
 }  // namespace custom_bn

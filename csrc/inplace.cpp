@@ -51,6 +51,21 @@ void check_batch_norm_relu_forward_inplace(const char* op, const at::Tensor& inp
   at::assert_no_internal_overlap(input);
 }
 
+namespace {
+
+// kept_input: 1-D, of the output's dtype and device (its length is checked against the output).
+void check_kept_input(const char* op, const at::Tensor& kept_input, const at::Tensor& output) {
+  TORCH_CHECK(kept_input.defined(), op, ": expected kept_input to be a tensor, but got None");
+  TORCH_CHECK(kept_input.dim() == 1, op, ": expected kept_input to be 1-D, but got shape ",
+              kept_input.sym_sizes());
+  TORCH_CHECK(kept_input.scalar_type() == output.scalar_type(), op,
+              ": expected kept_input of the output's dtype ", output.scalar_type(), ", but got ",
+              kept_input.scalar_type());
+  check_same_device(op, "kept_input", kept_input, output);
+}
+
+}  // namespace
+
 void check_batch_norm_relu_inplace_backward(
     const char* op, const at::Tensor& grad_output, const at::Tensor& output,
     const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
@@ -61,11 +76,18 @@ void check_batch_norm_relu_inplace_backward(
                             save_invstd, training, op);
   check_channel_params(op, output, weight, bias, running_mean, running_var);
   if (has(residual)) check_like_input(op, "residual", *residual, output);
-  TORCH_CHECK(kept_input.dim() == 1, op, ": expected kept_input to be 1-D, but got shape ",
-              kept_input.sym_sizes());
-  TORCH_CHECK(kept_input.scalar_type() == output.scalar_type(), op,
-              ": expected kept_input of the output's dtype ", output.scalar_type(), ", but got ",
-              kept_input.scalar_type());
+  check_kept_input(op, kept_input, output);
+}
+
+void check_batch_norm_relu_normalized_input(const char* op, const at::Tensor& output,
+                                            const at::Tensor& kept_input,
+                                            const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& mean, const at::Tensor& invstd) {
+  check_elemt(op, output, weight, bias, mean, invstd);
+  if (has(residual)) check_like_input(op, "residual", *residual, output);
+  check_kept_input(op, kept_input, output);
 }
 
 at::Tensor kept_positions(const at::Tensor& output, const std::optional<at::Tensor>& weight,
@@ -145,12 +167,11 @@ at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& outpu
   return kept_input;
 }
 
-at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
+at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::Tensor& kept_input,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, const at::Tensor& mean,
                             const at::Tensor& invstd, const Activation& act) {
-  const char* op = "custom_bn::batch_norm_relu_inplace_backward";
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const int64_t dim = output.dim();
   const at::Tensor kept = kept_positions(output, weight, bias, residual, act);
@@ -219,8 +240,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const at::Tensor mean = training ? save_mean : running_mean->to(dtype);
   const at::Tensor invstd = training ? save_invstd : (running_var->to(dtype) + eps).rsqrt();
-  const at::Tensor x_hat =
-      steps.normalized_input(output, kept_input, weight, bias, residual, mean, invstd, act);
+  const at::Tensor x_hat = steps.normalized_input(op, output, kept_input.contiguous(), weight, bias,
+                                                  residual, mean, invstd, act);
   // x_hat is batch_norm_relu_backward's input normalized by mean 0 and invstd 1, with the
   // weight scaled by invstd: the same gradients, computed in the statistics dtype.
   const at::Tensor scale = has(weight) ? weight->to(dtype) * invstd : invstd;
@@ -239,6 +260,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
   return {in(grad_input, output.scalar_type()),
           has(weight) ? in(grad_scale, param_dtype) : at::Tensor(), in(grad_bias, param_dtype),
           in(grad_residual, output.scalar_type())};
+}
+
+at::Tensor run_normalized_input(const InplaceSteps& steps,
+                                CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_normalized_input";
+  const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
+  check_batch_norm_relu_normalized_input(op, output, kept_input, weight, bias, residual, mean,
+                                         invstd);
+  if (kept_input.numel() == output.numel()) {
+    const at::ScalarType dtype = stat_dtype(output.scalar_type());
+    const int64_t dim = output.dim();
+    return (every_input_value(output, kept_input).to(dtype) - per_channel(mean, dim)) *
+           per_channel(invstd, dim);
+  }
+  return steps.normalized_input(op, output, kept_input.contiguous(), weight, bias, residual, mean,
+                                invstd, act);
 }
 
 }  // namespace custom_bn

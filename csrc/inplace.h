@@ -51,6 +51,15 @@ void check_batch_norm_relu_inplace_backward(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training);
 
+// batch_norm_relu_normalized_input's checks: batch_norm_elemt's on the output, the residual's
+// and kept_input's.
+void check_batch_norm_relu_normalized_input(const char* op, const at::Tensor& output,
+                                            const at::Tensor& kept_input,
+                                            const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& mean, const at::Tensor& invstd);
+
 // Where the backward cannot recover the input from the output (a bool tensor of output's
 // shape): where act clipped (output at a bound whose slope is 0, or infinite), and where
 // |bias| + |residual| >= kRecoveryMargin * |weight| (also weight 0 and NaN). Compared in the
@@ -77,7 +86,9 @@ struct InplaceSteps {
   // output where kept_positions is false, from kept_input (normalized with mean and invstd)
   // where it is true. (A kept_input with as many values as the output holds every input value,
   // and does not come here.)
-  at::Tensor (*normalized_input)(const at::Tensor& output, const at::Tensor& kept_input,
+  // (`op` names the caller in errors.)
+  at::Tensor (*normalized_input)(const char* op, const at::Tensor& output,
+                                 const at::Tensor& kept_input,
                                  const std::optional<at::Tensor>& weight,
                                  const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, const at::Tensor& mean,
@@ -94,6 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
     const InplaceSteps& steps, CUSTOM_BN_BATCH_NORM_RELU_INPLACE_BACKWARD_PARAMS);
 
+at::Tensor run_normalized_input(const InplaceSteps& steps,
+                                CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS);
+
 // The stage ops' kernels of a backend whose steps are `Steps`, for TORCH_LIBRARY_IMPL.
 template <const InplaceSteps& Steps>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_inplace_kernel(
@@ -109,6 +123,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> inplace_backward_kern
   return run_inplace_backward(Steps, grad_output, output, kept_input, weight, bias, residual,
                               running_mean, running_var, save_mean, save_invstd, training, eps,
                               output_mask, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+}
+
+template <const InplaceSteps& Steps>
+at::Tensor normalized_input_kernel(CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS) {
+  return run_normalized_input(Steps, output, kept_input, weight, bias, residual, mean, invstd,
+                              CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
 }
 
 // That kept_input has the kept count the output and residual give.

@@ -114,6 +114,11 @@
   const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& mean, \
   const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const at::Tensor& sum_dy, \
   const at::Tensor& sum_dy_xmu, const at::Tensor& count
+
+#define CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS \
+  const at::Tensor& output, const at::Tensor& kept_input, const std::optional<at::Tensor>& weight, \
+  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, \
+  const at::Tensor& mean, const at::Tensor& invstd, CUSTOM_BN_INPLACE_ACTIVATION_PARAMS
 // clang-format on
 
 namespace custom_bn::detail {
@@ -149,6 +154,8 @@ CUSTOM_BN_CHECK_PARAMS(batch_norm_gather_stats_with_counts,
 CUSTOM_BN_CHECK_PARAMS(batch_norm_elemt, CUSTOM_BN_BATCH_NORM_ELEMT_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_backward_reduce, CUSTOM_BN_BATCH_NORM_BACKWARD_REDUCE_PARAMS);
 CUSTOM_BN_CHECK_PARAMS(batch_norm_backward_elemt, CUSTOM_BN_BATCH_NORM_BACKWARD_ELEMT_PARAMS);
+CUSTOM_BN_CHECK_PARAMS(batch_norm_relu_normalized_input,
+                       CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS);
 
 #undef CUSTOM_BN_CHECK_PARAMS
 

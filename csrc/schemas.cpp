@@ -88,6 +88,12 @@ TORCH_LIBRARY(custom_bn, m) {
   m.def(
       "batch_norm_backward_elemt(Tensor grad_output, Tensor input, Tensor mean, Tensor invstd, "
       "Tensor? weight, Tensor sum_dy, Tensor sum_dy_xmu, Tensor count) -> Tensor");
+  // In-place activated batch norm over processes: the normalized input that a
+  // batch_norm_relu_forward_ call (with mean and invstd) overwrote, from its output and kept_input.
+  m.def(
+      "batch_norm_relu_normalized_input(Tensor output, Tensor kept_input, Tensor? weight, "
+      "Tensor? bias, Tensor? residual, Tensor mean, Tensor invstd, float min_val=0., "
+      "float? max_val=None, float negative_slope=0.) -> Tensor");
   // The result cache (include/custom_bn/result_cache.h), for the Python package's
   // custom_bn.result_cache.
   m.def("_result_cache_bytes() -> int");

@@ -35,6 +35,8 @@ TORCH_LIBRARY_IMPL(custom_bn, CompositeExplicitAutograd, m) {
   m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kGenericInplaceSteps>));
   m.impl("batch_norm_relu_inplace_backward",
          TORCH_FN(inplace_backward_kernel<kGenericInplaceSteps>));
+  m.impl("batch_norm_relu_normalized_input",
+         TORCH_FN(normalized_input_kernel<kGenericInplaceSteps>));
 }
 
 }  // namespace custom_bn

@@ -122,18 +122,18 @@ at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& outpu
   return kept_input;
 }
 
-at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
+at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::Tensor& kept_input,
                             const std::optional<at::Tensor>& weight,
                             const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& residual, const at::Tensor& mean,
                             const at::Tensor& invstd, const Activation& act) {
   // Low precision keeps every input value and does not come here (keeps_every_value).
   if (!walks_memory(output, output, residual) || keeps_every_value(output.scalar_type())) {
-    return kGenericInplaceSteps.normalized_input(output, kept_input, weight, bias, residual, mean,
-                                                 invstd, act);
+    return kGenericInplaceSteps.normalized_input(op, output, kept_input, weight, bias, residual,
+                                                 mean, invstd, act);
   }
   const at::Tensor x_hat = at::empty_like(output);
-  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "batch_norm_relu_inplace_backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "normalized_input", [&] {
     const Walk walk(output);
     const int64_t channels = walk.channels;
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), channels);
@@ -150,7 +150,7 @@ at::Tensor normalized_input(const at::Tensor& output, const at::Tensor& kept_inp
     const scalar_t* r = has(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = x_hat.data_ptr<scalar_t>();
     const std::vector<int64_t> offsets = kept_offsets(rule, walk, y, r);
-    check_kept_count("custom_bn::batch_norm_relu_inplace_backward", offsets.back(), kept_input);
+    check_kept_count(op, offsets.back(), kept_input);
     const int64_t last_kept = std::max<int64_t>(kept_input.numel() - 1, 0);
     const scalar_t no_value = scalar_t(0);
     const scalar_t* kept =
@@ -176,6 +176,7 @@ const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
   m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kCpuInplaceSteps>));
   m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward_kernel<kCpuInplaceSteps>));
+  m.impl("batch_norm_relu_normalized_input", TORCH_FN(normalized_input_kernel<kCpuInplaceSteps>));
 }
 
 }  // namespace custom_bn::cpu

@@ -153,10 +153,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_inpla
           output_mask[3] ? empty_gradient(output) : at::Tensor()};
 }
 
+at::Tensor batch_norm_relu_normalized_input(CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PARAMS) {
+  const char* op = "custom_bn::batch_norm_relu_normalized_input";
+  checked_inplace_activation(op, CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
+  check_batch_norm_relu_normalized_input(op, output, kept_input, weight, bias, residual, mean,
+                                         invstd);
+  return at::empty_like(output, output.options().dtype(stat_dtype(output.scalar_type())));
+}
+
 TORCH_LIBRARY_IMPL(custom_bn, Meta, m) {
   CUSTOM_BN_REGISTER_BACKEND_OPS(m);
   m.impl("batch_norm_relu_forward_", TORCH_FN(meta::batch_norm_relu_forward_));
   m.impl("batch_norm_relu_inplace_backward", TORCH_FN(meta::batch_norm_relu_inplace_backward));
+  m.impl("batch_norm_relu_normalized_input", TORCH_FN(meta::batch_norm_relu_normalized_input));
 }
 
 }  // namespace custom_bn::meta

@@ -164,4 +164,16 @@ at::Tensor batch_norm_backward_elemt(const at::Tensor& grad_output, const at::Te
                                      const at::Tensor& sum_dy, const at::Tensor& sum_dy_xmu,
                                      const at::Tensor& count);
 
+// The normalized input (input - mean) * invstd of a batch_norm_relu_forward_ call that kept
+// kept_input, from its output (and residual), in the statistics dtype and the output's layout:
+// the backward of in-place activated batch norm over processes (SyncBatchNorm) reduces it.
+// weight, bias, residual and the activation are the forward's; mean and invstd its statistics.
+at::Tensor batch_norm_relu_normalized_input(const at::Tensor& output, const at::Tensor& kept_input,
+                                            const std::optional<at::Tensor>& weight,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& residual,
+                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                            double min_val, std::optional<double> max_val,
+                                            double negative_slope);
+
 }  // namespace custom_bn

@@ -102,6 +102,16 @@ def set_activation(module: nn.Module, activation: Activation) -> None:
     module.activation = kind
 
 
+def set_inplace(module: nn.Module, inplace: bool) -> None:
+    """Makes a fused module in place (batch_norm_relu_), which its activation must allow."""
+    if inplace and module.activation != PIECEWISE_LINEAR:
+        raise ValueError(
+            f"{type(module).__name__}: inplace=True needs a piecewise-linear activation (one its "
+            f"output inverts), but got activation={module.activation!r}"
+        )
+    module.inplace = bool(inplace)
+
+
 def activation_of(module: nn.Module) -> Activation:
     return (module.min_val, module.max_val, module.negative_slope, module.activation)
 

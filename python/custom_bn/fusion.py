@@ -52,6 +52,7 @@ from .fusion_patterns import (
     _writable,
 )
 from .integrations.torch_nn import NormBase
+from .sync_batchnorm import SyncBatchNorm, sync_batch_norm_relu_
 
 
 def batch_norm_relu(
@@ -62,8 +63,11 @@ def batch_norm_relu(
     inplace: bool = False,
 ) -> Tensor:
     """act(bn(input) + residual): the fused op on `bn`'s state when `bn` is a plain
-    BatchNorm2d without hooks (with inplace, the in-place op, written over input), else the
-    three steps (the add only with a residual)."""
+    BatchNorm2d without hooks (with inplace, the in-place op, written over input; also on a
+    custom_bn.SyncBatchNorm that replaced it), else the three steps (the add only with a
+    residual)."""
+    if inplace and type(bn) is SyncBatchNorm and not _has_hooks(bn):
+        return sync_batch_norm_relu_(bn, input, residual, activation)
     if type(bn) in _BATCHNORM_2D and not _has_hooks(bn):
         bn._check_input_dim(input)
         arguments = batch_norm_arguments(bn)

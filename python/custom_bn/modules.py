@@ -4,7 +4,7 @@ forward is one call of torch.ops.custom_bn.batch_norm."""
 import torch
 from torch import Tensor
 
-from ._activation import PIECEWISE_LINEAR, activation_repr, set_activation
+from ._activation import activation_repr, set_activation, set_inplace
 from ._state import BatchNormState
 from .integrations.torch_nn import BatchNormBase, NormBase
 
@@ -53,13 +53,28 @@ class BatchNorm3d(_CustomBatchNorm, torch.nn.BatchNorm3d):
 class _FusedActivation2d:
     """What the fused modules (BatchNormReLU2d, SyncBatchNormReLU2d) share: their activation,
     a ReLU by default (also for a module pickled before the activation existed), shown in the
-    repr when it is another; 4-D input."""
+    repr when it is another, given by the keywords below after the batch norm's own
+    arguments; `inplace`; 4-D input."""
 
     min_val: float = 0.0
     max_val: float | None = None
     negative_slope: float = 0.0
     activation: str = "piecewise_linear"
     inplace: bool = False
+
+    def __init__(
+        self,
+        *args,
+        min_val: float = 0.0,
+        max_val: float | None = None,
+        negative_slope: float = 0.0,
+        activation: str = "piecewise_linear",
+        inplace: bool = False,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        set_activation(self, (min_val, max_val, negative_slope, activation))
+        set_inplace(self, inplace)
 
     def extra_repr(self) -> str:
         return (
@@ -76,10 +91,12 @@ class _FusedActivation2d:
 class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
     """act(BatchNorm2d(input) + residual) as one fused op, torch.ops.custom_bn.batch_norm_relu:
     one pass forward, one backward, and no activation saved beyond the output. The state and
-    constructor are BatchNorm2d's (the same state_dict as torch.nn.BatchNorm2d); act is a ReLU
-    unless the keywords say otherwise, as the op takes them: ReLU6 is `max_val=6`, Hardtanh(a,
-    b) `min_val=a, max_val=b`, LeakyReLU(s) `negative_slope=s` (s >= 0), or a smooth one by
-    name: `activation="silu"`, `"hardswish"` or `"gelu"` (then no residual).
+    constructor are BatchNorm2d's (num_features, eps=1e-5, momentum=0.1, affine=True,
+    track_running_stats=True, device=None, dtype=None: the same state_dict as
+    torch.nn.BatchNorm2d); act is a ReLU unless the keywords say otherwise, as the op takes
+    them: ReLU6 is `max_val=6`, Hardtanh(a, b) `min_val=a, max_val=b`, LeakyReLU(s)
+    `negative_slope=s` (s >= 0), or a smooth one by name: `activation="silu"`, `"hardswish"`
+    or `"gelu"` (then no residual).
 
     `inplace=True` (piecewise-linear activations only) writes the output over the input and
     keeps for the backward only the output, the residual and the input values the output
@@ -90,33 +107,6 @@ class BatchNormReLU2d(_FusedActivation2d, BatchNormState, NormBase):
     It is deliberately not a torch `_BatchNorm`: SyncBatchNorm converters (torch's, timm's,
     Lightning's) take every `_BatchNorm` for a plain batch norm and would drop the activation.
     custom_bn.SyncBatchNorm.convert_sync_batchnorm turns it into SyncBatchNormReLU2d."""
-
-    def __init__(
-        self,
-        num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-        *,
-        min_val: float = 0.0,
-        max_val: float | None = None,
-        negative_slope: float = 0.0,
-        activation: str = "piecewise_linear",
-        inplace: bool = False,
-    ):
-        super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
-        )
-        set_activation(self, (min_val, max_val, negative_slope, activation))
-        if inplace and activation != PIECEWISE_LINEAR:
-            raise ValueError(
-                f"BatchNormReLU2d: inplace=True needs a piecewise-linear activation (one its "
-                f"output inverts), but got activation={activation!r}"
-            )
-        self.inplace = inplace
 
     def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
         if not torch.jit.is_scripting():

@@ -260,5 +260,29 @@ TEST_F(BatchNormRelu, InPlaceModuleTrainsAsTheFusedOne) {
                c10::ValueError);
 }
 
+TEST_F(BatchNormRelu, NormalizedInputIsRecoveredFromTheInPlaceOutput) {
+  // The C++ API of the stage ops SyncBatchNorm's in-place backward runs: the forward writes
+  // over x and keeps what the output cannot give back; the normalized input comes back.
+  torch::manual_seed(0);
+  const torch::Tensor x = torch::randn({4, 3, 5, 6});
+  const torch::Tensor weight = torch::tensor({1.0F, 0.0F, 0.5F});
+  const torch::Tensor bias = torch::tensor({0.1F, 0.2F, 1.5F});
+  const torch::Tensor residual = torch::randn_like(x);
+  torch::Tensor output = x.clone();
+  const auto [mean, invstd, kept] =
+      batch_norm_relu_forward_(output, weight, bias, std::nullopt, std::nullopt, std::nullopt,
+                               residual, /*training=*/true, 0.1, 1e-5, 0.0, std::nullopt, 0.0,
+                               /*keep_input=*/true);
+  EXPECT_LT(kept.numel(), x.numel());
+  const torch::Tensor x_hat = batch_norm_relu_normalized_input(
+      output, kept, weight, bias, residual, mean, invstd, 0.0, std::nullopt, 0.0);
+  expect_close(x_hat, (x - mean.view({1, 3, 1, 1})) * invstd.view({1, 3, 1, 1}),
+               tolerance(torch::kFloat), "x_hat");
+  EXPECT_THROW(
+      batch_norm_relu_normalized_input(output, kept.narrow(0, 1, kept.numel() - 1), weight, bias,
+                                       residual, mean, invstd, 0.0, std::nullopt, 0.0),
+      c10::Error);
+}
+
 }  // namespace
 }  // namespace custom_bn::testing

@@ -27,6 +27,16 @@ TOLERANCES = {
 SHAPES = {2: (12, 5), 3: (4, 6, 7), 4: (3, 5, 6, 7), 5: (2, 3, 4, 5, 3)}
 LAYOUTS = ("contiguous", "channels_last", "sliced", "transposed")
 
+# The fused op's piecewise-linear activations as (min_val, max_val, negative_slope): ReLU,
+# ReLU6, hardtanh, LeakyReLU, identity.
+PIECEWISE_LINEAR = {
+    "relu": (0.0, None, 0.0),
+    "relu6": (0.0, 6.0, 0.0),
+    "hardtanh": (-1.0, 1.0, 0.0),
+    "leaky_relu": (0.0, None, 0.1),
+    "identity": (0.0, None, 1.0),
+}
+
 
 def tolerance(dtype: torch.dtype) -> dict:
     rtol, atol = TOLERANCES[dtype]

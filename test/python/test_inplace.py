@@ -9,18 +9,11 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from samples import PIECEWISE_LINEAR as ACTIVATIONS
 from samples import all_samples, make_sample, tolerance
 
 ops = torch.ops.custom_bn
 
-# (min_val, max_val, negative_slope): ReLU, ReLU6, hardtanh, LeakyReLU, identity.
-ACTIVATIONS = {
-    "relu": (0.0, None, 0.0),
-    "relu6": (0.0, 6.0, 0.0),
-    "hardtanh": (-1.0, 1.0, 0.0),
-    "leaky_relu": (0.0, None, 0.1),
-    "identity": (0.0, None, 1.0),
-}
 PARITY_DTYPES = ("float32", "float64", "bfloat16+float32", "float16")
 PARITY = [
     (name, kwargs, activation, residual)
