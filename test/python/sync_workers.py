@@ -69,6 +69,7 @@ def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="g
                 == whole.num_batches_tracked.item()
                 == min(step + 1, 3)
             )
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -168,6 +169,7 @@ def inplace_parity(rank, world_size, init_file, split, activation, residual, dty
             dist.all_reduce(kept_everywhere)
             assert kept_everywhere.item() == kept_whole, (kept_everywhere.item(), kept_whole)
             assert kept_whole < x.numel() or dtype == torch.bfloat16
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -236,6 +238,7 @@ def ddp_training(rank, world_size, init_file, backend="gloo", device="cpu", inpl
             synced.state_dict().items(), whole.state_dict().items(), strict=False
         ):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -268,5 +271,6 @@ def inplace_compiled(rank, world_size, init_file):
                 torch.testing.assert_close(
                     getattr(compiled_module, name), getattr(eager, name), **TOLERANCE
                 )
+        dist.barrier()  # no rank tears down while another still talks to it
     finally:
         dist.destroy_process_group()

@@ -107,3 +107,17 @@ def test_in_place_bounds_drop_the_batch_norm_input_and_keep_its_clipped_values()
         clipped = (custom_bn.fusion.batch_norm_relu(model[1], model[0](x)) == 0).float().mean()
     assert 0.2 < clipped < 0.8
     assert bounds["exact"] == pytest.approx(bounds["floor"] + clipped * bn_input_bytes)
+
+
+def test_sync_memory_counts_each_variant_on_a_rank():
+    """scripts/bench --sync-memory: on two gloo ranks, SyncBatchNorm converted from the fused
+    model keeps what torch keeps; converted from the in-place one, less."""
+    import sync_memory
+
+    config = ("resnet18", 2, 32, "NCHW", "float32")
+    torch_saved = sync_memory.measure(config, "torch")
+    sync = sync_memory.measure(config, "sync")
+    in_place = sync_memory.measure(config, "sync_inplace")
+    # The statistics and counts SyncBatchNorm keeps per channel weigh at this small size.
+    assert 0.97 * torch_saved <= sync <= 1.1 * torch_saved
+    assert in_place <= 0.85 * sync, (in_place, sync)

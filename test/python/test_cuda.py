@@ -3,7 +3,7 @@ batch norm. Skipped, and counted as skipped, without a device."""
 
 import pytest
 import torch
-from samples import all_samples, assert_matches_torch, make_sample, reference_batch_norm
+from samples import all_samples, assert_matches_torch, make_sample, reference_batch_norm, tolerance
 
 ops = torch.ops.custom_bn
 pytestmark = pytest.mark.cuda
@@ -161,3 +161,33 @@ def test_output_and_gradient_layouts_follow_the_cpu_rule(training):
             (grad,) = torch.autograd.grad(out, inp, torch.ones_like(out), allow_unused=True)
             strides.append((out.stride(), None if grad is None else grad.stride()))
         assert strides[1] == strides[0], name
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16+float32"])
+def test_in_place_op_on_cuda_matches_the_cpu(layout, dtype_name):
+    """batch_norm_relu_ (the generic steps around the device's fused kernels) against the CPU's
+    loops: output, running stats, the kept values and the gradients; and the normalized input
+    SyncBatchNorm's in-place backward recovers."""
+    s = make_sample((4, 6, 5, 7), dtype_name, layout)
+    residual, grad = torch.randn_like(s.input), torch.randn_like(s.input)
+    results = {}
+    for device in ("cpu", "cuda"):
+        c = s.clone()
+        x, weight, bias, r = (
+            t.to(device).requires_grad_() for t in (c.input, c.weight, c.bias, residual)
+        )
+        stats = [t.to(device) for t in (c.running_mean, c.running_var, c.num_batches_tracked)]
+        output = x * 1  # a tensor nothing else reads
+        ops.batch_norm_relu_(output, weight, bias, stats[0], stats[1], True, 0.1, 1e-5, stats[2], r)
+        grads = torch.autograd.grad(output, (x, weight, bias, r), grad.to(device))
+        forward = (x.detach().clone(), weight, bias, *stats[:2], None, r, True, 0.1, 1e-5)
+        save_mean, save_invstd, kept = ops.batch_norm_relu_forward_(*forward)
+        x_hat = ops.batch_norm_relu_normalized_input(
+            forward[0], kept, weight, bias, r, save_mean, save_invstd
+        )
+        results[device] = [output, *stats[:2], kept, x_hat, *grads]
+    for ours, expected in zip(results["cuda"], results["cpu"], strict=True):
+        torch.testing.assert_close(
+            ours.detach().cpu(), expected.detach(), **tolerance(s.input.dtype)
+        )
