@@ -28,6 +28,8 @@ bool is_channels_last_dense(const at::Tensor& t) {
   return dense_at(0);
 }
 
+}  // namespace
+
 std::optional<ChannelView> channel_view_of(const at::Tensor& t) {
   const int64_t N = t.size(0), C = t.size(1);
   int64_t S = 1;
@@ -40,8 +42,6 @@ std::optional<ChannelView> channel_view_of(const at::Tensor& t) {
   if (t.is_contiguous()) return ChannelView{Layout::kChannelsFirst, N, C, S};
   return std::nullopt;
 }
-
-}  // namespace
 
 DenseTensor make_dense(const at::Tensor& input) {
   if (std::optional<ChannelView> view = channel_view_of(input)) return {input, *view};

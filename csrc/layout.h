@@ -7,6 +7,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
+#include <optional>
+
 namespace custom_bn {
 
 // A tensor the kernels can walk, and how. `tensor` is the input itself when it is
@@ -17,6 +19,9 @@ struct DenseTensor {
 };
 
 DenseTensor make_dense(const at::Tensor& input);
+
+// How the kernels walk `t` where it is channels-first or channels-last dense; else none.
+std::optional<ChannelView> channel_view_of(const at::Tensor& t);
 
 // Whether two tensors of the same sizes map their elements to the same offsets: equal strides
 // in every dimension longer than 1 (a size-1 dimension's stride is never used).

@@ -1,7 +1,8 @@
 // In-place activated batch norm for every backend at once, in the backends' own ops
 // (csrc/inplace.cpp): batch_norm_relu_ is the forward stage op, whose Autograd kernel
 // (csrc/autograd/inplace.cpp) makes it differentiable; the stage ops run the generic steps
-// where a backend has no kernels of its own (the CPU's: csrc/cpu/inplace.cpp).
+// where a backend has no kernels of its own (the CPU's: csrc/cpu/inplace.cpp; CUDA's:
+// csrc/cuda/inplace.cu).
 #include "inplace.h"
 #include "checks.h"
 #include "op_params.h"
