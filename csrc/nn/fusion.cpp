@@ -4,6 +4,7 @@
 
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/batchnorm.h>
+#include <torch/nn/modules/conv.h>
 #include <torch/nn/modules/linear.h>
 
 #include <unordered_map>
@@ -56,9 +57,14 @@ std::optional<FusedActivationOptions> fused_activation(const torch::nn::Module& 
   return std::nullopt;
 }
 
+bool is_convolution(const torch::nn::Module& m) {
+  return m.as<torch::nn::Conv1dImpl>() || m.as<torch::nn::Conv2dImpl>() ||
+         m.as<torch::nn::Conv3dImpl>();
+}
+
 }  // namespace
 
-torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequential) {
+torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequential, bool inplace) {
   const auto children = sequential->named_children();
   std::vector<torch::nn::AnyModule> modules(sequential->begin(), sequential->end());
   torch::nn::Sequential fused;
@@ -66,8 +72,12 @@ torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequentia
   for (size_t i = 0; i < modules.size(); ++i) {
     const std::string& name = children[i].key();
     const std::shared_ptr<torch::nn::Module> child = modules[i].ptr();
-    const std::optional<FusedActivationOptions> activation =
+    std::optional<FusedActivationOptions> activation =
         i + 1 < modules.size() ? fused_activation(*modules[i + 1].ptr()) : std::nullopt;
+    if (activation && inplace && activation->activation() == "piecewise_linear" && i > 0 &&
+        is_convolution(*modules[i - 1].ptr())) {
+      activation->inplace(true);
+    }
     if (std::optional<BatchNormReLU2d> bn_relu =
             activation ? fuse_if_batchnorm(child, *activation) : std::nullopt) {
       fused->push_back(std::string(name), *bn_relu);

@@ -15,6 +15,12 @@ namespace custom_bn {
 /// state_dict its keys. Other modules are shared with `sequential`, which is left as it was
 /// (LibTorch's Sequential cannot hold a Sequential, so there is no nesting to follow). With nothing
 /// to fuse, returns `sequential` itself.
-torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequential);
+///
+/// With `inplace`, a fused layer with a piecewise-linear activation right after a convolution
+/// (torch::nn::Conv1d/2d/3d: in a Sequential, its output has no other reader) is in place
+/// (FusedActivationOptions::inplace, in-place activated batch norm): it writes over the
+/// convolution's output and keeps for the backward only its own output.
+torch::nn::Sequential fuse_batchnorm_relu(const torch::nn::Sequential& sequential,
+                                          bool inplace = false);
 
 }  // namespace custom_bn

@@ -65,6 +65,34 @@ TEST_F(Fusion, FusesBatchNormThenReluAndKeepsState) {
             model[1]->as<torch::nn::BatchNorm2dImpl>()->running_var.data_ptr());
 }
 
+TEST_F(Fusion, InPlaceAfterAConvolutionTrainsAsTheFusedModel) {
+  // Both conv -> BN -> ReLU chains fuse in place; the last batch norm, without an activation,
+  // stays as it is. In lockstep with the model fused out of place.
+  torch::nn::Sequential model = conv_bn_relu_model();
+  torch::nn::Sequential in_place = fuse_batchnorm_relu(model, /*inplace=*/true);
+  torch::nn::Sequential fused = fuse_batchnorm_relu(conv_bn_relu_model());
+  for (const auto& item : fused->named_parameters()) {
+    torch::NoGradGuard no_grad;
+    item.value().copy_(model->named_parameters()[item.key()]);
+  }
+  EXPECT_TRUE(in_place[1]->as<BatchNormReLU2dImpl>()->activation.inplace());
+  EXPECT_TRUE(in_place[4]->as<BatchNormReLU2dImpl>()->activation.inplace());
+  EXPECT_FALSE(fused[1]->as<BatchNormReLU2dImpl>()->activation.inplace());
+  for (int step = 0; step < 2; ++step) {
+    const torch::Tensor x = torch::randn({4, 3, 6, 6}, torch::kFloat);
+    const torch::Tensor expected = fused->forward(x);
+    const torch::Tensor got = in_place->forward(x);
+    expect_close(got, expected, tolerance(torch::kFloat), "output");
+    const torch::Tensor upstream = torch::randn_like(expected);
+    (got * upstream).sum().backward();
+    (expected * upstream).sum().backward();
+  }
+  const auto reference = fused->named_parameters();
+  for (const auto& item : in_place->named_parameters()) {
+    expect_close(item.value().grad(), reference[item.key()].grad(), {1e-5, 2e-4}, item.key());
+  }
+}
+
 TEST_F(Fusion, KeepsEachModulesTrainingMode) {
   torch::nn::Sequential model = conv_bn_relu_model();
   model->eval();

@@ -268,11 +268,16 @@ TEST(Readme, CppSnippetRuns) {
   torch::Tensor z = bn_relu(net->forward(x), /*residual=*/torch::randn({4, 16, 8, 8}));
   custom_bn::BatchNormReLU2d bn_relu6(16, custom_bn::FusedActivationOptions().max_val(6.0));
   custom_bn::BatchNormReLU2d bn_silu(16, custom_bn::FusedActivationOptions().activation("silu"));
+  // In place (piecewise-linear activations): the output written over the input, a tensor
+  // nothing else needs; the backward keeps only the output and the values it cannot give back.
+  custom_bn::BatchNormReLU2d bn_relu_inplace(16, custom_bn::FusedActivationOptions().inplace(true));
 
   // BatchNorm2d (torch::nn's or ours) then ReLU (or ReLU6, Hardtanh, LeakyReLU, SiLU, GELU) in a
   // Sequential becomes one BatchNormReLU2d over the same parameters; the activation's slot
   // holds an Identity, so the state_dict keys stay.
   torch::nn::Sequential fused = custom_bn::fuse_batchnorm_relu(net);
+  // With inplace, those right after a convolution are in place (piecewise-linear activations).
+  torch::nn::Sequential fused_inplace = custom_bn::fuse_batchnorm_relu(net, /*inplace=*/true);
 
   // Frozen statistics and affine parameters, whatever the mode (torchvision's FrozenBatchNorm2d).
   custom_bn::FrozenBatchNorm2d frozen(16);
@@ -292,6 +297,9 @@ TEST(Readme, CppSnippetRuns) {
                torch::silu(torch::batch_norm(z, {}, {}, {}, {}, true, 0.1, 1e-5, false)),
                tolerance(torch::kFloat), "silu");
   EXPECT_TRUE(fused[1]->as<custom_bn::BatchNormReLU2dImpl>() != nullptr);
+  EXPECT_TRUE(fused_inplace[1]->as<custom_bn::BatchNormReLU2dImpl>()->activation.inplace());
+  const torch::Tensor h = net[0]->as<torch::nn::Conv2dImpl>()->forward(x);
+  EXPECT_EQ(bn_relu_inplace(h).data_ptr(), h.data_ptr());
   expect_close(y, torch::batch_norm(x, {}, {}, {}, {}, true, 0.1, 1e-5, false),
                tolerance(torch::kFloat), "output");
 }
