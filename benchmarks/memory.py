@@ -284,6 +284,15 @@ def _ratio(row, variant: str, key: str) -> str:
     return f"{ours / theirs:.2f}x" if theirs else "-"
 
 
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="the ResNet-50 NCHW float32 row")
@@ -326,12 +335,7 @@ def main():
             cells += [_ratio(row, variant, key) for variant in VARIANTS[1:]]
         cells += [_ratio(row, f"in_place_{bound}", "saved_mb") for bound in ("floor", "exact")]
         print(" | ".join(cells), flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "memory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out_dir / 'memory.csv'}")
+    write_csv(rows, args.out_dir / "memory.csv")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ each storage once, parameters excluded), each variant in processes of its own.
 Writes build/bench/sync_memory.csv."""
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -22,19 +21,12 @@ import custom_bn
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from memory import make_inputs, make_trainer, saved_bytes, training_loss
+from memory import FULL, QUICK, make_inputs, make_trainer, saved_bytes, training_loss, write_csv
 from models import build
 
 WORLD_SIZE = 2
+# The rows are memory.py's (FULL, QUICK), with its batch per rank.
 VARIANTS = ("torch", "sync", "sync_inplace")
-# (model, batch per rank, pixels, layout, dtype), as memory.py's rows.
-FULL = [
-    (model, 8, 112, layout, dtype)
-    for model in ("resnet18", "resnet50", "mobilenet_v2")
-    for layout in ("NCHW", "NHWC")
-    for dtype in ("float32", "bfloat16")
-]
-QUICK = [("resnet50", 8, 112, "NCHW", "float32")]
 
 
 def build_variant(name: str, variant: str, layout: str) -> torch.nn.Module:
@@ -114,12 +106,7 @@ def main():
         rows.append(row)
         ratios = [f"{saved[v] / saved['torch']:.2f}x" for v in VARIANTS[1:]]
         print(" | ".join([*map(str, config), str(row["torch_saved_mb"]), *ratios]), flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    with open(args.out_dir / "sync_memory.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {args.out_dir / 'sync_memory.csv'}")
+    write_csv(rows, args.out_dir / "sync_memory.csv")
 
 
 if __name__ == "__main__":

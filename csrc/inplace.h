@@ -131,6 +131,14 @@ at::Tensor normalized_input_kernel(CUSTOM_BN_BATCH_NORM_RELU_NORMALIZED_INPUT_PA
                               CUSTOM_BN_INPLACE_ACTIVATION_ARGS);
 }
 
+// Registers the three stage ops of a backend whose steps are `steps` (a const InplaceSteps with
+// linkage), inside its TORCH_LIBRARY_IMPL block `m`.
+#define CUSTOM_BN_REGISTER_INPLACE_OPS(m, steps)                                            \
+  m.impl("batch_norm_relu_forward_", TORCH_FN(::custom_bn::forward_inplace_kernel<steps>)); \
+  m.impl("batch_norm_relu_inplace_backward",                                                \
+         TORCH_FN(::custom_bn::inplace_backward_kernel<steps>));                            \
+  m.impl("batch_norm_relu_normalized_input", TORCH_FN(::custom_bn::normalized_input_kernel<steps>))
+
 // That kept_input has the kept count the output and residual give.
 void check_kept_count(const char* op, int64_t kept, const at::Tensor& kept_input);
 

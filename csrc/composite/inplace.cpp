@@ -33,11 +33,7 @@ TORCH_LIBRARY_IMPL(custom_bn, CompositeImplicitAutograd, m) {
 }
 
 TORCH_LIBRARY_IMPL(custom_bn, CompositeExplicitAutograd, m) {
-  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kGenericInplaceSteps>));
-  m.impl("batch_norm_relu_inplace_backward",
-         TORCH_FN(inplace_backward_kernel<kGenericInplaceSteps>));
-  m.impl("batch_norm_relu_normalized_input",
-         TORCH_FN(normalized_input_kernel<kGenericInplaceSteps>));
+  CUSTOM_BN_REGISTER_INPLACE_OPS(m, kGenericInplaceSteps);
 }
 
 }  // namespace custom_bn

@@ -173,10 +173,6 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
 extern const InplaceSteps kCpuInplaceSteps;
 const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input};
 
-TORCH_LIBRARY_IMPL(custom_bn, CPU, m) {
-  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kCpuInplaceSteps>));
-  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward_kernel<kCpuInplaceSteps>));
-  m.impl("batch_norm_relu_normalized_input", TORCH_FN(normalized_input_kernel<kCpuInplaceSteps>));
-}
+TORCH_LIBRARY_IMPL(custom_bn, CPU, m) { CUSTOM_BN_REGISTER_INPLACE_OPS(m, kCpuInplaceSteps); }
 
 }  // namespace custom_bn::cpu

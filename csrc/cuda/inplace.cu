@@ -157,10 +157,6 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
 extern const InplaceSteps kCudaInplaceSteps;
 const InplaceSteps kCudaInplaceSteps{write_output_keeping_input, normalized_input};
 
-TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) {
-  m.impl("batch_norm_relu_forward_", TORCH_FN(forward_inplace_kernel<kCudaInplaceSteps>));
-  m.impl("batch_norm_relu_inplace_backward", TORCH_FN(inplace_backward_kernel<kCudaInplaceSteps>));
-  m.impl("batch_norm_relu_normalized_input", TORCH_FN(normalized_input_kernel<kCudaInplaceSteps>));
-}
+TORCH_LIBRARY_IMPL(custom_bn, CUDA, m) { CUSTOM_BN_REGISTER_INPLACE_OPS(m, kCudaInplaceSteps); }
 
 }  // namespace custom_bn::cuda
