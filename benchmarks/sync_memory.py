@@ -9,6 +9,7 @@ Writes build/bench/sync_memory.csv."""
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import pathlib
@@ -58,6 +59,7 @@ def _measure_rank(rank: int, config, variant: str, directory: str):
         dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
+        gc.collect()  # gloo's objects go before the interpreter's shutdown (pytorch issue 190489)
 
 
 def measure(config, variant: str) -> int:

@@ -86,10 +86,23 @@ class _SyncBatchNormReLUInplaceFunction(torch.autograd.Function):
         variance = (invstd.double().pow(-2) - eps).to(invstd.dtype)
         ctx.parameter_dtype = input.dtype if weight is None else weight.dtype
         weight, bias = (None if p is None else p.to(mean.dtype) for p in (weight, bias))
+        min_val, max_val, negative_slope = activation
         _, _, kept_input = ops.batch_norm_relu_forward_(
-            input, weight, bias, mean, variance, None, residual, False, None, eps, *activation,
+            input,
+            weight,
+            bias,
+            running_mean=mean,
+            running_var=variance,
+            num_batches_tracked=None,
+            residual=residual,
+            training=False,
+            momentum=None,
+            eps=eps,
+            min_val=min_val,
+            max_val=max_val,
+            negative_slope=negative_slope,
             keep_input=any(ctx.needs_input_grad),
-        )  # fmt: skip
+        )
         ctx.mark_dirty(input)
         ctx.save_for_backward(input, kept_input, weight, bias, residual, mean, invstd, counts)
         ctx.activation, ctx.ranks = activation, ranks
@@ -106,10 +119,23 @@ class _SyncBatchNormReLUInplaceFunction(torch.autograd.Function):
         zeros, ones = torch.zeros_like(invstd), torch.ones_like(invstd)
         # Evaluation mode on x_hat with mean 0 and variance 1: the residual's gradient is dz,
         # the weight's sum(dz * x_hat) and the bias' sum(dz).
+        min_val, max_val, negative_slope = ctx.activation
         _, sum_dz_x_hat, sum_dz, dz = ops.batch_norm_relu_backward(
-            grad_output.to(dtype), output.to(dtype), x_hat, scale, zeros, ones, zeros[:0],
-            zeros[:0], False, 0.0, [False, True, True, True], *ctx.activation,
-        )  # fmt: skip
+            grad_output.to(dtype),
+            output.to(dtype),
+            input=x_hat,
+            weight=scale,
+            running_mean=zeros,
+            running_var=ones,
+            save_mean=zeros[:0],
+            save_invstd=zeros[:0],
+            training=False,
+            eps=0.0,
+            output_mask=[False, True, True, True],
+            min_val=min_val,
+            max_val=max_val,
+            negative_slope=negative_slope,
+        )
         input_g, weight_g, bias_g, residual_g = ctx.needs_input_grad[:4]
         grad_input = grad_weight = grad_bias = grad_residual = None
         if input_g:

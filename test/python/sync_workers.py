@@ -2,6 +2,7 @@
 
 import copy
 import datetime
+import gc
 
 import custom_bn
 import torch
@@ -19,6 +20,16 @@ def init(rank, world_size, init_file, backend):
         world_size=world_size,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def teardown():
+    """Destroys the process group, then drops what still refers to it (torch.compile's caches,
+    autograd graphs in collectable cycles), so that gloo's objects go before the interpreter's
+    shutdown: destroyed during it, gloo can abort the process ("terminate called without an
+    active exception", pytorch issue 190489)."""
+    dist.destroy_process_group()
+    torch._dynamo.reset()
+    gc.collect()
 
 
 def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="gloo", device="cpu"):
@@ -71,7 +82,7 @@ def parity(rank, world_size, init_file, split, momentum, group_ranks, backend="g
             )
         dist.barrier()  # no rank tears down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 # The activations of in-place activated batch norm, as BatchNormReLU2d's keywords.
@@ -171,7 +182,7 @@ def inplace_parity(rank, world_size, init_file, split, activation, residual, dty
             assert kept_whole < x.numel() or dtype == torch.bfloat16
         dist.barrier()  # no rank tears down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 class SmallCNN(torch.nn.Module):
@@ -240,7 +251,7 @@ def ddp_training(rank, world_size, init_file, backend="gloo", device="cpu", inpl
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
         dist.barrier()  # no rank tears down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 def inplace_compiled(rank, world_size, init_file):
@@ -273,4 +284,4 @@ def inplace_compiled(rank, world_size, init_file):
                 )
         dist.barrier()  # no rank tears down while another still talks to it
     finally:
-        dist.destroy_process_group()
+        teardown()
