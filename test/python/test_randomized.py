@@ -63,6 +63,9 @@ def inputs(draw):
 
 @st.composite
 def samples(draw):
+    # torch's generator, seeded from the draw: a failing example replays with the same values
+    # (hypothesis seeds only Python's and numpy's generators).
+    torch.manual_seed(draw(st.integers(0, 2**32 - 1)))
     x = draw(inputs())
     input_dtype = x.dtype
     param_dtype = draw(
@@ -102,23 +105,41 @@ def is_close_scaled(actual, expected, dtype):
     return bool(((a - e).abs() <= atol + rtol * (e.abs() + e.abs().max())).all())
 
 
-def assert_close(actual, exact, same_dtype, dtype, what):
+def rounding_noise(sample):
+    """How far rounding alone moves the normalized input: the accumulation type's epsilon
+    times the worst channel's max |x| / sqrt(var + eps). Batch statistics of values far from 0
+    and close together (10.1684 and 9.4432 in float32) cancel: float32's answer then carries an
+    error of this size whichever kernel computes it, torch's included, and which of two kernels
+    lands nearer float64 on one draw is chance (ours is nearer on average)."""
+    accumulation = torch.float64 if sample.input.dtype == torch.float64 else torch.float32
+    epsilon = torch.finfo(accumulation).eps
+    x = sample.input.detach().double()
+    if not sample.training or x.numel() == 0:
+        return epsilon
+    dims = [d for d in range(x.dim()) if d != 1]
+    variance = x.var(dim=dims, unbiased=False)
+    spread = x.abs().amax(dim=dims) / (variance + sample.eps).sqrt()
+    return epsilon * max(spread.max().item(), 1.0)
+
+
+def assert_close(actual, exact, same_dtype, dtype, what, noise=0.0):
     """`actual` must be close to float64 torch (`exact`), or else no farther from it than
-    torch's own kernel in the same dtype (`same_dtype`): where float32 or bfloat16 itself
-    cannot resolve the answer (two values per channel and a tiny eps, say), matching torch
-    is the most that can be asked."""
+    torch's own kernel in the same dtype (`same_dtype`) or than the input's `rounding_noise`
+    allows: where float32 or bfloat16 itself cannot resolve the answer (two values per channel
+    and a tiny eps, say), that is the most that can be asked."""
     assert actual.shape == exact.shape and actual.dtype == same_dtype.dtype, what
     if is_close_scaled(actual, exact.to(actual.dtype), dtype):
         return
     ours = (actual.double() - exact).abs().max().item()
     theirs = (same_dtype.double() - exact).abs().max().item()
-    assert ours <= 2 * theirs or is_close_scaled(actual, same_dtype, dtype), (
+    floor = 8 * noise * max(exact.abs().max().item(), 1.0)
+    assert ours <= max(2 * theirs, floor) or is_close_scaled(actual, same_dtype, dtype), (
         f"{what}: max abs difference from float64 {ours:.3g}, torch's own {theirs:.3g}, "
-        f"largest magnitude {exact.abs().max().item():.3g}"
+        f"rounding noise {floor:.3g}, largest magnitude {exact.abs().max().item():.3g}"
     )
 
 
-def assert_param_grads_close(ours, exact, same, dtype):
+def assert_param_grads_close(ours, exact, same, dtype, noise):
     """grad weight and grad bias (where the sample has them), as assert_close. They are
     per-channel sums over many products, so float32 gets float16's tolerance: a few ulps more."""
     for name in ("weight", "bias"):
@@ -129,6 +150,7 @@ def assert_param_grads_close(ours, exact, same, dtype):
                 getattr(same, name).grad,
                 torch.float16 if dtype == torch.float32 else dtype,
                 f"grad {name}",
+                noise,
             )
 
 
@@ -173,16 +195,17 @@ def test_randomized_parity_with_torch(sample):
                 assert torch.equal(getattr(before, name), getattr(sample, name))
         return
 
+    noise = rounding_noise(sample)
     ours = sample.clone(requires_grad=True)
     exact, same = reference_sample(sample, torch.float64), reference_sample(sample, None)
     out = ops.batch_norm(*ours.args())
     outputs = {"exact": reference_batch_norm(exact), "same": reference_batch_norm(same)}
     dtype = sample.input.dtype
-    assert_close(out, outputs["exact"], outputs["same"], dtype, "output")
+    assert_close(out, outputs["exact"], outputs["same"], dtype, "output", noise)
     for name in ("running_mean", "running_var"):
         if getattr(ours, name) is not None:
             assert_close(
-                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name
+                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name, noise
             )
     if ours.num_batches_tracked is not None:
         assert ours.num_batches_tracked.item() == exact.num_batches_tracked.item()
@@ -191,8 +214,8 @@ def test_randomized_parity_with_torch(sample):
     out.backward(grad)
     outputs["exact"].backward(grad.double())
     outputs["same"].backward(grad.contiguous())
-    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
-    assert_param_grads_close(ours, exact, same, dtype)
+    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input", noise)
+    assert_param_grads_close(ours, exact, same, dtype, noise)
 
 
 @given(samples(), st.booleans())
@@ -213,6 +236,7 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
                 assert torch.equal(getattr(before, name), getattr(sample, name))
         return
 
+    noise = rounding_noise(sample)
     ours = sample.clone(requires_grad=True)
     our_residual = residual.clone().requires_grad_() if with_residual else None
     exact, same = reference_sample(sample, torch.float64), reference_sample(sample, None)
@@ -221,11 +245,11 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     pre_exact, pre_same = reference_batch_norm(exact), reference_batch_norm(same)
     if with_residual:
         pre_exact, pre_same = pre_exact + exact_residual, pre_same + residual
-    assert_close(out, torch.relu(pre_exact), torch.relu(pre_same), dtype, "output")
+    assert_close(out, torch.relu(pre_exact), torch.relu(pre_same), dtype, "output", noise)
     for name in ("running_mean", "running_var"):
         if getattr(ours, name) is not None:
             assert_close(
-                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name
+                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name, noise
             )
 
     if out.numel() > 0:
@@ -241,8 +265,8 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     pre_same.backward(masked.contiguous())
     if with_residual:
         assert torch.equal(our_residual.grad, masked), "grad residual is the masked grad"
-    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
-    assert_param_grads_close(ours, exact, same, dtype)
+    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input", noise)
+    assert_param_grads_close(ours, exact, same, dtype, noise)
 
 
 SMOOTH = {
@@ -269,21 +293,27 @@ def test_randomized_fused_smooth_activation_parity_with_torch(sample, name):
         return
 
     dtype = sample.input.dtype
+    noise = rounding_noise(sample)
     ours = sample.clone(requires_grad=True)
     exact, same = reference_sample(sample, torch.float64), reference_sample(sample, None)
     out = ops.batch_norm_relu(*ours.args(), *arguments)
     out_exact = SMOOTH[name](reference_batch_norm(exact))
     out_same = SMOOTH[name](reference_batch_norm(same))
-    assert_close(out, out_exact, out_same, dtype, "output")
+    assert_close(out, out_exact, out_same, dtype, "output", noise)
     for field in ("running_mean", "running_var"):
         if getattr(ours, field) is not None:
             assert_close(
-                getattr(ours, field), getattr(exact, field), getattr(same, field), dtype, field
+                getattr(ours, field),
+                getattr(exact, field),
+                getattr(same, field),
+                dtype,
+                field,
+                noise,
             )
 
     grad = torch.randn_like(out)
     out.backward(grad)
     out_exact.backward(grad.double())
     out_same.backward(grad.contiguous())
-    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input")
-    assert_param_grads_close(ours, exact, same, dtype)
+    assert_close(ours.input.grad, exact.input.grad, same.input.grad, dtype, "grad input", noise)
+    assert_param_grads_close(ours, exact, same, dtype, noise)
