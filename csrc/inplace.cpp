@@ -206,6 +206,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_forward_inplace(
   const Activation act = checked_inplace_activation(op, min_val, max_val, negative_slope);
   check_batch_norm_relu_forward_inplace(op, input, weight, bias, running_mean, running_var,
                                         num_batches_tracked, residual, training, momentum);
+  if (training && keep_input && steps.training_forward != nullptr &&
+      !keeps_every_value(input.scalar_type())) {
+    if (auto result = steps.training_forward(input, weight, bias, running_mean, running_var,
+                                             num_batches_tracked, residual, momentum, eps, act)) {
+      return *std::move(result);
+    }
+  }
   const auto [output, save_mean, save_invstd] = batch_norm_relu_forward(
       input, weight, bias, running_mean, running_var, num_batches_tracked, residual, training,
       momentum, eps, min_val, max_val, negative_slope, "piecewise_linear");

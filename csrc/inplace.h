@@ -93,6 +93,17 @@ struct InplaceSteps {
                                  const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& residual, const at::Tensor& mean,
                                  const at::Tensor& invstd, const Activation& act);
+  // Optional: training's whole forward, for a backend that computes the output a piece at a
+  // time as it writes it over the input (no output tensor): (save_mean, save_invstd,
+  // kept_input), bitwise what batch_norm_relu_forward then write_output_keeping_input give;
+  // nullopt where it does not apply, and those two steps run. Called after the checks.
+  std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> (*training_forward)(
+      at::Tensor& input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+      const std::optional<at::Tensor>& running_var,
+      const std::optional<at::Tensor>& num_batches_tracked,
+      const std::optional<at::Tensor>& residual, std::optional<double> momentum, double eps,
+      const Activation& act) = nullptr;
 };
 
 // The steps in ATen ops, for every backend.

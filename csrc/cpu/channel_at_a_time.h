@@ -7,12 +7,11 @@
 
 #include "batch_norm_math.h"
 #include "cpu/map.h"
+#include "cpu/parallel.h"
 #include "cpu/pass_math.h"
 #include "cpu/plan.h"
 #include "cpu/reduce.h"
 #include "cpu/stats.h"
-
-#include <ATen/Parallel.h>
 
 #include <array>
 #include <optional>

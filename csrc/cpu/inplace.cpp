@@ -6,17 +6,21 @@
 //
 // Memory is walked in runs of one channel (contiguous: a plane) or in rows of every channel
 // (channels_last), so that the per-channel values are constants or arrays of the loops
-// (csrc/cpu/inplace_loops.h).
+// (csrc/cpu/inplace_loops.h). Training's forward has no output tensor: it computes each chunk's
+// output as it goes (training_forward).
 #include "inplace.h"
 #include "channel_stats.h"
+#include "cpu/channel_math.h"
 #include "cpu/inplace_loops.h"
+#include "cpu/kernels.h"
+#include "cpu/parallel.h"
 #include "op_params.h"
 #include "optional_tensor.h"
 
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <custom_bn/ops.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -47,10 +51,12 @@ struct Walk {
       : numel(t.numel()), channels(t.size(1)), stride(t.size(1) > 1 ? t.stride(1) : 1) {}
 
   int64_t chunks() const { return (numel + kChunk - 1) / kChunk; }
+  int64_t begin(int64_t index) const { return index * kChunk; }
+  int64_t end(int64_t index) const { return std::min(numel, begin(index) + kChunk); }
 
   template <typename F>
   void chunk(int64_t index, const F& f) const {
-    const int64_t begin = index * kChunk, end = std::min(numel, begin + kChunk);
+    const int64_t begin = this->begin(index), end = this->end(index);
     if (stride == 1) {
       for (int64_t i = begin; i < end;) {
         const int64_t row_end = std::min(end, i + channels - i % channels);
@@ -69,24 +75,57 @@ struct Walk {
   }
 };
 
-// The kept positions before each chunk (and the total, last).
+// The output values of chunk `index`, from y[0]: (index, scratch) -> pointer. Either an output
+// tensor's memory or the chunk computed into scratch.
 template <typename scalar_t>
+auto output_tensor_values(const Walk& walk, const scalar_t* y) {
+  return [&walk, y](int64_t index, std::vector<scalar_t>&) { return y + walk.begin(index); };
+}
+
+// The kept positions before each chunk (and the total, last).
+template <typename scalar_t, typename OutputOf>
 std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& walk,
-                                  const scalar_t* y, const scalar_t* r) {
+                                  const OutputOf& output_of, const scalar_t* r) {
   const int64_t chunks = walk.chunks();
   std::vector<int64_t> offsets(chunks + 1, 0);
   if (rule.keeps_none()) return offsets;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> scratch;
     for (int64_t index = first; index < last; ++index) {
+      const scalar_t* y = output_of(index, scratch);
+      const int64_t begin = walk.begin(index);
       int64_t count = 0;
       walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
-        count += kept_count(rule, y, r, i0, i1, c, walk.channels);
+        count += kept_count(rule, y + (i0 - begin), r, i0, i1, c, walk.channels);
       });
       offsets[index + 1] = count;
     }
   });
   for (int64_t index = 0; index < chunks; ++index) offsets[index + 1] += offsets[index];
   return offsets;
+}
+
+// Writes each chunk's output values over x, gathering the kept input values into kept_input.
+template <typename scalar_t, typename OutputOf>
+at::Tensor gather_over_input(const KeepRule<scalar_t>& rule, const Walk& walk,
+                             const OutputOf& output_of, at::Tensor& input, const scalar_t* r) {
+  const std::vector<int64_t> offsets = kept_offsets(rule, walk, output_of, r);
+  at::Tensor kept_input = at::empty({offsets.back()}, input.options());
+  scalar_t* kept = kept_input.data_ptr<scalar_t>();
+  scalar_t* x = input.data_ptr<scalar_t>();
+  at::parallel_for(0, walk.chunks(), 1, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> scratch;
+    for (int64_t index = first; index < last; ++index) {
+      const scalar_t* y = output_of(index, scratch);
+      const int64_t begin = walk.begin(index);
+      int64_t next = offsets[index];
+      walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
+        next = gather_kept(rule, x, y + (i0 - begin), r, kept, next, offsets[index + 1], i0, i1, c,
+                           walk.channels);
+      });
+    }
+  });
+  return kept_input;
 }
 
 at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& output,
@@ -102,24 +141,49 @@ at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& outpu
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
     const Walk walk(input);
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
-    scalar_t* x = input.data_ptr<scalar_t>();
-    const scalar_t* y = output.const_data_ptr<scalar_t>();
     const scalar_t* r = has(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
-    const std::vector<int64_t> offsets = kept_offsets(rule, walk, y, r);
-    // One spare value: the loop stores every value and advances past the kept ones.
-    kept_input = at::empty({offsets.back() + 1}, input.options());
-    scalar_t* kept = kept_input.data_ptr<scalar_t>();
-    kept_input = kept_input.narrow(0, 0, offsets.back());
-    at::parallel_for(0, walk.chunks(), 1, [&](int64_t first, int64_t last) {
-      for (int64_t index = first; index < last; ++index) {
-        int64_t next = offsets[index];
-        walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
-          next = gather_kept(rule, x, y, r, kept, next, i0, i1, c, walk.channels);
-        });
-      }
-    });
+    kept_input = gather_over_input(
+        rule, walk, output_tensor_values(walk, output.const_data_ptr<scalar_t>()), input, r);
   });
   return kept_input;
+}
+
+// Training's forward with no output tensor: the statistics by batch_norm_stats' kernels and
+// the fused op's per-channel math, then each chunk's output computed by the fused op's own
+// kernel into a scratch that stays in cache, once to count the kept values and once to write
+// them and the output: three reads of the input and one write. The two steps instead write an
+// output-sized tensor, read it to count and read it again with the input to write.
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> training_forward(
+    at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& num_batches_tracked, const std::optional<at::Tensor>& residual,
+    std::optional<double> momentum, double eps, const Activation& act) {
+  if (input.numel() == 0 || !walks_memory(input, input, residual)) return std::nullopt;
+  const auto [count, mean, m2] = custom_bn::batch_norm_stats(input);
+  const int64_t channels = input.size(1);
+  const double values = static_cast<double>(values_per_channel(input));
+  const at::TensorOptions options = stat_options(input);
+  const at::Tensor invstd = invstd_from_m2(m2, values, eps);
+  const auto [alpha, shift] =
+      affine_coefficients(invstd, channel_param(weight, channels, options, 1.0),
+                          channel_param(bias, channels, options, 0.0));
+  const at::Tensor r = has(residual) ? *residual : at::Tensor();
+  at::Tensor kept_input;
+  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
+    const Walk walk(input);
+    const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
+    const auto computed = [&](int64_t index, std::vector<scalar_t>& scratch) {
+      scratch.resize(kChunk);
+      kernels().activate_elements(input, r, walk.begin(index), walk.end(index), mean, alpha, shift,
+                                  act, scratch.data());
+      return static_cast<const scalar_t*>(scratch.data());
+    };
+    kept_input = gather_over_input(rule, walk, computed, input,
+                                   r.defined() ? r.const_data_ptr<scalar_t>() : nullptr);
+  });
+  update_running_stats(mean, m2, values, running_mean, running_var, num_batches_tracked, momentum);
+  return std::tuple{mean, invstd, kept_input};
 }
 
 at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::Tensor& kept_input,
@@ -149,7 +213,7 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
     const scalar_t* y = output.const_data_ptr<scalar_t>();
     const scalar_t* r = has(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* out = x_hat.data_ptr<scalar_t>();
-    const std::vector<int64_t> offsets = kept_offsets(rule, walk, y, r);
+    const std::vector<int64_t> offsets = kept_offsets(rule, walk, output_tensor_values(walk, y), r);
     check_kept_count(op, offsets.back(), kept_input);
     const int64_t last_kept = std::max<int64_t>(kept_input.numel() - 1, 0);
     const scalar_t no_value = scalar_t(0);
@@ -171,7 +235,7 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
 
 // Outside the anonymous namespace: a template argument must have linkage.
 extern const InplaceSteps kCpuInplaceSteps;
-const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input};
+const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input, training_forward};
 
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) { CUSTOM_BN_REGISTER_INPLACE_OPS(m, kCpuInplaceSteps); }
 

@@ -70,13 +70,14 @@ CUSTOM_BN_TARGET_AVX512 inline __mmask16 kept_mask(const KeepRule<float>& rule, 
   return clipped | __mmask16(lanes & ~safe);
 }
 
+// y holds the output values of [i0, i1), from y[0] (csrc/cpu/inplace_loops.h).
 CUSTOM_BN_TARGET_AVX512 inline int64_t kept_count(const KeepRule<float>& rule, const float* y,
                                                   const float* r, int64_t i0, int64_t i1,
                                                   const Channels& ch) {
   int64_t count = 0;
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 lanes = first_lanes(i1 - i);
-    const __m512 yv = _mm512_maskz_loadu_ps(lanes, y + i);
+    const __m512 yv = _mm512_maskz_loadu_ps(lanes, y + (i - i0));
     count += __builtin_popcount(kept_mask(rule, ch, yv, r, i, i - i0, lanes));
   }
   return count;
@@ -88,7 +89,7 @@ CUSTOM_BN_TARGET_AVX512 inline int64_t gather_kept(const KeepRule<float>& rule, 
                                                    const Channels& ch) {
   for (int64_t i = i0; i < i1; i += 16) {
     const __mmask16 lanes = first_lanes(i1 - i);
-    const __m512 yv = _mm512_maskz_loadu_ps(lanes, y + i);
+    const __m512 yv = _mm512_maskz_loadu_ps(lanes, y + (i - i0));
     const __m512 xv = _mm512_maskz_loadu_ps(lanes, x + i);
     const __mmask16 keep = kept_mask(rule, ch, yv, r, i, i - i0, lanes);
     const int count = __builtin_popcount(keep);

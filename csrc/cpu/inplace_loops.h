@@ -103,7 +103,8 @@ struct RecoveryParams {
 
 namespace custom_bn::cpu {
 
-// How many of [i0, i1) are kept, in a run (channel c >= 0) or a row (c = -1).
+// How many of [i0, i1) are kept, in a run (channel c >= 0) or a row (c = -1); y holds the
+// output values of [i0, i1) (y[0] is i0's).
 template <typename scalar_t>
 C10_NOINLINE int64_t kept_count(const KeepRule<scalar_t>& rule, const scalar_t* y,
                                 const scalar_t* r, int64_t i0, int64_t i1, int64_t c,
@@ -117,28 +118,32 @@ C10_NOINLINE int64_t kept_count(const KeepRule<scalar_t>& rule, const scalar_t* 
   }
 #endif
   const scalar_t lower = rule.lower, upper = rule.upper;
+  const int64_t n = i1 - i0;
   int64_t count = 0;
   if (c >= 0 && !rule.has_residual) {
-    for (int64_t i = i0; i < i1; ++i) count += (y[i] <= lower) | (y[i] >= upper);
+    for (int64_t k = 0; k < n; ++k) count += (y[k] <= lower) | (y[k] >= upper);
     return count;
   }
   const int64_t c0 = c >= 0 ? c : i0 % channels;
-  for (int64_t i = i0; i < i1; ++i) {
-    count += rule.kept(y[i], r ? r[i] : scalar_t(0), c >= 0 ? c : c0 + (i - i0));
+  for (int64_t k = 0; k < n; ++k) {
+    count += rule.kept(y[k], r ? r[i0 + k] : scalar_t(0), c >= 0 ? c : c0 + k);
   }
   return count;
 }
 
-// Stores x[i0, i1) at kept[next...], advancing past the kept ones, and writes y over x; returns
-// the next position.
+// Stores the kept values of x[i0, i1) at kept[next...] and writes the output values y (y[0] is
+// i0's, as kept_count reads them) over x; returns the next position. The scalar loops store
+// every value and advance past the kept ones; a store at or beyond `limit` (where the next
+// chunk's kept values start, written by another thread) goes to a local instead.
 template <typename scalar_t>
 C10_NOINLINE int64_t gather_kept(const KeepRule<scalar_t>& rule, scalar_t* x, const scalar_t* y,
-                                 const scalar_t* r, scalar_t* kept, int64_t next, int64_t i0,
-                                 int64_t i1, int64_t c, int64_t channels) {
+                                 const scalar_t* r, scalar_t* kept, int64_t next, int64_t limit,
+                                 int64_t i0, int64_t i1, int64_t c, int64_t channels) {
+  const int64_t n = i1 - i0;
   if (c >= 0 && !rule.has_residual && rule.always[c]) {
     std::copy(x + i0, x + i1, kept + next);
-    std::copy(y + i0, y + i1, x + i0);
-    return next + (i1 - i0);
+    std::copy(y, y + n, x + i0);
+    return next + n;
   }
 #if defined(CUSTOM_BN_INPLACE_AVX512)
   if constexpr (std::is_same_v<scalar_t, float>) {
@@ -149,22 +154,24 @@ C10_NOINLINE int64_t gather_kept(const KeepRule<scalar_t>& rule, scalar_t* x, co
   }
 #endif
   int64_t at = next;  // a local the compiler keeps in a register
+  scalar_t sink;
+  scalar_t* xs = x + i0;
   if (c >= 0 && !rule.has_residual) {
     const scalar_t lower = rule.lower, upper = rule.upper;
-    for (int64_t i = i0; i < i1; ++i) {
-      const scalar_t yv = y[i];
-      kept[at] = x[i];
-      x[i] = yv;
+    for (int64_t k = 0; k < n; ++k) {
+      const scalar_t yv = y[k];
+      *(at < limit ? kept + at : &sink) = xs[k];
+      xs[k] = yv;
       at += (yv <= lower) | (yv >= upper);
     }
     return at;
   }
   const int64_t c0 = c >= 0 ? c : i0 % channels;
-  for (int64_t i = i0; i < i1; ++i) {
-    const scalar_t yv = y[i];
-    kept[at] = x[i];
-    x[i] = yv;
-    at += rule.kept(yv, r ? r[i] : scalar_t(0), c >= 0 ? c : c0 + (i - i0));
+  for (int64_t k = 0; k < n; ++k) {
+    const scalar_t yv = y[k];
+    *(at < limit ? kept + at : &sink) = xs[k];
+    xs[k] = yv;
+    at += rule.kept(yv, r ? r[i0 + k] : scalar_t(0), c >= 0 ? c : c0 + k);
   }
   return at;
 }

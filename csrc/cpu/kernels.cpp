@@ -83,6 +83,26 @@ void apply_affine_activation(const at::Tensor& input, const at::Tensor& residual
   });
 }
 
+void activate_elements(const at::Tensor& input, const at::Tensor& residual, int64_t begin,
+                       int64_t end, const at::Tensor& mean, const at::Tensor& alpha,
+                       const at::Tensor& bias, const Activation& act, void* out) {
+  CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "activate_elements", [&] {
+    const std::array<const opmath_t<scalar_t>*, 3> params{
+        stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    const int64_t C = input.size(1), stride = C > 1 ? input.stride(1) : 1;
+    const auto f = in_opmath<scalar_t>(act);
+    scalar_t* y = static_cast<scalar_t*>(out);
+    if (residual.defined()) {
+      map_elements<2, 3>(std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()},
+                         params, C, stride, begin, end, normalize_add_activate(f), y);
+    } else {
+      map_elements<1, 3>(std::array<const scalar_t*, 1>{x}, params, C, stride, begin, end,
+                         normalize_activate(f), y);
+    }
+  });
+}
+
 void reduce_grad(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
                  const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   CUSTOM_BN_DISPATCH_INPUT_TYPES(input, "reduce_grad", [&] {
@@ -269,11 +289,17 @@ void backward(const at::Tensor& grad_output, const at::Tensor& act_output, const
 }  // namespace
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{kVectorBytes,       collect_stats,
-                                 apply_affine,       apply_affine_activation,
-                                 reduce_grad,        reduce_grad_activation,
-                                 apply_grad_input,   apply_grad_input_activation,
-                                 normalize_training, backward};
+  static const KernelTable table{kVectorBytes,
+                                 collect_stats,
+                                 apply_affine,
+                                 apply_affine_activation,
+                                 activate_elements,
+                                 reduce_grad,
+                                 reduce_grad_activation,
+                                 apply_grad_input,
+                                 apply_grad_input_activation,
+                                 normalize_training,
+                                 backward};
   return table;
 }
 

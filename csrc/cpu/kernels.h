@@ -32,6 +32,12 @@ struct KernelTable {
                                   const CpuPlan& plan, const at::Tensor& mean,
                                   const at::Tensor& alpha, const at::Tensor& bias,
                                   const Activation& act, at::Tensor& output);
+  // apply_affine_activation's values at the elements [begin, end) of a dense input in memory
+  // order, into out[0, end - begin) (of the input's dtype): the chunks of the in-place forward
+  // (csrc/cpu/inplace.cpp), bitwise the values the fused op writes.
+  void (*activate_elements)(const at::Tensor& input, const at::Tensor& residual, int64_t begin,
+                            int64_t end, const at::Tensor& mean, const at::Tensor& alpha,
+                            const at::Tensor& bias, const Activation& act, void* out);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
                       const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);

@@ -10,10 +10,9 @@
 // same for any number of threads.
 #pragma once
 
+#include "cpu/parallel.h"
 #include "cpu/plan.h"
 #include "cpu/vec_io.h"
-
-#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>

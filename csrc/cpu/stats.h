@@ -8,10 +8,9 @@
 #pragma once
 
 #include "batch_norm_math.h"
+#include "cpu/parallel.h"
 #include "cpu/plan.h"
 #include "cpu/reduce.h"
-
-#include <ATen/Parallel.h>
 
 #include <array>
 #include <memory>

@@ -89,16 +89,22 @@ def test_variant_specific_suites_pass_on_variant(capability):
     assert " passed" in result.stdout
 
 
-def test_inplace_loops_pass_one_value_at_a_time():
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_inplace_loops_pass_one_value_at_a_time(capability):
     """In-place batch norm's loops run 16 values at a time on the AVX-512 variant, one at a time
-    on the others (csrc/cpu/inplace_loops.h): its float32 parity and kept-value tests on the
-    baseline."""
-    assert capability_in_subprocess("default") == "default"
-    tests = "(matches_batch_norm_relu and float32) or keeps_only or memory_order or accurate"
+    on the others (csrc/cpu/inplace_loops.h), and its training forward computes the output with
+    the variant's kernel: its float32 parity and kept-value tests on the baseline and AVX2."""
+    if not SUPPORTED[capability]:
+        pytest.skip(f"this CPU cannot run the {capability} kernels")
+    assert capability_in_subprocess(capability) == capability
+    tests = (
+        "(matches_batch_norm_relu and float32) or keeps_only or memory_order or accurate"
+        " or many_chunks"
+    )
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
                str(HERE / "test_inplace.py"), "-k", tests]  # fmt: skip
     result = subprocess.run(
-        command, env=environment("default"), capture_output=True, text=True, cwd=ROOT
+        command, env=environment(capability), capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout

@@ -192,6 +192,78 @@ def test_kept_values_are_in_memory_order_on_every_path(layout):
     torch.testing.assert_close(kept, expected, rtol=0, atol=0)
 
 
+# Larger than the CPU steps' chunks of 2^15 values, whose ends fall inside a channel's run
+# (contiguous), inside a row of channels (channels_last, 2-D) and inside one channel's values.
+MANY_CHUNKS = {
+    "contiguous": ((4, 5, 97, 89), None),
+    "channels_last": ((4, 37, 33, 31), torch.channels_last),
+    "2d-rows": ((7001, 9), None),
+    "one-channel": ((3, 1, 201, 103), None),
+    "5d-channels-last": ((2, 6, 17, 19, 23), torch.channels_last_3d),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu"])
+@pytest.mark.parametrize("case", list(MANY_CHUNKS))
+def test_many_chunks_match_batch_norm_relu(case, activation, with_residual, dtype):
+    """Training's CPU forward computes each chunk's output in cache and writes it over the
+    input: bitwise batch_norm_relu's output and running stats, the kept values in memory order,
+    gradients as the fused op's."""
+    shape, memory_format = MANY_CHUNKS[case]
+    torch.manual_seed(len(shape) + shape[1])
+    x = torch.randn(shape, dtype=dtype) * 2 + 0.5
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    channels = shape[1]
+    weight = (torch.rand(channels, dtype=dtype) + 0.5).requires_grad_()
+    bias = (torch.randn(channels, dtype=dtype) * 0.5).requires_grad_()
+    residual = torch.randn_like(x) if with_residual else None
+    stats = {
+        name: (torch.zeros(channels, dtype=dtype), torch.ones(channels, dtype=dtype))
+        for name in ("fused", "inplace")
+    }
+    act = ACTIVATIONS[activation]
+    source = x.clone().requires_grad_()
+    expected = ops.batch_norm_relu(
+        source, weight, bias, *stats["fused"], True, 0.1, 1e-5, None, residual, *act
+    )
+    output = x.clone().requires_grad_()
+    written = output * 1  # the tensor the op overwrites, as a convolution's output
+    ops.batch_norm_relu_(
+        written, weight, bias, *stats["inplace"], True, 0.1, 1e-5, None, residual, *act
+    )
+    torch.testing.assert_close(written, expected, rtol=0, atol=0)
+    for ours, theirs in zip(stats["inplace"], stats["fused"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+    _, _, kept = ops.batch_norm_relu_forward_(
+        x.clone(), weight, bias, None, None, None, residual, True, 0.1, 1e-5, *act
+    )
+    # Clipped (at 0 or 6 where the slope is 0), or too far from 0 against the weight to invert.
+    min_val, max_val, slope = act
+    clipped = (expected <= min_val) & (slope == 0.0)
+    if max_val is not None:
+        clipped |= expected >= max_val
+    per_channel = [1, -1] + [1] * (x.dim() - 2)
+    offset = bias.detach().view(per_channel).abs()
+    if residual is not None:
+        offset = offset + residual.abs()
+    unsafe = ~(4.0 * weight.detach().view(per_channel).abs() > offset)
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    keep = (clipped | unsafe).expand(x.shape)
+    torch.testing.assert_close(kept, x.permute(order)[keep.permute(order)], rtol=0, atol=0)
+
+    grad = torch.randn_like(expected)
+    grads = torch.autograd.grad(written, (output, weight, bias), grad)
+    expected_grads = torch.autograd.grad(expected, (source, weight, bias), grad)
+    for name, ours, theirs in zip(("input", "weight", "bias"), grads, expected_grads, strict=True):
+        torch.testing.assert_close(
+            ours, theirs, **tolerance(dtype), msg=lambda m, n=name: f"{n}: {m}"
+        )
+
+
 def test_eval_mode_gives_the_weight_its_gradient():
     # A frozen backbone fine-tuned: eval mode, weight and bias trained.
     sample = make_sample((4, 3, 5, 5), training=False)
