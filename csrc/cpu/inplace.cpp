@@ -75,11 +75,11 @@ struct Walk {
   }
 };
 
-// The output values of chunk `index`, from y[0]: (index, scratch) -> pointer. Either an output
-// tensor's memory or the chunk computed into scratch.
+// The output values of chunk `index`, from y[0]: index -> pointer. Either an output tensor's
+// memory or the chunk computed into the thread's scratch (training_forward).
 template <typename scalar_t>
 auto output_tensor_values(const Walk& walk, const scalar_t* y) {
-  return [&walk, y](int64_t index, std::vector<scalar_t>&) { return y + walk.begin(index); };
+  return [&walk, y](int64_t index) { return y + walk.begin(index); };
 }
 
 // The kept positions before each chunk (and the total, last).
@@ -90,9 +90,8 @@ std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& wa
   std::vector<int64_t> offsets(chunks + 1, 0);
   if (rule.keeps_none()) return offsets;
   at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> scratch;
     for (int64_t index = first; index < last; ++index) {
-      const scalar_t* y = output_of(index, scratch);
+      const scalar_t* y = output_of(index);
       const int64_t begin = walk.begin(index);
       int64_t count = 0;
       walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
@@ -114,9 +113,8 @@ at::Tensor gather_over_input(const KeepRule<scalar_t>& rule, const Walk& walk,
   scalar_t* kept = kept_input.data_ptr<scalar_t>();
   scalar_t* x = input.data_ptr<scalar_t>();
   at::parallel_for(0, walk.chunks(), 1, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> scratch;
     for (int64_t index = first; index < last; ++index) {
-      const scalar_t* y = output_of(index, scratch);
+      const scalar_t* y = output_of(index);
       const int64_t begin = walk.begin(index);
       int64_t next = offsets[index];
       walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
@@ -173,11 +171,14 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> training_forward(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
     const Walk walk(input);
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
-    const auto computed = [&](int64_t index, std::vector<scalar_t>& scratch) {
-      scratch.resize(kChunk);
+    // A chunk per thread, allocated once per call by this thread rather than per task on the
+    // workers.
+    std::vector<scalar_t> scratch(at::get_num_threads() * kChunk);
+    const auto computed = [&](int64_t index) {
+      scalar_t* chunk = scratch.data() + at::get_thread_num() * kChunk;
       kernels().activate_elements(input, r, walk.begin(index), walk.end(index), mean, alpha, shift,
-                                  act, scratch.data());
-      return static_cast<const scalar_t*>(scratch.data());
+                                  act, chunk);
+      return static_cast<const scalar_t*>(chunk);
     };
     kept_input = gather_over_input(rule, walk, computed, input,
                                    r.defined() ? r.const_data_ptr<scalar_t>() : nullptr);

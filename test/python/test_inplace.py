@@ -203,7 +203,7 @@ MANY_CHUNKS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("with_residual", [False, True], ids=["", "residual"])
 @pytest.mark.parametrize("activation", ["relu", "relu6", "leaky_relu"])
 @pytest.mark.parametrize("case", list(MANY_CHUNKS))
