@@ -173,9 +173,13 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> training_forward(
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
     // A chunk per thread, allocated once per call by this thread rather than per task on the
     // workers.
-    std::vector<scalar_t> scratch(at::get_num_threads() * kChunk);
+    const int64_t threads = at::get_num_threads();
+    std::vector<scalar_t> scratch(threads * kChunk);
     const auto computed = [&](int64_t index) {
-      scalar_t* chunk = scratch.data() + at::get_thread_num() * kChunk;
+      const int64_t thread = at::get_thread_num();
+      // Two threads on one slot would race: an error, never a silent result.
+      TORCH_INTERNAL_ASSERT(thread >= 0 && thread < threads, "thread ", thread, " of ", threads);
+      scalar_t* chunk = scratch.data() + thread * kChunk;
       kernels().activate_elements(input, r, walk.begin(index), walk.end(index), mean, alpha, shift,
                                   act, chunk);
       return static_cast<const scalar_t*>(chunk);
