@@ -33,14 +33,15 @@ void check_same_device(const char* op, const char* name, const at::Tensor& t,
               input.device(), ", but got ", name, " on ", t.device());
 }
 
-void check_input(const char* op, const at::Tensor& input) {
-  TORCH_CHECK(input.defined(), op, ": expected a defined input tensor, but got an undefined one");
-  TORCH_CHECK(input.dim() >= 2, op, ": expected input with at least 2 dimensions (N, C, *), ",
-              "but got input of shape ", input.sym_sizes());
+void check_input(const char* op, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(input.defined(), op, ": expected a defined ", name,
+              " tensor, but got an undefined one");
+  TORCH_CHECK(input.dim() >= 2, op, ": expected ", name,
+              " with at least 2 dimensions (N, C, *), but got ", name, " of shape ",
+              input.sym_sizes());
   // NotImplementedError, as torch's own "not implemented for 'Long'".
-  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_dtype(input.scalar_type()), op,
-                              ": expected input of dtype float32, float64, bfloat16 or float16, "
-                              "but got ",
+  TORCH_CHECK_NOT_IMPLEMENTED(is_supported_dtype(input.scalar_type()), op, ": expected ", name,
+                              " of dtype float32, float64, bfloat16 or float16, but got ",
                               input.scalar_type());
 }
 

@@ -12,8 +12,9 @@
 
 namespace custom_bn {
 
-// input: floating (float32/64, bfloat16, float16), at least 2 dims (N, C, *).
-void check_input(const char* op, const at::Tensor& input);
+// input: floating (float32/64, bfloat16, float16), at least 2 dims (N, C, *); errors call it
+// `name` (an op whose first tensor is an output names it so).
+void check_input(const char* op, const at::Tensor& input, const char* name = "input");
 
 // `t` (named `name`) on the input's device.
 void check_same_device(const char* op, const char* name, const at::Tensor& t,

@@ -72,6 +72,7 @@ void check_batch_norm_relu_inplace_backward(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training) {
+  check_input(op, output, "output");  // check_batch_norm_backward's own would name it input
   check_batch_norm_backward(grad_output, output, weight, running_mean, running_var, save_mean,
                             save_invstd, training, op);
   check_channel_params(op, output, weight, bias, running_mean, running_var);
@@ -85,6 +86,7 @@ void check_batch_norm_relu_normalized_input(const char* op, const at::Tensor& ou
                                             const std::optional<at::Tensor>& bias,
                                             const std::optional<at::Tensor>& residual,
                                             const at::Tensor& mean, const at::Tensor& invstd) {
+  check_input(op, output, "output");  // check_elemt's own would name it input
   check_elemt(op, output, weight, bias, mean, invstd);
   if (has(residual)) check_like_input(op, "residual", *residual, output);
   check_kept_input(op, kept_input, output);

@@ -335,6 +335,21 @@ def test_bad_input_changes_nothing():
     assert torch.equal(sample.num_batches_tracked, before[2])
 
 
+def test_stage_ops_name_their_output_argument():
+    # Their first tensor is the forward's output, and their errors call it so.
+    output = torch.ones(4, 3, 2, 2, dtype=torch.long)
+    stats = (torch.zeros(3), torch.ones(3))
+    with pytest.raises(NotImplementedError, match="expected output of dtype .* but got Long"):
+        ops.batch_norm_relu_inplace_backward(
+            output.float(), output, torch.empty(0, dtype=torch.long), None, None, None, None,
+            None, *stats, True, 1e-5, [True, True, True, False],
+        )  # fmt: skip
+    with pytest.raises(RuntimeError, match="expected output with at least 2 dimensions"):
+        ops.batch_norm_relu_normalized_input(
+            torch.ones(3), torch.empty(0), None, None, None, *stats
+        )
+
+
 def test_double_backward_and_forward_mode_are_refused():
     sample = make_sample((4, 3, 5, 5), dtype_name="float64")
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64, requires_grad=True)
