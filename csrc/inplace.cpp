@@ -249,6 +249,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> run_inplace_backward(
   const at::ScalarType dtype = stat_dtype(output.scalar_type());
   const at::Tensor mean = training ? save_mean : running_mean->to(dtype);
   const at::Tensor invstd = training ? save_invstd : (running_var->to(dtype) + eps).rsqrt();
+  if (steps.backward != nullptr) {
+    if (auto result = steps.backward(op, grad_output, output, kept_input.contiguous(), weight, bias,
+                                     residual, mean, invstd, training, output_mask, act)) {
+      return *std::move(result);
+    }
+  }
   const at::Tensor x_hat = steps.normalized_input(op, output, kept_input.contiguous(), weight, bias,
                                                   residual, mean, invstd, act);
   // x_hat is batch_norm_relu_backward's input normalized by mean 0 and invstd 1, with the

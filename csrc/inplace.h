@@ -104,6 +104,17 @@ struct InplaceSteps {
       const std::optional<at::Tensor>& num_batches_tracked,
       const std::optional<at::Tensor>& residual, std::optional<double> momentum, double eps,
       const Activation& act) = nullptr;
+  // Optional: the backward's gradients (grad_input, grad_weight, grad_bias, grad_residual) with
+  // no x_hat tensor, for a backend that recovers x_hat a piece at a time as it uses it; the same
+  // gradients as normalized_input then batch_norm_relu_backward on x_hat, to rounding (the sums
+  // go in another order). nullopt where it does not apply. Called after the checks, with the
+  // statistics in the statistics dtype, for an output that does not keep every value.
+  std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> (*backward)(
+      const char* op, const at::Tensor& grad_output, const at::Tensor& output,
+      const at::Tensor& kept_input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+      const at::Tensor& mean, const at::Tensor& invstd, bool training,
+      std::array<bool, 4> output_mask, const Activation& act) = nullptr;
 };
 
 // The steps in ATen ops, for every backend.

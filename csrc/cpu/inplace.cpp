@@ -7,11 +7,12 @@
 // Memory is walked in runs of one channel (contiguous: a plane) or in rows of every channel
 // (channels_last), so that the per-channel values are constants or arrays of the loops
 // (csrc/cpu/inplace_loops.h). Training's forward has no output tensor: it computes each chunk's
-// output as it goes (training_forward).
+// output as it goes (training_forward). The backward, with no x_hat tensor, is
+// csrc/cpu/inplace_backward.cpp; normalized_input here is the stage op's x_hat.
 #include "inplace.h"
 #include "channel_stats.h"
 #include "cpu/channel_math.h"
-#include "cpu/inplace_loops.h"
+#include "cpu/inplace_chunks.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
 #include "op_params.h"
@@ -33,80 +34,9 @@
 namespace custom_bn::cpu {
 namespace {
 
-constexpr int64_t kChunk = int64_t{1} << 15;
-
-bool walks_memory(const at::Tensor& input, const at::Tensor& other,
-                  const std::optional<at::Tensor>& residual) {
-  return input.is_non_overlapping_and_dense() && other.strides() == input.strides() &&
-         (!has(residual) || residual->strides() == input.strides());
-}
-
-// The memory of a dense (N, C, *) tensor in chunks of kChunk elements, each walked as runs
-// f(i0, i1, c) of one channel c (stride > 1) or as runs f(i0, i1, -1) of consecutive channels
-// starting at channel i0 % C (channels_last, stride 1).
-struct Walk {
-  int64_t numel, channels, stride;
-
-  explicit Walk(const at::Tensor& t)
-      : numel(t.numel()), channels(t.size(1)), stride(t.size(1) > 1 ? t.stride(1) : 1) {}
-
-  int64_t chunks() const { return (numel + kChunk - 1) / kChunk; }
-  int64_t begin(int64_t index) const { return index * kChunk; }
-  int64_t end(int64_t index) const { return std::min(numel, begin(index) + kChunk); }
-
-  template <typename F>
-  void chunk(int64_t index, const F& f) const {
-    const int64_t begin = this->begin(index), end = this->end(index);
-    if (stride == 1) {
-      for (int64_t i = begin; i < end;) {
-        const int64_t row_end = std::min(end, i + channels - i % channels);
-        f(i, row_end, int64_t{-1});
-        i = row_end;
-      }
-      return;
-    }
-    int64_t c = (begin / stride) % channels;
-    for (int64_t i = begin; i < end;) {
-      const int64_t run_end = std::min(end, i + stride - i % stride);
-      f(i, run_end, c);
-      i = run_end;
-      if (++c == channels) c = 0;
-    }
-  }
-};
-
-// The output values of chunk `index`, from y[0]: index -> pointer. Either an output tensor's
-// memory or the chunk computed into the thread's scratch (training_forward).
-template <typename scalar_t>
-auto output_tensor_values(const Walk& walk, const scalar_t* y) {
-  return [&walk, y](int64_t index) { return y + walk.begin(index); };
-}
-
-// The kept positions before each chunk (and the total, last).
-template <typename scalar_t, typename OutputOf>
-std::vector<int64_t> kept_offsets(const KeepRule<scalar_t>& rule, const Walk& walk,
-                                  const OutputOf& output_of, const scalar_t* r) {
-  const int64_t chunks = walk.chunks();
-  std::vector<int64_t> offsets(chunks + 1, 0);
-  if (rule.keeps_none()) return offsets;
-  at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
-    for (int64_t index = first; index < last; ++index) {
-      const scalar_t* y = output_of(index);
-      const int64_t begin = walk.begin(index);
-      int64_t count = 0;
-      walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
-        count += kept_count(rule, y + (i0 - begin), r, i0, i1, c, walk.channels);
-      });
-      offsets[index + 1] = count;
-    }
-  });
-  for (int64_t index = 0; index < chunks; ++index) offsets[index + 1] += offsets[index];
-  return offsets;
-}
-
 // Writes each chunk's output values over x, gathering the kept input values into kept_input.
 template <typename scalar_t, typename OutputOf>
-at::Tensor gather_over_input(const KeepRule<scalar_t>& rule, const Walk& walk,
+at::Tensor gather_over_input(const KeepRule<scalar_t>& rule, const ChunkWalk& walk,
                              const OutputOf& output_of, at::Tensor& input, const scalar_t* r) {
   const std::vector<int64_t> offsets = kept_offsets(rule, walk, output_of, r);
   at::Tensor kept_input = at::empty({offsets.back()}, input.options());
@@ -137,7 +67,7 @@ at::Tensor write_output_keeping_input(at::Tensor& input, const at::Tensor& outpu
   }
   at::Tensor kept_input;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
-    const Walk walk(input);
+    const ChunkWalk walk(input);
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
     const scalar_t* r = has(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
     kept_input = gather_over_input(
@@ -169,17 +99,11 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> training_forward(
   const at::Tensor r = has(residual) ? *residual : at::Tensor();
   at::Tensor kept_input;
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
-    const Walk walk(input);
+    const ChunkWalk walk(input);
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
-    // A chunk per thread, allocated once per call by this thread rather than per task on the
-    // workers.
-    const int64_t threads = at::get_num_threads();
-    std::vector<scalar_t> scratch(threads * kChunk);
+    ChunkScratch<scalar_t> scratch;
     const auto computed = [&](int64_t index) {
-      const int64_t thread = at::get_thread_num();
-      // Two threads on one slot would race: an error, never a silent result.
-      TORCH_INTERNAL_ASSERT(thread >= 0 && thread < threads, "thread ", thread, " of ", threads);
-      scalar_t* chunk = scratch.data() + thread * kChunk;
+      scalar_t* chunk = scratch.get();
       kernels().activate_elements(input, r, walk.begin(index), walk.end(index), mean, alpha, shift,
                                   act, chunk);
       return static_cast<const scalar_t*>(chunk);
@@ -203,33 +127,13 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
   }
   const at::Tensor x_hat = at::empty_like(output);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "normalized_input", [&] {
-    const Walk walk(output);
-    const int64_t channels = walk.channels;
-    const KeepRule<scalar_t> rule(act, weight, bias, has(residual), channels);
-    RecoveryParams<scalar_t> params{channel_values<scalar_t>(weight, channels, scalar_t(1)),
-                                    channel_values<scalar_t>(bias, channels, scalar_t(0)),
-                                    channel_values<scalar_t>(mean, channels, scalar_t(0)),
-                                    channel_values<scalar_t>(invstd, channels, scalar_t(1)),
-                                    static_cast<scalar_t>(act.lower),
-                                    scalar_t(1)};
-    for (scalar_t& w : params.inverse_weight) w = scalar_t(1) / w;
-    // Below lower the slope is 0 (kept), 1 (the identity) or inverted.
-    if (act.slope != 0.0) params.inverse_slope = static_cast<scalar_t>(1.0 / act.slope);
-    const scalar_t* y = output.const_data_ptr<scalar_t>();
-    const scalar_t* r = has(residual) ? residual->const_data_ptr<scalar_t>() : nullptr;
+    const ChunkWalk walk(output);
+    const ChunkRecovery<scalar_t> recovery(op, walk, output, kept_input, weight, bias, residual,
+                                           mean, invstd, act);
     scalar_t* out = x_hat.data_ptr<scalar_t>();
-    const std::vector<int64_t> offsets = kept_offsets(rule, walk, output_tensor_values(walk, y), r);
-    check_kept_count(op, offsets.back(), kept_input);
-    const int64_t last_kept = std::max<int64_t>(kept_input.numel() - 1, 0);
-    const scalar_t no_value = scalar_t(0);
-    const scalar_t* kept =
-        kept_input.numel() > 0 ? kept_input.const_data_ptr<scalar_t>() : &no_value;
     at::parallel_for(0, walk.chunks(), 1, [&](int64_t first, int64_t last) {
       for (int64_t index = first; index < last; ++index) {
-        int64_t next = offsets[index];
-        walk.chunk(index, [&](int64_t i0, int64_t i1, int64_t c) {
-          next = recover(rule, y, r, kept, last_kept, next, i0, i1, c, params, out);
-        });
+        recovery.chunk(index, out + walk.begin(index));
       }
     });
   });
@@ -240,7 +144,8 @@ at::Tensor normalized_input(const char* op, const at::Tensor& output, const at::
 
 // Outside the anonymous namespace: a template argument must have linkage.
 extern const InplaceSteps kCpuInplaceSteps;
-const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input, training_forward};
+const InplaceSteps kCpuInplaceSteps{write_output_keeping_input, normalized_input, training_forward,
+                                    inplace_backward};
 
 TORCH_LIBRARY_IMPL(custom_bn, CPU, m) { CUSTOM_BN_REGISTER_INPLACE_OPS(m, kCpuInplaceSteps); }
 

@@ -122,7 +122,7 @@ CUSTOM_BN_TARGET_AVX512 inline int64_t recover(const KeepRule<float>& rule, cons
     z = _mm512_sub_ps(z, ch.of(p.bias, k, lanes));
     if (r) z = _mm512_sub_ps(z, _mm512_maskz_loadu_ps(lanes, r + i));
     const __m512 recovered = _mm512_mul_ps(z, ch.of(p.inverse_weight, k, lanes));
-    _mm512_mask_storeu_ps(out + i, lanes, _mm512_mask_mov_ps(recovered, keep, from_input));
+    _mm512_mask_storeu_ps(out + k, lanes, _mm512_mask_mov_ps(recovered, keep, from_input));
   }
   return at;
 }

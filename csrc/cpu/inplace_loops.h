@@ -95,6 +95,20 @@ template <typename scalar_t>
 struct RecoveryParams {
   std::vector<scalar_t> inverse_weight, bias, mean, invstd;
   scalar_t lower, inverse_slope;  // act^-1 below lower: (y - lower) * inverse_slope + lower
+
+  RecoveryParams(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                 const at::Tensor& mean, const at::Tensor& invstd, const Activation& act,
+                 int64_t channels)
+      : inverse_weight(channel_values<scalar_t>(weight, channels, scalar_t(1))),
+        bias(channel_values<scalar_t>(bias, channels, scalar_t(0))),
+        mean(channel_values<scalar_t>(mean, channels, scalar_t(0))),
+        invstd(channel_values<scalar_t>(invstd, channels, scalar_t(1))),
+        lower(static_cast<scalar_t>(act.lower)),
+        inverse_slope(scalar_t(1)) {
+    for (scalar_t& w : inverse_weight) w = scalar_t(1) / w;
+    // Below lower the slope is 0 (kept), 1 (the identity) or inverted.
+    if (act.slope != 0.0) inverse_slope = static_cast<scalar_t>(1.0 / act.slope);
+  }
 };
 
 }  // namespace custom_bn::cpu
@@ -176,9 +190,9 @@ C10_NOINLINE int64_t gather_kept(const KeepRule<scalar_t>& rule, scalar_t* x, co
   return at;
 }
 
-// x_hat over [i0, i1): from kept[next...] where kept, else recovered from the output; returns
-// the next kept position. Free of branches on the data: the kept array is read at a valid
-// index whether the value is kept or not.
+// x_hat over [i0, i1), into out[0, i1 - i0): from kept[next...] where kept, else recovered from
+// the output; returns the next kept position. Free of branches on the data: the kept array is
+// read at a valid index whether the value is kept or not.
 template <typename scalar_t>
 C10_NOINLINE int64_t recover(const KeepRule<scalar_t>& rule, const scalar_t* y, const scalar_t* r,
                              const scalar_t* kept, int64_t last_kept, int64_t next, int64_t i0,
@@ -186,7 +200,7 @@ C10_NOINLINE int64_t recover(const KeepRule<scalar_t>& rule, const scalar_t* y, 
                              scalar_t* out) {
   if (c >= 0 && !rule.has_residual && rule.always[c]) {
     const scalar_t mean = p.mean[c], invstd = p.invstd[c];
-    for (int64_t i = i0; i < i1; ++i) out[i] = (kept[next + i - i0] - mean) * invstd;
+    for (int64_t i = i0; i < i1; ++i) out[i - i0] = (kept[next + i - i0] - mean) * invstd;
     return next + (i1 - i0);
   }
   // Per-channel values: one channel for a run (stride 0), consecutive ones for a row.
@@ -210,7 +224,8 @@ C10_NOINLINE int64_t recover(const KeepRule<scalar_t>& rule, const scalar_t* y, 
     const scalar_t xv = kept[std::min(at, last_kept)];
     at += is_kept;
     const scalar_t z = select(yv <= lower, (yv - lower) * inverse_slope + lower, yv);
-    out[i] = select(is_kept, (xv - mean[k]) * invstd[k], (z - bias[k] - rv) * inverse_weight[k]);
+    out[i - i0] =
+        select(is_kept, (xv - mean[k]) * invstd[k], (z - bias[k] - rv) * inverse_weight[k]);
   }
   return at;
 }

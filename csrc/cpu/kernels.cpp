@@ -6,6 +6,7 @@
 
 #include "cpu/channel_at_a_time.h"
 #include "cpu/channel_math.h"
+#include "cpu/elements.h"
 #include "cpu/map.h"
 #include "cpu/pass_math.h"
 #include "cpu/reduce.h"
@@ -83,6 +84,11 @@ void apply_affine_activation(const at::Tensor& input, const at::Tensor& residual
   });
 }
 
+// The channel dim's size and stride of a dense (N, C, *) tensor, as the element walks take them.
+std::pair<int64_t, int64_t> channels_and_stride(const at::Tensor& t) {
+  return {t.size(1), t.size(1) > 1 ? t.stride(1) : 1};
+}
+
 void activate_elements(const at::Tensor& input, const at::Tensor& residual, int64_t begin,
                        int64_t end, const at::Tensor& mean, const at::Tensor& alpha,
                        const at::Tensor& bias, const Activation& act, void* out) {
@@ -90,15 +96,62 @@ void activate_elements(const at::Tensor& input, const at::Tensor& residual, int6
     const std::array<const opmath_t<scalar_t>*, 3> params{
         stat_ptr<scalar_t>(mean), stat_ptr<scalar_t>(alpha), stat_ptr<scalar_t>(bias)};
     const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const int64_t C = input.size(1), stride = C > 1 ? input.stride(1) : 1;
+    const auto [C, stride] = channels_and_stride(input);
     const auto f = in_opmath<scalar_t>(act);
     scalar_t* y = static_cast<scalar_t*>(out);
     if (residual.defined()) {
-      map_elements<2, 3>(std::array<const scalar_t*, 2>{x, residual.const_data_ptr<scalar_t>()},
-                         params, C, stride, begin, end, normalize_add_activate(f), y);
+      map_elements<2, 3>(
+          std::array<const scalar_t*, 2>{x + begin, residual.const_data_ptr<scalar_t>() + begin},
+          params, C, stride, begin, end, normalize_add_activate(f), y);
     } else {
-      map_elements<1, 3>(std::array<const scalar_t*, 1>{x}, params, C, stride, begin, end,
+      map_elements<1, 3>(std::array<const scalar_t*, 1>{x + begin}, params, C, stride, begin, end,
                          normalize_activate(f), y);
+    }
+  });
+}
+
+void reduce_grad_activation_elements(const at::Tensor& grad_output, const at::Tensor& output,
+                                     const void* x, int64_t begin, int64_t end,
+                                     const at::Tensor& mean, const Activation& act, double* totals,
+                                     void* dz) {
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "reduce_grad_activation_elements", [&] {
+    const std::array<const scalar_t*, 3> in{grad_output.const_data_ptr<scalar_t>() + begin,
+                                            output.const_data_ptr<scalar_t>() + begin,
+                                            static_cast<const scalar_t*>(x)};
+    const std::array<const opmath_t<scalar_t>*, 1> params{stat_ptr<scalar_t>(mean)};
+    const auto [C, stride] = channels_and_stride(output);
+    const auto f = in_opmath<scalar_t>(act);
+    if (dz != nullptr) {
+      reduce_elements<3, 2, 1, 1>(in, params, C, stride, begin, end,
+                                  activation_grad_sums_and_dz<scalar_t>(f), totals,
+                                  static_cast<scalar_t*>(dz));
+    } else {
+      reduce_elements<3, 2, 1, 0>(in, params, C, stride, begin, end, activation_grad_sums(f),
+                                  totals, static_cast<scalar_t*>(nullptr));
+    }
+  });
+}
+
+void apply_grad_input_elements(const at::Tensor& grad_output, const at::Tensor& output,
+                               const void* dz, const void* x, int64_t begin, int64_t end,
+                               const at::Tensor& mean, const at::Tensor& dy_mean,
+                               const at::Tensor& a, const at::Tensor& b, const Activation& act,
+                               void* grad_input) {
+  AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "apply_grad_input_elements", [&] {
+    const std::array<const opmath_t<scalar_t>*, 4> k{stat_ptr<scalar_t>(mean),
+                                                     stat_ptr<scalar_t>(dy_mean),
+                                                     stat_ptr<scalar_t>(a), stat_ptr<scalar_t>(b)};
+    const auto [C, stride] = channels_and_stride(output);
+    const auto* xs = static_cast<const scalar_t*>(x);
+    auto* out = static_cast<scalar_t*>(grad_input);
+    if (dz != nullptr) {
+      map_elements<2, 4>(std::array{static_cast<const scalar_t*>(dz), xs}, k, C, stride, begin, end,
+                         kGradInput, out);
+    } else {
+      map_elements<3, 4>(std::array{grad_output.const_data_ptr<scalar_t>() + begin,
+                                    output.const_data_ptr<scalar_t>() + begin, xs},
+                         k, C, stride, begin, end, activation_grad_input(in_opmath<scalar_t>(act)),
+                         out);
     }
   });
 }
@@ -294,6 +347,8 @@ const KernelTable& kernel_table() {
                                  apply_affine,
                                  apply_affine_activation,
                                  activate_elements,
+                                 reduce_grad_activation_elements,
+                                 apply_grad_input_elements,
                                  reduce_grad,
                                  reduce_grad_activation,
                                  apply_grad_input,

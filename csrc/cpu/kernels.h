@@ -38,6 +38,23 @@ struct KernelTable {
   void (*activate_elements)(const at::Tensor& input, const at::Tensor& residual, int64_t begin,
                             int64_t end, const at::Tensor& mean, const at::Tensor& alpha,
                             const at::Tensor& bias, const Activation& act, void* out);
+  // The in-place backward's chunks (csrc/cpu/inplace_backward.cpp): elements [begin, end) of a
+  // dense output in memory order, with x (the input, recovered) at x[0, end - begin) in the
+  // output's dtype. Adds sum(dz) and sum(dz * (x - mean)), dz = activation_grad(grad_output,
+  // output), to totals[c] and totals[C + c] (float sums flushed into double, as
+  // reduce_grad_activation's); also writes dz, rounded to the dtype, to dz[0, end - begin) unless
+  // dz is null. Piecewise-linear activations only.
+  void (*reduce_grad_activation_elements)(const at::Tensor& grad_output, const at::Tensor& output,
+                                          const void* x, int64_t begin, int64_t end,
+                                          const at::Tensor& mean, const Activation& act,
+                                          double* totals, void* dz);
+  // apply_grad_input_activation over the same chunk, into grad_input[0, end - begin); with dz
+  // given (non-null, as the sums wrote it), apply_grad_input's a * (dz - dy_mean) + b * (x - mean).
+  void (*apply_grad_input_elements)(const at::Tensor& grad_output, const at::Tensor& output,
+                                    const void* dz, const void* x, int64_t begin, int64_t end,
+                                    const at::Tensor& mean, const at::Tensor& dy_mean,
+                                    const at::Tensor& a, const at::Tensor& b, const Activation& act,
+                                    void* grad_input);
   // sum_dy = sum(dy), sum_dy_xmu = sum(dy * (x - mean)).
   void (*reduce_grad)(const at::Tensor& grad_output, const at::Tensor& input, const CpuPlan& plan,
                       const at::Tensor& mean, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);

@@ -150,46 +150,6 @@ void map_channels_first_flat(const std::array<const scalar_t*, kInputs>& in,
   });
 }
 
-// Elements [begin, end) of a dense (N, C, *) map in memory order, into out[0, end - begin):
-// the in-place forward's chunks (csrc/cpu/inplace.cpp), which need each chunk's values before
-// they overwrite its input. `stride` is the channel dim's: runs of one channel when it is > 1,
-// rows of consecutive channels (channels_last) when it is 1. The same per-lane math as the
-// plan's walks, so the same values bitwise.
-template <int kInputs, int kParams, typename scalar_t, typename Fn>
-void map_elements(const std::array<const scalar_t*, kInputs>& in,
-                  const std::array<const opmath_t<scalar_t>*, kParams>& params, const int64_t C,
-                  const int64_t stride, const int64_t begin, const int64_t end, const Fn& fn,
-                  scalar_t* const out) {
-  using Vec = Vectorized<opmath_t<scalar_t>>;
-  std::array<const scalar_t*, kInputs> from_begin;  // indexed as out is
-  for (int j = 0; j < kInputs; ++j) from_begin[j] = in[j] + begin;
-  if (stride > 1 || C == 1) {
-    const int64_t run = C == 1 ? end : stride;
-    int64_t c = C == 1 ? 0 : (begin / stride) % C;
-    for (int64_t i = begin; i < end;) {
-      const int64_t run_end = std::min(end, i + run - i % run);
-      map_run<kInputs, kParams>(from_begin, broadcast<kParams>(scalar_params<kParams>(params, c)),
-                                i - begin, run_end - i, fn, out, /*stream=*/false);
-      i = run_end;
-      if (++c == C) c = 0;
-    }
-    return;
-  }
-  for (int64_t i = begin; i < end;) {
-    const int64_t c0 = i % C, length = std::min(end - i, C - c0), base = i - begin;
-    int64_t k = 0;
-    for (; k + Vec::size() <= length; k += Vec::size()) {
-      store_vec(out + base + k, fn(load_inputs<kInputs>(from_begin, base + k),
-                                   load_params<kParams>(params, c0 + k)));
-    }
-    for (; k < length; ++k) {
-      out[base + k] = static_cast<scalar_t>(
-          fn(scalar_inputs<kInputs>(from_begin, base + k), scalar_params<kParams>(params, c0 + k)));
-    }
-    i += length;
-  }
-}
-
 // An elementwise pass over the whole tensor, as the plan walks it.
 template <int kInputs, int kParams, typename scalar_t, typename Fn>
 void map_channels(const std::array<const scalar_t*, kInputs>& in,
