@@ -62,7 +62,10 @@ CUSTOM_BN_TARGET_AVX512 inline __mmask16 kept_mask(const KeepRule<float>& rule, 
   const __mmask16 clipped =
       _mm512_mask_cmp_ps_mask(lanes, y, _mm512_set1_ps(rule.lower), _CMP_LE_OQ) |
       _mm512_mask_cmp_ps_mask(lanes, y, _mm512_set1_ps(rule.upper), _CMP_GE_OQ);
-  if (!rule.has_residual) return clipped | ch.flags(rule.always, k, lanes);
+  // any_always is uniform over a call: the branch goes the same way every time.
+  if (!rule.has_residual) {
+    return rule.any_always ? clipped | ch.flags(rule.always, k, lanes) : clipped;
+  }
   __m512 offset = _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes, r + i));
   if (rule.has_bias) offset = _mm512_add_ps(ch.of(rule.abs_bias, k, lanes), offset);
   const __mmask16 safe =
@@ -116,9 +119,12 @@ CUSTOM_BN_TARGET_AVX512 inline int64_t recover(const KeepRule<float>& rule, cons
     at += count;
     const __m512 from_input =
         _mm512_mul_ps(_mm512_sub_ps(xv, ch.of(p.mean, k, lanes)), ch.of(p.invstd, k, lanes));
-    const __mmask16 below = _mm512_cmp_ps_mask(yv, lower, _CMP_LE_OQ);
-    __m512 z = _mm512_mask_mov_ps(
-        yv, below, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(yv, lower), inverse_slope), lower));
+    __m512 z = yv;
+    if (p.inverts_below) {  // else every value below lower is kept
+      const __mmask16 below = _mm512_cmp_ps_mask(yv, lower, _CMP_LE_OQ);
+      z = _mm512_mask_mov_ps(
+          yv, below, _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(yv, lower), inverse_slope), lower));
+    }
     z = _mm512_sub_ps(z, ch.of(p.bias, k, lanes));
     if (r) z = _mm512_sub_ps(z, _mm512_maskz_loadu_ps(lanes, r + i));
     const __m512 recovered = _mm512_mul_ps(z, ch.of(p.inverse_weight, k, lanes));

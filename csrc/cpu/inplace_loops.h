@@ -40,6 +40,7 @@ template <typename acc_t>
 struct KeepRule {
   acc_t lower, upper;  // kept at or beyond them
   bool has_bias, has_residual;
+  bool any_always;  // a channel keeps every value (the vector loops skip the flags if none)
   std::vector<uint8_t> always;  // kept whatever the value (no residual): weight 0, unsafe bias
   std::vector<acc_t> abs_bias, scale;
 
@@ -59,13 +60,13 @@ struct KeepRule {
       scale.push_back(has(weight) ? std::abs(w[c]) * margin : margin);
       always.push_back(has_bias ? !(scale[c] > abs_bias[c]) : has(weight) && w[c] == acc_t(0));
     }
+    any_always = std::any_of(always.begin(), always.end(), [](uint8_t a) { return a != 0; });
   }
 
   // Whether no value can be kept (an identity or LeakyReLU, safe weights, no residual).
   bool keeps_none() const {
     return lower == -std::numeric_limits<acc_t>::infinity() &&
-           upper == std::numeric_limits<acc_t>::infinity() && !has_residual &&
-           std::none_of(always.begin(), always.end(), [](uint8_t a) { return a != 0; });
+           upper == std::numeric_limits<acc_t>::infinity() && !has_residual && !any_always;
   }
 
   bool kept(acc_t y, acc_t r, int64_t c) const {
@@ -95,6 +96,7 @@ template <typename scalar_t>
 struct RecoveryParams {
   std::vector<scalar_t> inverse_weight, bias, mean, invstd;
   scalar_t lower, inverse_slope;  // act^-1 below lower: (y - lower) * inverse_slope + lower
+  bool inverts_below;             // slope 0 keeps every value below lower instead
 
   RecoveryParams(const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                  const at::Tensor& mean, const at::Tensor& invstd, const Activation& act,
@@ -104,7 +106,8 @@ struct RecoveryParams {
         mean(channel_values<scalar_t>(mean, channels, scalar_t(0))),
         invstd(channel_values<scalar_t>(invstd, channels, scalar_t(1))),
         lower(static_cast<scalar_t>(act.lower)),
-        inverse_slope(scalar_t(1)) {
+        inverse_slope(scalar_t(1)),
+        inverts_below(act.slope != 0.0) {
     for (scalar_t& w : inverse_weight) w = scalar_t(1) / w;
     // Below lower the slope is 0 (kept), 1 (the identity) or inverted.
     if (act.slope != 0.0) inverse_slope = static_cast<scalar_t>(1.0 / act.slope);
