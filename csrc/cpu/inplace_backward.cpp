@@ -18,14 +18,16 @@
 #include "cpu/inplace_chunks.h"
 #include "cpu/kernels.h"
 #include "cpu/parallel.h"
+#include "cpu/result_cache.h"
 #include "inplace.h"
 #include "optional_tensor.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/CPUAllocator.h>
 
 #include <vector>
 
@@ -46,6 +48,17 @@ std::pair<at::Tensor, at::Tensor> sums_in_chunk_order(const std::vector<double>&
   // Two tensors that share no memory: both may be outputs of the op.
   return {sums[0].to(options.dtype(), /*non_blocking=*/false, /*copy=*/true),
           sums[1].to(options.dtype(), /*non_blocking=*/false, /*copy=*/true)};
+}
+
+// A fresh gradient with the output's strides, from the result cache where the fused backward's
+// gradient of that size comes from it (csrc/cpu/result_cache.h).
+at::Tensor empty_gradient(const at::Tensor& output) {
+  c10::Allocator* allocator = result_cache().serves(output.nbytes())
+                                  ? static_cast<c10::Allocator*>(&result_cache())
+                                  : c10::GetCPUAllocator();
+  return at::detail::empty_strided_generic(output.sizes(), output.strides(), allocator,
+                                           c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                           output.scalar_type());
 }
 
 // x_hat is the input normalized by mean 0 and invstd 1, with the weight scaled by invstd: the
@@ -212,8 +225,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> inplac
       !walks_memory(output, grad_output, residual)) {
     return std::nullopt;
   }
-  Gradients out{output_mask[0] ? at::empty_like(output) : at::Tensor(),
-                output_mask[3] ? at::empty_like(output) : at::Tensor(), at::Tensor(), at::Tensor()};
+  Gradients out{output_mask[0] ? empty_gradient(output) : at::Tensor(),
+                output_mask[3] ? empty_gradient(output) : at::Tensor(), at::Tensor(), at::Tensor()};
   const bool wants_sums = output_mask[1] || output_mask[2] || (training && output_mask[0]);
   AT_DISPATCH_FLOATING_TYPES(output.scalar_type(), "batch_norm_relu_inplace_backward", [&] {
     if (goes_channel_at_a_time(output, residual, training, output_mask)) {
