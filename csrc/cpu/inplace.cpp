@@ -101,9 +101,8 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> training_forward(
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "batch_norm_relu_forward_", [&] {
     const ChunkWalk walk(input);
     const KeepRule<scalar_t> rule(act, weight, bias, has(residual), walk.channels);
-    ChunkScratch<scalar_t> scratch;
     const auto computed = [&](int64_t index) {
-      scalar_t* chunk = scratch.get();
+      scalar_t* chunk = thread_scratch<scalar_t>(kChunk);
       kernels().activate_elements(input, r, walk.begin(index), walk.end(index), mean, alpha, shift,
                                   act, chunk);
       return static_cast<const scalar_t*>(chunk);

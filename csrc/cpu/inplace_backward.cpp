@@ -91,9 +91,8 @@ void backward_in_chunks(const char* op, const at::Tensor& grad_output, const at:
   const ChunkWalk walk(output);
   const ChunkRecovery<scalar_t> recovery(op, walk, output, kept_input, weight, bias, residual, mean,
                                          invstd, act);
-  ChunkScratch<scalar_t> scratch;
   const auto x_hat_of = [&](int64_t index) {
-    scalar_t* x_hat = scratch.get();
+    scalar_t* x_hat = thread_scratch<scalar_t>(kChunk);
     recovery.chunk(index, x_hat);
     return static_cast<const scalar_t*>(x_hat);
   };
@@ -184,12 +183,12 @@ void backward_a_channel_at_a_time(const char* op, const at::Tensor& grad_output,
   const auto count = static_cast<scalar_t>(per_channel);
   const int64_t grain = std::max<int64_t>(1, kChunk / per_channel);
   at::parallel_for(0, channels, grain, [&](int64_t first, int64_t last) {
-    std::vector<scalar_t> x_hat(per_channel);
+    scalar_t* const x_hat = thread_scratch<scalar_t>(per_channel);
     std::vector<double> totals(2 * channels);  // the element kernels add to [c] and [C + c]
     for (int64_t c = first; c < last; ++c) {
       totals[c] = totals[channels + c] = 0.0;
       for (int64_t j = c, n = 0; j < runs; j += channels, ++n) {
-        scalar_t* x = x_hat.data() + n * run;
+        scalar_t* x = x_hat + n * run;
         recover(rule, y, no_residual, kept, last_kept, offsets[j], j * run, (j + 1) * run, c,
                 params, x);
         kernels().reduce_grad_activation_elements(grad_output, output, x, j * run, (j + 1) * run,
@@ -205,8 +204,8 @@ void backward_a_channel_at_a_time(const char* op, const at::Tensor& grad_output,
       a.data_ptr<scalar_t>()[c] = k.a;
       b.data_ptr<scalar_t>()[c] = k.b;
       for (int64_t j = c, n = 0; j < runs; j += channels, ++n) {
-        kernels().apply_grad_input_elements(grad_output, output, nullptr, x_hat.data() + n * run,
-                                            j * run, (j + 1) * run, zeros, dy_mean, a, b, act,
+        kernels().apply_grad_input_elements(grad_output, output, nullptr, x_hat + n * run, j * run,
+                                            (j + 1) * run, zeros, dy_mean, a, b, act,
                                             grad_input + j * run);
       }
     }

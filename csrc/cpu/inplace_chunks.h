@@ -60,26 +60,16 @@ struct ChunkWalk {
   }
 };
 
-// A chunk's worth of scratch per thread, allocated once per call by the calling thread rather
-// than per task on the workers: a chunk's output (the forward) or x_hat (the backward), computed
-// where it stays in cache.
+// A scratch of at least `values` elements that belongs to the calling thread and lives as long
+// as it: a chunk's output (the forward) or x_hat (the backward), computed where it stays in
+// cache. Kept across calls, so that a call neither allocates nor zeroes it; in a parallel
+// region each thread uses only its own, and one piece's use of it ends before the next piece's.
 template <typename scalar_t>
-class ChunkScratch {
- public:
-  ChunkScratch() : threads_(at::get_num_threads()), values_(threads_ * kChunk) {}
-
-  // This thread's chunk.
-  scalar_t* get() {
-    const int64_t thread = at::get_thread_num();
-    // Two threads on one slot would race: an error, never a silent result.
-    TORCH_INTERNAL_ASSERT(thread >= 0 && thread < threads_, "thread ", thread, " of ", threads_);
-    return values_.data() + thread * kChunk;
-  }
-
- private:
-  int64_t threads_;
-  std::vector<scalar_t> values_;
-};
+scalar_t* thread_scratch(int64_t values) {
+  thread_local std::vector<scalar_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < values) scratch.resize(values);
+  return scratch.data();
+}
 
 // The output values of chunk `index`, from y[0]: index -> pointer. Either an output tensor's
 // memory or the chunk computed into the thread's scratch (training_forward).
