@@ -127,8 +127,16 @@ void backward_in_chunks(const char* op, const at::Tensor& grad_output, const at:
   });
 }
 
-// Runs shorter than this go in chunks: a channel's pass goes run by run.
-constexpr int64_t kMinRunForChannelAtATime = 64;
+// Channels-first runs shorter than this take the two steps instead (x_hat recovered into a
+// tensor, then the fused backward), measured faster there (docs/perf.md row 58): the recovery
+// goes one call per run, which each pass here would repeat, and the fused backward's items
+// take many short runs at once.
+constexpr int64_t kMinRun = 64;
+
+bool has_short_runs(const at::Tensor& output) {
+  const int64_t run = output.size(1) > 1 ? output.stride(1) : 0;
+  return run > 1 && run < kMinRun;
+}
 
 // Whether training's backward goes a channel at a time: channels-first runs, no residual, and a
 // channel's output, gradient and x_hat within L2.
@@ -136,8 +144,8 @@ bool goes_channel_at_a_time(const at::Tensor& output, const std::optional<at::Te
                             bool training, std::array<bool, 4> output_mask) {
   const int64_t values = output.size(0) * output.stride(0) / std::max<int64_t>(1, output.size(1));
   const int64_t run = output.size(1) > 1 ? output.stride(1) : 0;
-  return training && output_mask[0] && !output_mask[3] && !has(residual) &&
-         run >= kMinRunForChannelAtATime && output.stride(0) == output.size(1) * run &&
+  return training && output_mask[0] && !output_mask[3] && !has(residual) && run >= kMinRun &&
+         output.stride(0) == output.size(1) * run &&
          3 * values * output.element_size() <= cache_bytes(2);
 }
 
@@ -221,7 +229,7 @@ std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> inplac
     const at::Tensor& mean, const at::Tensor& invstd, bool training,
     std::array<bool, 4> output_mask, const Activation& act) {
   if (output.numel() == 0 || keeps_every_value(output.scalar_type()) ||
-      !walks_memory(output, grad_output, residual)) {
+      !walks_memory(output, grad_output, residual) || has_short_runs(output)) {
     return std::nullopt;
   }
   Gradients out{output_mask[0] ? empty_gradient(output) : at::Tensor(),

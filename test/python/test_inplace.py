@@ -196,10 +196,11 @@ def test_kept_values_are_in_memory_order_on_every_path(layout):
 # (contiguous), inside a row of channels (channels_last, 2-D) and inside one channel's values.
 # Training's backward without a residual goes a channel at a time where a channel fits in L2
 # ("contiguous"), in chunks where it does not ("large-channels": 3.8 MB of a channel's output,
-# gradient and x_hat in float32).
+# gradient and x_hat in float32), and through an x_hat tensor where runs are short (7x7).
 MANY_CHUNKS = {
     "contiguous": ((4, 5, 97, 89), None),
     "large-channels": ((2, 3, 400, 400), None),
+    "short-runs": ((24, 32, 7, 7), None),
     "channels_last": ((4, 37, 33, 31), torch.channels_last),
     "2d-rows": ((7001, 9), None),
     "one-channel": ((3, 1, 201, 103), None),
