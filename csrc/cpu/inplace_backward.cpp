@@ -1,7 +1,9 @@
 // The CPU backward of in-place activated batch norm (csrc/inplace.h's InplaceSteps::backward),
 // with no x_hat tensor: x_hat is recovered from the output and the kept input values a piece
-// at a time, into a scratch that stays in cache, and used there. The generic steps write x_hat
-// (an output-sized tensor, in memory the allocator may have to fault in) and read it twice.
+// at a time, into a scratch that stays in cache, and used there. The two steps it replaces
+// (normalized_input, then the fused backward) write x_hat, an output-sized tensor in memory the
+// allocator may have to fault in, and read it twice; they still run where this returns nullopt
+// (layouts it does not walk, channels-first runs shorter than kMinRun).
 //
 // Both ways first count the kept values before each piece (a read of the output):
 // - A channel at a time (channels-first, where a channel's output, gradient and x_hat fit in
