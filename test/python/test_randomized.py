@@ -155,6 +155,30 @@ def assert_close(actual, exact, same_dtype, dtype, what, noise=0.0):
     )
 
 
+def assert_grads_close(sample, ours, exact, same, grad, noise):
+    """The input gradient (with grad_input_noise for `grad`), then grad weight and grad bias,
+    as assert_close."""
+    dtype = sample.input.dtype
+    assert_close(
+        ours.input.grad,
+        exact.input.grad,
+        same.input.grad,
+        dtype,
+        "grad input",
+        grad_input_noise(sample, noise, grad),
+    )
+    assert_param_grads_close(ours, exact, same, dtype, noise)
+
+
+def assert_running_stats_close(ours, exact, same, dtype, noise):
+    """running_mean and running_var (where the sample tracks them), as assert_close."""
+    for name in ("running_mean", "running_var"):
+        if getattr(ours, name) is not None:
+            assert_close(
+                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name, noise
+            )
+
+
 def assert_param_grads_close(ours, exact, same, dtype, noise):
     """grad weight and grad bias (where the sample has them), as assert_close. They are
     per-channel sums over many products, so float32 gets float16's tolerance: a few ulps more."""
@@ -218,11 +242,7 @@ def test_randomized_parity_with_torch(sample):
     outputs = {"exact": reference_batch_norm(exact), "same": reference_batch_norm(same)}
     dtype = sample.input.dtype
     assert_close(out, outputs["exact"], outputs["same"], dtype, "output", noise)
-    for name in ("running_mean", "running_var"):
-        if getattr(ours, name) is not None:
-            assert_close(
-                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name, noise
-            )
+    assert_running_stats_close(ours, exact, same, dtype, noise)
     if ours.num_batches_tracked is not None:
         assert ours.num_batches_tracked.item() == exact.num_batches_tracked.item()
 
@@ -230,15 +250,7 @@ def test_randomized_parity_with_torch(sample):
     out.backward(grad)
     outputs["exact"].backward(grad.double())
     outputs["same"].backward(grad.contiguous())
-    assert_close(
-        ours.input.grad,
-        exact.input.grad,
-        same.input.grad,
-        dtype,
-        "grad input",
-        grad_input_noise(sample, noise, grad),
-    )
-    assert_param_grads_close(ours, exact, same, dtype, noise)
+    assert_grads_close(sample, ours, exact, same, grad, noise)
 
 
 @given(samples(), st.booleans())
@@ -269,11 +281,7 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     if with_residual:
         pre_exact, pre_same = pre_exact + exact_residual, pre_same + residual
     assert_close(out, torch.relu(pre_exact), torch.relu(pre_same), dtype, "output", noise)
-    for name in ("running_mean", "running_var"):
-        if getattr(ours, name) is not None:
-            assert_close(
-                getattr(ours, name), getattr(exact, name), getattr(same, name), dtype, name, noise
-            )
+    assert_running_stats_close(ours, exact, same, dtype, noise)
 
     if out.numel() > 0:
         rtol, atol = TOLERANCES[dtype]
@@ -288,15 +296,7 @@ def test_randomized_fused_relu_parity_with_torch(sample, with_residual):
     pre_same.backward(masked.contiguous())
     if with_residual:
         assert torch.equal(our_residual.grad, masked), "grad residual is the masked grad"
-    assert_close(
-        ours.input.grad,
-        exact.input.grad,
-        same.input.grad,
-        dtype,
-        "grad input",
-        grad_input_noise(sample, noise, grad),
-    )
-    assert_param_grads_close(ours, exact, same, dtype, noise)
+    assert_grads_close(sample, ours, exact, same, grad, noise)
 
 
 SMOOTH = {
@@ -330,27 +330,10 @@ def test_randomized_fused_smooth_activation_parity_with_torch(sample, name):
     out_exact = SMOOTH[name](reference_batch_norm(exact))
     out_same = SMOOTH[name](reference_batch_norm(same))
     assert_close(out, out_exact, out_same, dtype, "output", noise)
-    for field in ("running_mean", "running_var"):
-        if getattr(ours, field) is not None:
-            assert_close(
-                getattr(ours, field),
-                getattr(exact, field),
-                getattr(same, field),
-                dtype,
-                field,
-                noise,
-            )
+    assert_running_stats_close(ours, exact, same, dtype, noise)
 
     grad = torch.randn_like(out)
     out.backward(grad)
     out_exact.backward(grad.double())
     out_same.backward(grad.contiguous())
-    assert_close(
-        ours.input.grad,
-        exact.input.grad,
-        same.input.grad,
-        dtype,
-        "grad input",
-        grad_input_noise(sample, noise, grad),
-    )
-    assert_param_grads_close(ours, exact, same, dtype, noise)
+    assert_grads_close(sample, ours, exact, same, grad, noise)
