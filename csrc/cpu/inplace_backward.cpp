@@ -135,8 +135,11 @@ void backward_in_chunks(const char* op, const at::Tensor& grad_output, const at:
 // take many short runs at once.
 constexpr int64_t kMinRun = 64;
 
+// The values of a channel's runs in a dense output: the channel dim's stride, 0 for one channel.
+int64_t channel_run(const at::Tensor& output) { return output.size(1) > 1 ? output.stride(1) : 0; }
+
 bool has_short_runs(const at::Tensor& output) {
-  const int64_t run = output.size(1) > 1 ? output.stride(1) : 0;
+  const int64_t run = channel_run(output);
   return run > 1 && run < kMinRun;
 }
 
@@ -145,7 +148,7 @@ bool has_short_runs(const at::Tensor& output) {
 bool goes_channel_at_a_time(const at::Tensor& output, const std::optional<at::Tensor>& residual,
                             bool training, std::array<bool, 4> output_mask) {
   const int64_t values = output.size(0) * output.stride(0) / std::max<int64_t>(1, output.size(1));
-  const int64_t run = output.size(1) > 1 ? output.stride(1) : 0;
+  const int64_t run = channel_run(output);
   return training && output_mask[0] && !output_mask[3] && !has(residual) && run >= kMinRun &&
          output.stride(0) == output.size(1) * run &&
          3 * values * output.element_size() <= cache_bytes(2);
